@@ -1,0 +1,313 @@
+"""The Falcon app, built by a factory from injected collaborators (no module-level state).
+
+Middleware order: request id -> body limits and JSON parsing -> (auth, signing: the trust layer) ->
+resources. Every error leaves through `_handle_error` in the OpenAI shape; a 500 never echoes the
+exception.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import falcon
+
+from . import __version__
+from .engine.registry import ModelRegistry
+from .errors import (
+    ApiError,
+    BadRequest,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from .inference import Inference
+from .metrics import Metrics
+from .schemas import LoadModelRequest, UnloadModelRequest, parse
+from .settings import Settings
+
+__all__ = ["create_app", "AppState", "ROUTES"]
+
+log = logging.getLogger("appliance.http")
+access_log = logging.getLogger("appliance.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass
+class AppState:
+    """What the resources share; built once per worker."""
+
+    settings: Settings
+    models: ModelRegistry
+    metrics: Metrics
+    wall_clock: Callable[[], float] = time.time
+    started: float = field(default_factory=time.time)
+
+
+# (path, resource attribute, responder suffix or None): the routes this app serves, also checked
+# against spec/openapi.yaml by the contract tests.
+ROUTES: list[tuple[str, str, str | None]] = [
+    ("/v1/completions", "inference", "completions"),
+    ("/v1/chat/completions", "inference", "chat"),
+    ("/v1/models", "models", None),
+    ("/completions", "inference", "completions"),
+    ("/chat/completions", "inference", "chat"),
+    ("/models", "models", None),
+    ("/load_model", "admin", "load"),
+    ("/unload_model", "admin", "unload"),
+    ("/status", "status", None),
+    ("/health", "health", None),
+    ("/readiness", "readiness", None),
+    ("/metrics", "prometheus", None),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Middleware
+
+
+class RequestContext:
+    """Request id, metrics and the access log (method, route, status, time: never bodies)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.t0 = time.perf_counter()
+        rid = req.get_header("X-Request-Id")
+        req.context.request_id = rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
+        resp.set_header("X-Request-Id", req.context.request_id)
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+        route = req.uri_template or "unmatched"
+        status = resp.status_code
+        elapsed = time.perf_counter() - getattr(req.context, "t0", time.perf_counter())
+        self.metrics.requests.labels(route, req.method, str(status)).inc()
+        self.metrics.latency.labels(route).observe(elapsed)
+        if status >= 400:
+            self.metrics.errors.labels(route, str(status)).inc()
+        access_log.info(
+            "request",
+            extra={
+                "request_id": req.context.request_id,
+                "method": req.method,
+                "route": route,
+                "status": status,
+                "ms": round(elapsed * 1000, 2),
+            },
+        )
+
+
+class JsonBody:
+    """Enforce content type and body size, parse JSON once, refuse absurd nesting."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.limits = settings.limits
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
+        req.context.json = None
+        if req.method != "POST" or resource is None:
+            return
+        length = req.content_length
+        if length is not None and length > self.limits.max_body_bytes:
+            raise PayloadTooLarge(f"The request body exceeds {self.limits.max_body_bytes} bytes")
+        ctype = (req.content_type or "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json":
+            raise UnsupportedMediaType("Content-Type must be application/json")
+        raw = req.bounded_stream.read(self.limits.max_body_bytes + 1)
+        if len(raw) > self.limits.max_body_bytes:
+            raise PayloadTooLarge(f"The request body exceeds {self.limits.max_body_bytes} bytes")
+        req.context.raw_body = raw
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise BadRequest("The request body is not valid JSON") from None
+        if _depth(body) > self.limits.max_json_depth:
+            raise BadRequest(f"The request body nests deeper than {self.limits.max_json_depth} levels")
+        req.context.json = body
+
+
+def _depth(obj) -> int:
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return deepest
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources
+
+
+class Health:
+    """Liveness: answers from the event loop without touching any model."""
+
+    def on_get(self, req, resp) -> None:
+        resp.media = {"status": "ok"}
+
+
+class Readiness:
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    def on_get(self, req, resp) -> None:
+        if not self.state.models.ready():
+            raise NotReady("No model is loaded and healthy yet", headers={"Retry-After": "1"})
+        resp.media = {"status": "ready", "models": [r.name for r in self.state.models.records() if r.state == "ready"]}
+
+
+class Prometheus:
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    def on_get(self, req, resp) -> None:
+        resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        resp.data = self.state.metrics.render()
+
+
+class Models:
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    def on_get(self, req, resp) -> None:
+        resp.media = {
+            "object": "list",
+            "data": [
+                {
+                    "id": r.name,
+                    "object": "model",
+                    "created": int(r.loaded_at or 0),
+                    "owned_by": "appliance",
+                    "meta": {"sha256": r.sha256, "n_ctx": r.n_ctx, "n_params": r.n_params, "size": r.size_bytes},
+                }
+                for r in self.state.models.records()
+                if r.state == "ready"
+            ],
+        }
+
+
+class Status:
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    def on_get(self, req, resp) -> None:
+        resp.media = {
+            "version": __version__,
+            "uptime_seconds": round(self.state.wall_clock() - self.state.started, 3),
+            "models": [r.status() for r in self.state.models.records()],
+        }
+
+
+class Admin:
+    """Model management; the trust layer restricts it to the admin scope off loopback."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    def on_post_load(self, req, resp) -> None:
+        body = parse(LoadModelRequest, req.context.json)
+        overrides = {k: v for k, v in body.model_dump().items() if k not in ("model_name", "model_path") and v is not None}
+        path = Path(body.model_path)
+        settings = self.state.settings.model_settings(body.model_name, path, **overrides)
+        rec = self.state.models.load(settings)
+        resp.media = {"status": "loaded", "model": rec.status()}
+
+    def on_post_unload(self, req, resp) -> None:
+        body = parse(UnloadModelRequest, req.context.json)
+        rec = self.state.models.unload(body.model_name, timeout=self.state.settings.server.graceful_timeout)
+        resp.media = {"status": "unloaded", "model": {"name": rec.name}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def _send_error(resp: falcon.Response, err: ApiError) -> None:
+    resp.status = err.status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps(err.body())
+    for k, v in err.headers.items():
+        resp.set_header(k, v)
+
+
+def _handle_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params) -> None:
+    if isinstance(ex, ApiError):
+        err = ex
+    elif isinstance(ex, falcon.HTTPRouteNotFound) or isinstance(ex, falcon.HTTPNotFound):
+        err = NotFound(f"No route {req.method} {req.path}")
+    elif isinstance(ex, falcon.HTTPMethodNotAllowed):
+        err = MethodNotAllowed(f"Method {req.method} is not allowed on {req.path}")
+        allow = ex.headers.get("Allow") if ex.headers else None
+        if allow:
+            err.headers["Allow"] = allow
+    elif isinstance(ex, falcon.HTTPError):
+        err = ApiError(ex.title or "Request error")
+        err.status = ex.status_code
+        err.type = "invalid_request_error" if ex.status_code < 500 else "server_error"
+    else:
+        log.error("unhandled %s on %s", type(ex).__name__, req.uri_template or "unmatched", exc_info=ex)
+        err = InternalError()
+    _send_error(resp, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Factory
+
+
+def create_app(
+    settings: Settings,
+    *,
+    models: ModelRegistry | None = None,
+    metrics: Metrics | None = None,
+    wall_clock: Callable[[], float] = time.time,
+    extra_middleware: list | None = None,
+) -> tuple[falcon.App, AppState]:
+    metrics = metrics or Metrics()
+    models = models or ModelRegistry(observer=metrics, wall_clock=wall_clock)
+    metrics.watch_models(models)
+    state = AppState(settings, models, metrics, wall_clock, started=wall_clock())
+    seeds = {m.name: m.seed for m in settings.models}
+    resources = {
+        "inference": Inference(
+            models,
+            settings.limits,
+            wall_clock=wall_clock,
+            default_seeds=lambda name: seeds.get(name, settings.model_defaults.seed),
+        ),
+        "models": Models(state),
+        "admin": Admin(state),
+        "status": Status(state),
+        "health": Health(),
+        "readiness": Readiness(state),
+        "prometheus": Prometheus(state),
+    }
+    app = falcon.App(
+        middleware=[RequestContext(metrics), JsonBody(settings), *(extra_middleware or [])],
+        request_type=falcon.Request,
+    )
+    app.req_options.strip_url_path_trailing_slash = True
+    app.resp_options.secure_cookies_by_default = True
+    for path, key, suffix in ROUTES:
+        if suffix:
+            app.add_route(path, resources[key], suffix=suffix)
+        else:
+            app.add_route(path, resources[key])
+    # Falcon matches handlers by the exception's MRO, so its built-in HTTPError handler would win over
+    # one for Exception: register ours for both, and every error leaves in the OpenAI shape.
+    app.add_error_handler(Exception, _handle_error)
+    app.add_error_handler(falcon.HTTPError, _handle_error)
+    return app, state

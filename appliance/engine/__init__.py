@@ -1,0 +1,1 @@
+"""Inference engine: llama.cpp models, one continuous-batching scheduler thread per model."""

@@ -1,0 +1,276 @@
+"""The one place that touches llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+Everything here is blocking C work: call it from a real OS thread (the model's scheduler thread or
+the hub's thread pool), never from a greenlet on the event loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp.llama_cpp as C
+import numpy as np
+
+__all__ = ["LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams", "backend_init"]
+
+log = logging.getLogger("appliance.llama")
+
+# ggml.h: NONE=0 DEBUG=1 INFO=2 WARN=3 ERROR=4 CONT=5 (llama-cpp-python's _logger comment is out of date).
+_GGML_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+@C.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama.cpp's own diagnostics only (it never logs prompts): warnings and errors reach our log,
+    # the chatty INFO/DEBUG stream is dropped.
+    py_level = _GGML_LEVELS.get(level)
+    if py_level is not None:
+        log.log(py_level, text.decode("utf-8", "replace").rstrip())
+
+
+def backend_init() -> None:
+    """Initialise llama.cpp once per process (in the worker, never in the pre-fork master)."""
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            C.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            C.llama_backend_init()
+            _backend_ready = True
+
+
+class LlamaModel:
+    """A loaded GGUF model: weights, vocabulary and metadata. Thread-safe for reads."""
+
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
+        backend_init()
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
+        params.use_mmap = use_mmap
+        self._ptr = C.llama_model_load_from_file(str(path).encode(), params)
+        if not self._ptr:
+            raise ValueError("llama.cpp could not load the model file")
+        self.path = path
+        self.vocab = C.llama_model_get_vocab(self._ptr)
+        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = C.llama_model_n_ctx_train(self._ptr)
+        self.n_params = C.llama_model_n_params(self._ptr)
+        self.size_bytes = C.llama_model_size(self._ptr)
+        self.bos = C.llama_vocab_bos(self.vocab)
+        self.eos = C.llama_vocab_eos(self.vocab)
+        self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
+        self._pieces: dict[int, bytes] = {}
+        self._pieces_lock = threading.Lock()
+        desc = ctypes.create_string_buffer(256)
+        C.llama_model_desc(self._ptr, desc, len(desc))
+        self.description = desc.value.decode("utf-8", "replace")
+
+    @property
+    def ptr(self):
+        return self._ptr
+
+    def meta(self, key: str) -> str | None:
+        size = C.llama_model_meta_val_str(self._ptr, key.encode(), None, 0)
+        if size < 0:
+            return None
+        buf = ctypes.create_string_buffer(size + 1)
+        C.llama_model_meta_val_str(self._ptr, key.encode(), buf, size + 1)
+        return buf.value.decode("utf-8", "replace")
+
+    def token_text(self, token: int) -> str:
+        raw = C.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", "replace") if raw else ""
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (C.llama_token * cap)()
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (C.llama_token * cap)()
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+            if n < 0:
+                raise ValueError("tokenization failed")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token adds to the text (control tokens add nothing). Cached per token."""
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        buf = ctypes.create_string_buffer(64)
+        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        out = buf.raw[: max(n, 0)]
+        with self._pieces_lock:
+            self._pieces[token] = out
+        return out
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if self._ptr:
+            C.llama_model_free(self._ptr)
+            self._ptr = None
+
+
+class LlamaContext:
+    """One llama_context with `n_seq` sequences, each with its own KV stream of `n_ctx_seq` cells."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        n_ctx_seq: int,
+        n_seq: int,
+        n_batch: int,
+        n_threads: int,
+        n_threads_batch: int,
+        flash_attn: str = "auto",
+    ) -> None:
+        params = C.llama_context_default_params()
+        params.n_ctx = n_ctx_seq * n_seq
+        params.n_seq_max = n_seq
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads_batch
+        # A split cache gives each slot a fixed share: one long request cannot starve the others,
+        # and attention never mixes sequences, so a seeded request decodes alike whatever runs beside it.
+        params.kv_unified = False
+        params.no_perf = True
+        params.flash_attn_type = {
+            "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[flash_attn]
+        self._ptr = C.llama_init_from_model(model.ptr, params)
+        if not self._ptr:
+            raise ValueError("llama.cpp could not create a context (out of memory?)")
+        self.model = model
+        self.memory = C.llama_get_memory(self._ptr)
+        self.n_ctx_seq = C.llama_n_ctx_seq(self._ptr)
+        self.n_batch = C.llama_n_batch(self._ptr)
+        self._threads = (n_threads, n_threads_batch)
+
+    @property
+    def ptr(self):
+        return self._ptr
+
+    def set_threads(self, n_threads: int, n_threads_batch: int) -> None:
+        if (n_threads, n_threads_batch) != self._threads:
+            C.llama_set_n_threads(self._ptr, n_threads, n_threads_batch)
+            self._threads = (n_threads, n_threads_batch)
+
+    def decode(self, batch: "Batch") -> int:
+        return C.llama_decode(self._ptr, batch.struct)
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
+        return bool(C.llama_memory_seq_rm(self.memory, seq, p0, p1))
+
+    def logits(self, i: int) -> np.ndarray:
+        ptr = C.llama_get_logits_ith(self._ptr, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def close(self) -> None:
+        if self._ptr:
+            C.llama_free(self._ptr)
+            self._ptr = None
+
+
+class Batch:
+    """A llama_batch whose arrays are numpy buffers we own, filled with slice assignments."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        seq_ptr_t = ctypes.POINTER(C.llama_seq_id)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (seq_ptr_t * capacity)(
+            *[ctypes.cast(base + 4 * i, seq_ptr_t) for i in range(capacity)]
+        )
+        self.struct = C.llama_batch()
+        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(C.llama_token))
+        self.struct.embd = None
+        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(C.llama_pos))
+        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self.struct.seq_id = self._seq_ptrs
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, tokens, start_pos: int, seq: int, want_last_logits: bool) -> int:
+        """Append tokens of one sequence; returns the batch index of the last one."""
+        k = len(tokens)
+        a, b = self.n, self.n + k
+        self.token[a:b] = tokens
+        self.pos[a:b] = np.arange(start_pos, start_pos + k, dtype=np.int32)
+        self.seq[a:b] = seq
+        self.logits[a:b] = 0
+        if want_last_logits:
+            self.logits[b - 1] = 1
+        self.n = b
+        self.struct.n_tokens = b
+        return b - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = 0
+
+
+class SamplerChain:
+    """A per-sequence sampler chain, in llama.cpp's usual order (penalties, top-k, top-p, min-p, temp)."""
+
+    def __init__(self, model: LlamaModel, p: SamplingParams) -> None:
+        self._ptr = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        add = lambda s: C.llama_sampler_chain_add(self._ptr, s)  # noqa: E731
+        if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            add(
+                C.llama_sampler_init_penalties(
+                    model.n_vocab, p.repeat_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+                )
+            )
+        if p.temperature <= 0:
+            add(C.llama_sampler_init_greedy())
+        else:
+            if p.top_k > 0:
+                add(C.llama_sampler_init_top_k(p.top_k))
+            if p.top_p < 1.0:
+                add(C.llama_sampler_init_top_p(p.top_p, 1))
+            if p.min_p > 0.0:
+                add(C.llama_sampler_init_min_p(p.min_p, 1))
+            add(C.llama_sampler_init_temp(p.temperature))
+            add(C.llama_sampler_init_dist(p.seed))
+
+    def sample(self, ctx: LlamaContext, i: int) -> int:
+        # llama_sampler_sample also accepts the token into the chain (penalty history).
+        return C.llama_sampler_sample(self._ptr, ctx.ptr, i)
+
+    def close(self) -> None:
+        if self._ptr:
+            C.llama_sampler_free(self._ptr)
+            self._ptr = None

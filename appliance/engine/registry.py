@@ -1,0 +1,173 @@
+"""The loaded models: load and unload off the event loop, digests, state for /status and /readiness.
+
+The registry's table is only changed on the event loop (greenlets); the slow parts (hashing,
+llama.cpp loading, freeing) run in the hub's thread pool, so other models keep serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gevent
+
+from ..errors import BadRequest, Conflict, ModelNotFound, NotReady
+from ..modelfile import check_gguf, file_sha256
+from ..settings import ModelSettings, default_threads
+from .scheduler import EngineObserver, ModelEngine
+
+__all__ = ["ModelRecord", "ModelRegistry"]
+
+log = logging.getLogger("appliance.models")
+
+@dataclass
+class ModelRecord:
+    name: str
+    settings: ModelSettings
+    state: str = "loading"  # loading | ready | failed | unloading
+    sha256: str | None = None
+    size_bytes: int | None = None
+    n_params: int | None = None
+    n_ctx: int | None = None
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    chat_template: str | None = None
+    error: str | None = None
+    engine: ModelEngine | None = None
+
+    def status(self) -> dict:
+        e = self.engine
+        return {
+            "name": self.name,
+            "path": str(self.settings.path),
+            "sha256": self.sha256,
+            "size": self.size_bytes,
+            "n_params": self.n_params,
+            "n_ctx": self.n_ctx,
+            "slots": self.settings.parallel,
+            "busy_slots": e.busy_slots if e else 0,
+            "queue_depth": e.queue_depth if e else 0,
+            "state": self.state,
+            "loaded_at": self.loaded_at,
+            "load_seconds": self.load_seconds,
+            "error": self.error,
+        }
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        *,
+        observer: EngineObserver | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        engine_factory: Callable[..., object] | None = None,
+    ) -> None:
+        self._records: dict[str, ModelRecord] = {}
+        self._observer = observer
+        self._wall_clock = wall_clock
+        self._engine_factory = engine_factory or _build_engine
+
+    # -- queries (event loop) ----------------------------------------------------------------
+
+    def records(self) -> list[ModelRecord]:
+        return list(self._records.values())
+
+    def get(self, name: str) -> ModelEngine:
+        rec = self._records.get(name)
+        if rec is None or rec.state == "failed":
+            raise ModelNotFound(name)
+        if rec.state != "ready":
+            raise NotReady(f"The model '{name}' is {rec.state}", headers={"Retry-After": "1"})
+        return rec.engine
+
+    def record(self, name: str) -> ModelRecord:
+        rec = self._records.get(name)
+        if rec is None:
+            raise ModelNotFound(name)
+        return rec
+
+    def ready(self) -> bool:
+        ready = [r for r in self._records.values() if r.state == "ready"]
+        return bool(ready) and all(r.engine.healthy for r in ready)
+
+    # -- changes (event loop; blocking work goes to the thread pool) ----------------------------
+
+    def load(self, settings: ModelSettings) -> ModelRecord:
+        """Load a model: blocks the calling greenlet, never the event loop."""
+        existing = self._records.get(settings.name)
+        if existing is not None and existing.state != "failed":
+            raise Conflict(f"A model named '{settings.name}' is already {existing.state}", param="model_name")
+        check_gguf(settings.path)
+        rec = ModelRecord(settings.name, settings)
+        self._records[settings.name] = rec
+        t0 = time.perf_counter()
+        try:
+            engine, sha, template = gevent.get_hub().threadpool.apply(self._load_blocking, (settings,))
+        except Exception as e:
+            rec.state = "failed"
+            rec.error = "llama.cpp could not load the file" if isinstance(e, ValueError) else "load failed"
+            log.warning("model %s failed to load: %s", settings.name, type(e).__name__)
+            raise BadRequest(f"model_path: {rec.error}", param="model_path") from None
+        rec.engine = engine
+        rec.sha256 = sha
+        rec.chat_template = template
+        rec.size_bytes = settings.path.stat().st_size
+        rec.n_params = engine.model.n_params
+        rec.n_ctx = engine.n_ctx
+        rec.load_seconds = round(time.perf_counter() - t0, 3)
+        rec.loaded_at = self._wall_clock()
+        if rec.state == "loading":  # not unloaded meanwhile
+            rec.state = "ready"
+            engine.start()
+            log.info("model %s ready in %.2fs (sha256 %s)", settings.name, rec.load_seconds, sha[:16])
+        return rec
+
+    def _load_blocking(self, settings: ModelSettings):
+        sha = file_sha256(settings.path)
+        engine = self._engine_factory(settings, self._observer)
+        template = settings.chat_template or engine.model.meta("tokenizer.chat_template")
+        return engine, sha, template
+
+    def unload(self, name: str, *, timeout: float = 60.0) -> ModelRecord:
+        rec = self._records.get(name)
+        if rec is None or rec.state in ("failed", "unloading"):
+            raise ModelNotFound(name)
+        if rec.state == "loading":
+            raise Conflict(f"The model '{name}' is still loading", param="model_name")
+        rec.state = "unloading"
+        gevent.get_hub().threadpool.apply(rec.engine.stop, kwds={"timeout": timeout})
+        self._records.pop(name, None)
+        return rec
+
+    def stop_all(self, timeout: float = 30.0) -> None:
+        """Shutdown: drain and free every engine (called from the worker's exit hook)."""
+        for rec in list(self._records.values()):
+            if rec.engine is not None:
+                rec.engine.stop(timeout=timeout)
+        self._records.clear()
+
+
+def _build_engine(settings: ModelSettings, observer: EngineObserver | None) -> ModelEngine:
+    from .llama import LlamaModel
+
+    model = LlamaModel(settings.path, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap)
+    try:
+        threads = settings.n_threads or default_threads()
+        return ModelEngine(
+            settings.name,
+            model,
+            n_ctx=settings.n_ctx,
+            parallel=settings.parallel,
+            n_batch=settings.n_batch,
+            n_threads=threads,
+            n_threads_batch=settings.n_threads_batch or threads,
+            max_queue=settings.max_queue,
+            flash_attn=settings.flash_attn,
+            observer=observer,
+        )
+    except BaseException:
+        model.close()
+        raise

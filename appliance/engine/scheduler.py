@@ -1,0 +1,619 @@
+"""Continuous batching: one scheduler thread per loaded model owns its llama context.
+
+Each step decodes one batch holding the next token of every generating sequence plus prompt chunks
+of newly admitted requests; each sequence samples with its own sampler chain. Results go back to the
+waiting greenlets through each generation's libev async watcher, whose `send()` is the
+gevent-safe way in from another thread. Requests come in through a C-level SimpleQueue, which gevent
+does not patch, so the scheduler thread blocks on it as a real thread.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+import time
+from _queue import SimpleQueue  # the C queue: never monkey-patched, safe between a greenlet and a thread
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import gevent
+import gevent.event
+import numpy as np
+from gevent import monkey
+
+from ..errors import ApiError, ContextLengthExceeded, EngineFailure, ModelNotFound, Overloaded
+from .llama import Batch, LlamaContext, LlamaModel, SamplerChain, SamplingParams
+
+__all__ = [
+    "GenerationRequest",
+    "Generation",
+    "Delta",
+    "Done",
+    "Failed",
+    "Usage",
+    "Timings",
+    "TokenLogprob",
+    "ModelEngine",
+    "EngineObserver",
+]
+
+log = logging.getLogger("appliance.engine")
+
+_start_thread = monkey.get_original("_thread", "start_new_thread")
+_allocate_lock = monkey.get_original("_thread", "allocate_lock")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a request asks for and what comes back
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: the chosen token's logprob plus the k most likely alternatives."""
+    n_threads: int | None = None
+    n_ctx: int | None = None
+    """A per-request context cap (the original API's n_ctx), at most the slot's context."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[tuple[str, tuple[int, ...], float], ...]
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    n_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    prompt_n: int
+    prompt_ms: float
+    predicted_n: int
+    predicted_ms: float
+    queued_ms: float
+
+    @property
+    def prompt_per_second(self) -> float:
+        return self.prompt_n / (self.prompt_ms / 1000) if self.prompt_ms > 0 else 0.0
+
+    @property
+    def predicted_per_second(self) -> float:
+        return self.predicted_n / (self.predicted_ms / 1000) if self.predicted_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ApiError
+
+
+Event = Delta | Done | Failed
+
+
+class Generation:
+    """The greenlet's side of one request: iterate its events; cancel() frees the slot within a step.
+
+    The scheduler thread appends events to a deque and calls `send()` on this generation's async
+    watcher, the one libev primitive that may be poked from another thread. The watcher stays started
+    for the generation's life, so no wake-up is lost and the loop stays alive while we wait.
+    """
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self.cancelled = False  # written by the greenlet, read by the scheduler thread (a plain bool)
+        self.finished = False
+        self._items: deque = deque()
+        self._ready = gevent.event.Event()
+        self._watcher_lock = _allocate_lock()  # a real lock: close() and _wake() race across threads
+        self._watcher = gevent.get_hub().loop.async_()
+        self._watcher.start(self._ready.set)
+
+    def _push(self, event: "Event") -> None:  # scheduler thread
+        self._items.append(event)
+
+    def _wake(self) -> None:  # scheduler thread
+        with self._watcher_lock:
+            if self._watcher is not None:
+                self._watcher.send()
+
+    def events(self) -> Iterator["Event"]:
+        try:
+            while not self.finished:
+                self._ready.clear()
+                while self._items:
+                    event = self._items.popleft()
+                    if isinstance(event, (Done, Failed)):
+                        self.finished = True
+                    yield event
+                    if self.finished:
+                        return
+                self._ready.wait()
+        finally:
+            self.close()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def close(self) -> None:
+        if not self.finished:
+            self.cancelled = True
+        with self._watcher_lock:
+            if self._watcher is not None:
+                self._watcher.close()
+                self._watcher = None
+
+
+class EngineObserver(Protocol):
+    def first_token(self, model: str, seconds: float) -> None: ...
+    def tokens_generated(self, model: str, n: int) -> None: ...
+    def prompt_tokens(self, model: str, n: int) -> None: ...
+
+
+class _NullObserver:
+    def first_token(self, model: str, seconds: float) -> None:
+        pass
+
+    def tokens_generated(self, model: str, n: int) -> None:
+        pass
+
+    def prompt_tokens(self, model: str, n: int) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler
+
+
+@dataclass
+class _Slot:
+    seq: int
+    kv: list[int] = field(default_factory=list)
+    """Tokens in this sequence's KV cache, positions 0..len-1 (kept after a request for prefix reuse)."""
+    last_used: float = 0.0
+    gen: Generation | None = None
+    req: GenerationRequest | None = None
+    sampler: SamplerChain | None = None
+    pending: list[int] = field(default_factory=list)
+    """Prompt tokens not yet decoded."""
+    limit: int = 0
+    cached: int = 0
+    n_generated: int = 0
+    last_token: int = -1
+    text: str = ""
+    emitted: int = 0
+    held_logprobs: list[TokenLogprob] = field(default_factory=list)
+    decoder: codecs.IncrementalDecoder | None = None
+    t_queued: float = 0.0
+    t_admitted: float = 0.0
+    t_first: float = 0.0
+    batch_index: int = -1
+    n_batch_tokens: int = 0
+
+
+_STOP = object()
+
+
+class ModelEngine:
+    """Owns one model's context on a dedicated OS thread; `submit` is called from greenlets."""
+
+    def __init__(
+        self,
+        name: str,
+        model: LlamaModel,
+        *,
+        n_ctx: int,
+        parallel: int,
+        n_batch: int,
+        n_threads: int,
+        n_threads_batch: int,
+        max_queue: int,
+        flash_attn: str = "auto",
+        observer: EngineObserver | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self.n_threads = n_threads
+        self.n_threads_batch = n_threads_batch
+        self._observer = observer or _NullObserver()
+        self._clock = clock
+        self._inbox: SimpleQueue = SimpleQueue()
+        self._lock = _allocate_lock()
+        self._waiting = 0
+        self._busy = 0
+        self._accepting = True
+        self._healthy = True
+        self._exited = _allocate_lock()
+        self._exited.acquire()
+        # The context is created here, in the loading thread, so a failure is reported to the loader;
+        # from start() on only the scheduler thread touches it.
+        self._ctx = LlamaContext(
+            model,
+            n_ctx_seq=n_ctx,
+            n_seq=parallel,
+            n_batch=n_batch,
+            n_threads=n_threads,
+            n_threads_batch=n_threads_batch,
+            flash_attn=flash_attn,
+        )
+        self.n_ctx = self._ctx.n_ctx_seq
+        self._batch = Batch(self._ctx.n_batch)
+        self._slots = [_Slot(seq=i) for i in range(parallel)]
+        self._queue: deque[tuple[Generation, float]] = deque()
+
+    # -- called from greenlets ---------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    @property
+    def busy_slots(self) -> int:
+        return self._busy
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def start(self) -> None:
+        _start_thread(self._thread_main, ())
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        if not self._accepting:
+            raise ModelNotFound(self.name)
+        limit = min(self.n_ctx, request.n_ctx or self.n_ctx)
+        if len(request.prompt) >= limit:
+            raise ContextLengthExceeded(
+                f"This model's context is {limit} tokens; the prompt has {len(request.prompt)} tokens"
+                " and leaves no room for a completion",
+                param="prompt",
+            )
+        with self._lock:
+            if self._waiting >= self.max_queue + max(0, self.parallel - self._busy):
+                raise Overloaded(
+                    f"Model '{self.name}' has {self._waiting} requests waiting; try again shortly",
+                    headers={"Retry-After": "1"},
+                )
+            self._waiting += 1
+        gen = Generation(request)
+        self._inbox.put((gen, self._clock()))
+        return gen
+
+    def stop(self, *, timeout: float = 30.0) -> bool:
+        """Stop accepting, let admitted and queued requests finish, then free the context and model.
+
+        Blocks the calling thread: from a greenlet, run it in the hub's thread pool.
+        """
+        self._accepting = False
+        self._inbox.put(_STOP)
+        done = self._exited.acquire(timeout=timeout)
+        return bool(done)
+
+    # -- the scheduler thread ----------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # never let the thread die silently with requests waiting
+            log.exception("scheduler for model %s failed", self.name)
+            self._healthy = False
+            self._fail_all(EngineFailure())
+        finally:
+            for s in self._slots:
+                if s.sampler:
+                    s.sampler.close()
+            self._ctx.close()
+            self.model.close()
+            self._exited.release()
+
+    def _loop(self) -> None:
+        stopping = False
+        while True:
+            active = any(s.gen is not None for s in self._slots)
+            if not active and not self._queue:
+                if stopping:
+                    return
+                item = self._inbox.get()  # idle: block this OS thread until work arrives
+                stopping |= self._take(item)
+            while True:  # drain whatever else arrived, without blocking
+                try:
+                    item = self._inbox.get_nowait()
+                except Exception:  # _queue.Empty
+                    break
+                stopping |= self._take(item)
+            out: list[tuple[Generation, Event]] = []
+            self._reap_cancelled()
+            self._admit(out)
+            if any(s.gen is not None for s in self._slots):
+                self._step(out)
+            self._deliver(out)
+
+    def _take(self, item) -> bool:
+        if item is _STOP:
+            return True
+        self._queue.append(item)
+        return False
+
+    def _deliver(self, out: list[tuple[Generation, Event]]) -> None:
+        woken: dict[int, Generation] = {}
+        for gen, ev in out:
+            gen._push(ev)
+            woken[id(gen)] = gen
+        for gen in woken.values():
+            gen._wake()
+
+    def _fail_all(self, error: ApiError) -> None:
+        out: list[tuple[Generation, Event]] = []
+        for s in self._slots:
+            if s.gen is not None:
+                out.append((s.gen, Failed(error)))
+                self._release(s)
+        while self._queue:
+            gen, _ = self._queue.popleft()
+            self._dec_waiting()
+            out.append((gen, Failed(error)))
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except Exception:
+                break
+            if item is not _STOP:
+                self._dec_waiting()
+                out.append((item[0], Failed(error)))
+        self._deliver(out)
+
+    def _dec_waiting(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+
+    def _release(self, s: _Slot) -> None:
+        if s.sampler:
+            s.sampler.close()
+        s.sampler = None
+        s.gen = None
+        s.req = None
+        s.pending = []
+        s.last_used = self._clock()
+        with self._lock:
+            self._busy -= 1
+
+    def _reap_cancelled(self) -> None:
+        for s in self._slots:
+            if s.gen is not None and s.gen.cancelled:
+                self._release(s)
+
+    def _admit(self, out: list) -> None:
+        while self._queue:
+            free = [s for s in self._slots if s.gen is None]
+            if not free:
+                return
+            gen, t_queued = self._queue.popleft()
+            self._dec_waiting()
+            if gen.cancelled:
+                continue
+            req = gen.request
+            prompt = list(req.prompt)
+            # Prefix reuse: the free slot whose cached tokens share the longest prefix with this prompt
+            # (the next turn of a chat, a common system prompt); the least recently used on a tie.
+            best, best_len = free[0], -1
+            for s in free:
+                n = _common_prefix(s.kv, prompt)
+                if n > best_len or (n == best_len and s.last_used < best.last_used):
+                    best, best_len = s, n
+            s = best
+            keep = min(best_len, len(prompt) - 1)  # at least one token must be decoded for logits
+            if keep < len(s.kv):
+                if not self._ctx.seq_rm(s.seq, keep, -1):
+                    self._ctx.seq_rm(s.seq, -1, -1)
+                    keep = 0
+                del s.kv[keep:]
+            try:
+                sampler = SamplerChain(self.model, req.sampling)
+            except Exception:
+                log.exception("sampler setup failed")
+                out.append((gen, Failed(EngineFailure())))
+                continue
+            with self._lock:
+                self._busy += 1
+            s.gen, s.req, s.sampler = gen, req, sampler
+            s.pending = prompt[keep:]
+            s.cached = keep
+            s.limit = min(self.n_ctx, req.n_ctx or self.n_ctx)
+            s.n_generated = 0
+            s.last_token = -1
+            s.text, s.emitted, s.held_logprobs = "", 0, []
+            s.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            s.t_queued, s.t_admitted, s.t_first = t_queued, self._clock(), 0.0
+
+    def _step(self, out: list) -> None:
+        batch = self._batch
+        batch.clear()
+        budget = batch.capacity
+        in_batch: list[_Slot] = []
+        threads_hint = 0
+        # Generating sequences first: one token each, so streams never stall behind a long prompt.
+        for s in self._slots:
+            if s.gen is not None and not s.pending:
+                s.batch_index = batch.add([s.last_token], len(s.kv), s.seq, True)
+                s.n_batch_tokens = 1
+                in_batch.append(s)
+                budget -= 1
+        for s in sorted((s for s in self._slots if s.gen is not None and s.pending), key=lambda s: s.t_admitted):
+            if budget <= 0:
+                break
+            chunk = s.pending[:budget]
+            last = len(chunk) == len(s.pending)
+            idx = batch.add(chunk, len(s.kv), s.seq, last)
+            s.batch_index = idx if last else -1
+            s.n_batch_tokens = len(chunk)
+            budget -= len(chunk)
+            in_batch.append(s)
+        for s in in_batch:
+            if s.req.n_threads:
+                threads_hint = max(threads_hint, s.req.n_threads)
+        n_threads = min(threads_hint, self.n_threads) if threads_hint else self.n_threads
+        n_threads_batch = min(threads_hint, self.n_threads_batch) if threads_hint else self.n_threads_batch
+        self._ctx.set_threads(n_threads, n_threads_batch)
+
+        rc = self._ctx.decode(batch)
+        if rc != 0:
+            log.error("llama_decode returned %d for model %s", rc, self.name)
+            err = Overloaded("No room in the model's cache; try again", headers={"Retry-After": "1"}) if rc == 1 else EngineFailure()
+            for s in in_batch:
+                out.append((s.gen, Failed(err)))
+                self._ctx.seq_rm(s.seq, -1, -1)
+                s.kv.clear()
+                self._release(s)
+            return
+
+        now = self._clock()
+        n_new = 0
+        n_prompt = 0
+        for s in in_batch:
+            if s.pending:
+                fed = s.pending[: s.n_batch_tokens]
+                s.kv.extend(fed)
+                del s.pending[: s.n_batch_tokens]
+                n_prompt += len(fed)
+            else:
+                s.kv.append(s.last_token)
+            if s.batch_index < 0:
+                continue
+            token = s.sampler.sample(self._ctx, s.batch_index)
+            if s.n_generated == 0:
+                s.t_first = now
+                self._observer.first_token(self.name, now - s.t_queued)
+            s.n_generated += 1
+            n_new += 1
+            self._on_token(s, token, out)
+        if n_new:
+            self._observer.tokens_generated(self.name, n_new)
+        if n_prompt:
+            self._observer.prompt_tokens(self.name, n_prompt)
+
+    def _on_token(self, s: _Slot, token: int, out: list) -> None:
+        req = s.req
+        lp = self._logprob(s, token) if req.logprobs is not None else None
+        finish: str | None = None
+        if self.model.is_eog(token) and not req.ignore_eos:
+            finish = "stop"
+        else:
+            s.last_token = token
+            s.text += s.decoder.decode(self.model.piece(token))
+            if lp is not None:
+                s.held_logprobs.append(lp)
+            safe = len(s.text)
+            if req.stop:
+                cut, safe = _scan_stops(s.text, s.emitted, req.stop)
+                if cut is not None:
+                    s.text = s.text[:cut]
+                    finish = "stop"
+            if finish is None:
+                if s.n_generated >= req.max_tokens or len(s.kv) + 1 > s.limit:
+                    finish = "length"
+                    safe = len(s.text)
+            if finish is None and safe > s.emitted:
+                out.append((s.gen, Delta(s.text[s.emitted : safe], 1, tuple(s.held_logprobs))))
+                s.emitted = safe
+                s.held_logprobs = []
+        if finish is None:
+            return
+        if finish == "length":
+            s.text += s.decoder.decode(b"", final=True)
+        if len(s.text) > s.emitted or s.held_logprobs:
+            out.append((s.gen, Delta(s.text[s.emitted :], 0, tuple(s.held_logprobs))))
+        now = self._clock()
+        prompt_n = len(req.prompt) - s.cached
+        t_first = s.t_first or now
+        out.append(
+            (
+                s.gen,
+                Done(
+                    finish,
+                    Usage(len(req.prompt), s.n_generated, s.cached),
+                    Timings(
+                        prompt_n=prompt_n,
+                        prompt_ms=(t_first - s.t_admitted) * 1000,
+                        predicted_n=s.n_generated,
+                        predicted_ms=(now - t_first) * 1000,
+                        queued_ms=(s.t_admitted - s.t_queued) * 1000,
+                    ),
+                ),
+            )
+        )
+        self._release(s)
+
+    def _logprob(self, s: _Slot, token: int) -> TokenLogprob:
+        logits = self._ctx.logits(s.batch_index).astype(np.float64)
+        m = logits.max()
+        lse = m + math.log(np.exp(logits - m).sum())
+        k = s.req.logprobs or 0
+        top: tuple = ()
+        if k > 0:
+            idx = np.argpartition(-logits, k - 1)[:k]
+            idx = idx[np.argsort(-logits[idx])]
+            top = tuple((self._tok_str(int(t)), tuple(self.model.piece(int(t))), float(logits[t] - lse)) for t in idx)
+        return TokenLogprob(self._tok_str(token), tuple(self.model.piece(token)), float(logits[token] - lse), top)
+
+    def _tok_str(self, token: int) -> str:
+        return self.model.piece(token).decode("utf-8", "replace")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int32) != np.asarray(b[:n], dtype=np.int32))
+    return int(diff[0]) if diff.size else n
+
+
+def _scan_stops(text: str, emitted: int, stops: tuple[str, ...]) -> tuple[int | None, int]:
+    """(index where the first stop string starts, or None; how far the text is safe to emit).
+
+    Text that could be the start of a stop string is held back until it can no longer match.
+    """
+    longest = max(len(x) for x in stops)
+    start = max(0, emitted - longest + 1)
+    cut = None
+    for stop in stops:
+        i = text.find(stop, start)
+        if i != -1 and (cut is None or i < cut):
+            cut = i
+    if cut is not None:
+        return cut, cut
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return None, max(emitted, len(text) - hold)

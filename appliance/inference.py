@@ -1,0 +1,348 @@
+"""Completions and chat: OpenAI wire format over the engine, JSON or SSE.
+
+A request's greenlet submits to the model's scheduler and waits for events; a watcher greenlet on
+the client's socket cancels the generation as soon as the client goes away, so its slot is free
+within one decode step, streaming or not.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import falcon
+import gevent
+from gevent.socket import wait_read
+
+from .engine.chat import render_chat
+from .engine.llama import SamplingParams
+from .engine.registry import ModelRegistry
+from .engine.scheduler import Delta, Done, Failed, Generation, GenerationRequest, TokenLogprob
+from .errors import ApiError, BadRequest, InternalError
+from .schemas import ChatRequest, CompletionRequest, parse
+from .settings import LimitsSettings
+
+__all__ = ["Inference", "sse_event", "SSE_DONE"]
+
+SSE_DONE = b"data: [DONE]\n\n"
+_TOKENIZE_INLINE_CHARS = 4096  # longer prompts are tokenized in the thread pool, off the event loop
+
+
+def sse_event(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+@dataclass
+class _Job:
+    kind: str  # "completion" | "chat"
+    model: str
+    gen: Generation
+    body: CompletionRequest | ChatRequest
+    id: str
+    created: int
+
+
+class Inference:
+    """Shared by the OpenAI routes and the original appliance routes."""
+
+    def __init__(
+        self,
+        models: ModelRegistry,
+        limits: LimitsSettings,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        random_seed: Callable[[], int] = lambda: secrets.randbits(32),
+        default_seeds: Callable[[str], int | None] = lambda name: None,
+    ) -> None:
+        self.models = models
+        self.limits = limits
+        self._wall_clock = wall_clock
+        self._random_seed = random_seed
+        self._default_seeds = default_seeds
+
+    # -- falcon responders -------------------------------------------------------------------
+
+    def on_post_completions(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = parse(CompletionRequest, req.context.json)
+        engine = self.models.get(body.model)
+        if isinstance(body.prompt, str):
+            prompt = self._tokenize(engine, body.prompt, add_special=True)
+        elif isinstance(body.prompt[0], str):
+            prompt = self._tokenize(engine, body.prompt[0], add_special=True)
+        else:
+            if any(not 0 <= t < engine.model.n_vocab for t in body.prompt):
+                raise BadRequest("prompt: token ids must be within the model's vocabulary", param="prompt")
+            prompt = list(body.prompt)
+        if body.logprobs is not None and body.logprobs > self.limits.max_top_logprobs:
+            raise BadRequest(f"logprobs: at most {self.limits.max_top_logprobs}", param="logprobs")
+        limit = body.max_tokens if body.max_tokens is not None else self.limits.default_max_tokens
+        self._run(req, resp, "completion", body, engine, prompt, limit, body.logprobs)
+
+    def on_post_chat(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = parse(ChatRequest, req.context.json)
+        rec = self.models.record(body.model)
+        engine = self.models.get(body.model)
+        model = engine.model
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+        text = render_chat(
+            rec.chat_template,
+            messages,
+            bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
+            eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
+        )
+        bos_text = model.token_text(model.bos) if model.bos >= 0 else None
+        add_bos = not (bos_text and text.startswith(bos_text))
+        prompt = self._tokenize(engine, text, add_special=add_bos, parse_special=True)
+        top = None
+        if body.logprobs:
+            top = body.top_logprobs or 0
+            if top > self.limits.max_top_logprobs:
+                raise BadRequest(f"top_logprobs: at most {self.limits.max_top_logprobs}", param="top_logprobs")
+        self._run(req, resp, "chat", body, engine, prompt, body.token_limit, top)
+
+    # -- the common path ---------------------------------------------------------------------
+
+    def _tokenize(self, engine, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        if len(text) <= _TOKENIZE_INLINE_CHARS:
+            return engine.model.tokenize(text, add_special=add_special, parse_special=parse_special)
+        return gevent.get_hub().threadpool.apply(
+            engine.model.tokenize, (text,), {"add_special": add_special, "parse_special": parse_special}
+        )
+
+    def _run(self, req, resp, kind, body, engine, prompt, max_tokens, logprobs) -> None:
+        stops = body.stops()
+        if len(stops) > self.limits.max_stop:
+            raise BadRequest(f"stop: at most {self.limits.max_stop} stop strings", param="stop")
+        if any(len(s) > self.limits.max_stop_length for s in stops):
+            raise BadRequest(f"stop: each stop string is at most {self.limits.max_stop_length} characters", param="stop")
+        if max_tokens is None or max_tokens == -1:
+            max_tokens = self.limits.max_tokens
+        elif max_tokens > self.limits.max_tokens:
+            raise BadRequest(f"max_tokens: at most {self.limits.max_tokens}", param="max_tokens")
+        if body.n_ctx is not None and body.n_ctx > engine.n_ctx:
+            raise BadRequest(f"n_ctx: this model's context per request is at most {engine.n_ctx}", param="n_ctx")
+        seed = body.seed
+        if seed is None or seed == -1:
+            seed = self._default_seeds(body.model)
+            if seed is None:
+                seed = self._random_seed()
+        sampling = SamplingParams(
+            temperature=_pick(body.temperature, 0.8),
+            top_k=_pick(body.top_k, 40),
+            top_p=_pick(body.top_p, 0.95),
+            min_p=_pick(body.min_p, 0.05),
+            repeat_penalty=_pick(body.repeat_penalty, 1.0),
+            repeat_last_n=_pick(body.repeat_last_n, 64),
+            presence_penalty=_pick(body.presence_penalty, 0.0),
+            frequency_penalty=_pick(body.frequency_penalty, 0.0),
+            seed=seed & 0xFFFFFFFF,
+        )
+        gen = engine.submit(
+            GenerationRequest(
+                prompt=tuple(prompt),
+                max_tokens=max_tokens,
+                sampling=sampling,
+                stop=stops,
+                ignore_eos=body.ignore_eos,
+                logprobs=logprobs,
+                n_threads=body.n_threads,
+                n_ctx=body.n_ctx,
+            )
+        )
+        prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
+        job = _Job(kind, body.model, gen, body, prefix + uuid.uuid4().hex, int(self._wall_clock()))
+        watcher = _watch_disconnect(req.env.get("gunicorn.socket"), gen)
+        if body.stream:
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-cache")
+            resp.set_header("X-Accel-Buffering", "no")
+            resp.stream = _Stream(self._sse(job), on_close=lambda: _finish(gen, watcher))
+            return
+        try:
+            resp.media = self._collect(job)
+        finally:
+            _finish(gen, watcher)
+
+    def _collect(self, job: _Job) -> dict:
+        text: list[str] = []
+        lps: list[TokenLogprob] = []
+        for ev in job.gen.events():
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+                lps.extend(ev.logprobs)
+            elif isinstance(ev, Failed):
+                raise ev.error
+            elif isinstance(ev, Done):
+                return self._final(job, "".join(text), lps, ev)
+        raise InternalError()
+
+    def _final(self, job: _Job, text: str, lps: list[TokenLogprob], done: Done) -> dict:
+        want_lp = job.gen.request.logprobs is not None
+        if job.kind == "completion":
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": _completion_logprobs(lps) if want_lp else None,
+                "finish_reason": done.finish_reason,
+            }
+            obj = "text_completion"
+        else:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": {"content": [_chat_logprob(lp) for lp in lps]} if want_lp else None,
+                "finish_reason": done.finish_reason,
+            }
+            obj = "chat.completion"
+        return {
+            "id": job.id,
+            "object": obj,
+            "created": job.created,
+            "model": job.model,
+            "system_fingerprint": None,
+            "choices": [choice],
+            "usage": _usage(done),
+            "timings": _timings(done),
+        }
+
+    def _sse(self, job: _Job) -> Iterator[bytes]:
+        chat = job.kind == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        want_lp = job.gen.request.logprobs is not None
+
+        def chunk(choices: list, **extra) -> bytes:
+            return sse_event(
+                {"id": job.id, "object": obj, "created": job.created, "model": job.model,
+                 "system_fingerprint": None, "choices": choices, **extra}
+            )
+
+        if chat:
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        try:
+            for ev in job.gen.events():
+                if isinstance(ev, Delta):
+                    if not ev.text and not ev.logprobs:
+                        continue
+                    if chat:
+                        lp = {"content": [_chat_logprob(x) for x in ev.logprobs]} if want_lp else None
+                        yield chunk([{"index": 0, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
+                    else:
+                        lp = _completion_logprobs(list(ev.logprobs)) if want_lp else None
+                        yield chunk([{"index": 0, "text": ev.text, "logprobs": lp, "finish_reason": None}])
+                elif isinstance(ev, Done):
+                    last = {"index": 0, "logprobs": None, "finish_reason": ev.finish_reason}
+                    last.update({"delta": {}} if chat else {"text": ""})
+                    usage_inline = None if job.body.include_usage else _usage(ev)
+                    yield chunk([last], usage=usage_inline, timings=_timings(ev))
+                    if job.body.include_usage:
+                        yield chunk([], usage=_usage(ev))
+                    yield SSE_DONE
+                    return
+                elif isinstance(ev, Failed):
+                    yield sse_event(ev.error.body())
+                    return
+        except ApiError as e:
+            yield sse_event(e.body())
+        except Exception:
+            import logging
+
+            logging.getLogger("appliance.http").exception("stream failed")
+            yield sse_event(InternalError().body())
+
+
+class _Stream:
+    """A WSGI response iterable whose close() (called by the server, also on disconnect) cancels."""
+
+    def __init__(self, it: Iterator[bytes], on_close: Callable[[], None]) -> None:
+        self._it = it
+        self._on_close = on_close
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._it)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._it, "close", None)
+            if close:
+                close()
+        finally:
+            self._on_close()
+
+
+def _watch_disconnect(sock, gen: Generation):
+    """Cancel the generation when the client closes its connection (EOF or error on the socket)."""
+    if sock is None:
+        return None
+
+    def watch() -> None:
+        try:
+            wait_read(sock.fileno())
+            if sock.recv(1, socket.MSG_PEEK) == b"":
+                gen.cancel()
+        except OSError:
+            gen.cancel()
+
+    return gevent.spawn(watch)
+
+
+def _finish(gen: Generation, watcher) -> None:
+    gen.close()
+    if watcher is not None:
+        watcher.kill(block=False)
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _usage(done: Done) -> dict:
+    u = done.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def _timings(done: Done) -> dict:
+    t = done.timings
+    return {
+        "prompt_n": t.prompt_n,
+        "prompt_ms": round(t.prompt_ms, 3),
+        "prompt_per_second": round(t.prompt_per_second, 3),
+        "predicted_n": t.predicted_n,
+        "predicted_ms": round(t.predicted_ms, 3),
+        "predicted_per_second": round(t.predicted_per_second, 3),
+        "queued_ms": round(t.queued_ms, 3),
+    }
+
+
+def _completion_logprobs(lps: list[TokenLogprob]) -> dict:
+    offsets, pos = [], 0
+    for lp in lps:
+        offsets.append(pos)
+        pos += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in lps],
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{t: v for t, _, v in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprob(lp: TokenLogprob) -> dict:
+    return {
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": list(lp.bytes),
+        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(b)} for t, b, v in lp.top],
+    }

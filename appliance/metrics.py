@@ -1,0 +1,76 @@
+"""Prometheus metrics, one registry per app (no module-level state). Labels never carry request data."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """Counters and histograms updated by the app and the engines; gauges read from the registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "appliance_requests_total", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r
+        )
+        self.errors = Counter("appliance_request_errors_total", "HTTP responses with status >= 400", ["route", "status"], registry=r)
+        self.latency = Histogram(
+            "appliance_request_duration_seconds", "Time to the response headers (streams: to the first byte)", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "appliance_time_to_first_token_seconds", "From submission to the first generated token", ["model"],
+            buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.generated = Counter("appliance_tokens_generated_total", "Tokens generated", ["model"], registry=r)
+        self.prompt = Counter("appliance_prompt_tokens_processed_total", "Prompt tokens decoded (cache hits excluded)", ["model"], registry=r)
+        self.auth_failures = Counter("appliance_auth_failures_total", "Requests refused by authentication", ["reason"], registry=r)
+        self._models = None
+
+    # EngineObserver, called from scheduler threads (prometheus_client is thread-safe)
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(model).observe(seconds)
+
+    def tokens_generated(self, model: str, n: int) -> None:
+        self.generated.labels(model).inc(n)
+
+    def prompt_tokens(self, model: str, n: int) -> None:
+        self.prompt.labels(model).inc(n)
+
+    def watch_models(self, models) -> None:
+        """Expose queue depth, busy slots and loaded models, read from the registry at scrape time."""
+        self._models = models
+        self.registry.register(_ModelGauges(models))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ModelGauges:
+    def __init__(self, models) -> None:
+        self._models = models
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        queue = GaugeMetricFamily("appliance_queue_depth", "Requests waiting for a slot", labels=["model"])
+        busy = GaugeMetricFamily("appliance_busy_slots", "Slots generating or processing a prompt", labels=["model"])
+        slots = GaugeMetricFamily("appliance_slots", "Slots configured", labels=["model"])
+        loaded = GaugeMetricFamily("appliance_models_loaded", "Models ready to serve")
+        n = 0
+        for rec in self._models.records():
+            if rec.state == "ready" and rec.engine is not None:
+                n += 1
+                queue.add_metric([rec.name], rec.engine.queue_depth)
+                busy.add_metric([rec.name], rec.engine.busy_slots)
+                slots.add_metric([rec.name], rec.settings.parallel)
+        loaded.add_metric([], n)
+        yield from (queue, busy, slots, loaded)

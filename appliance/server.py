@@ -1,0 +1,88 @@
+"""Embedded gunicorn: one gevent worker process that owns the models.
+
+One worker, on purpose: models live in the worker's memory and the appliance has one identity
+(the trust layer's signing key); concurrency comes from greenlets for I/O and one scheduler thread per
+model for llama.cpp. The app is built after the fork (no preload), so CUDA and OpenMP are never
+initialised in the master. SIGTERM stops accepting, lets in-flight requests finish (up to
+`graceful_timeout`), stops the engines and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import gevent
+from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
+from gunicorn.workers.ggevent import GeventWorker
+
+from .settings import Settings
+
+__all__ = ["ApplianceServer", "bind_address"]
+
+log = logging.getLogger("appliance.server")
+
+
+def bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class _QuietLogger(Logger):
+    """gunicorn's logger without its access log: ours is structured and never holds request data."""
+
+    def access(self, resp, req, environ, request_time) -> None:
+        pass
+
+
+class ApplianceServer(BaseApplication):
+    def __init__(self, settings: Settings, app_factory: Callable[[Settings], tuple]) -> None:
+        self.settings = settings
+        self.app_factory = app_factory
+        self.state = None
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings.server
+        options = {
+            "bind": [bind_address(s.host, s.port)],
+            "workers": 1,
+            "worker_class": GeventWorker,
+            "logger_class": _QuietLogger,
+            "worker_connections": s.worker_connections,
+            "timeout": s.worker_timeout,
+            "graceful_timeout": s.graceful_timeout,
+            "keepalive": s.keepalive,
+            "loglevel": s.log_level,
+            "accesslog": None,
+            "errorlog": "-",
+            "preload_app": False,
+            "control_socket_disable": True,
+            "proc_name": "appliance",
+            "limit_request_line": 8190,
+            "limit_request_fields": 100,
+            "worker_exit": self._worker_exit,
+            "post_worker_init": self._post_worker_init,
+        }
+        for key, value in options.items():
+            if key in self.cfg.settings:
+                self.cfg.set(key, value)
+
+    def load(self):
+        app, self.state = self.app_factory(self.settings)
+        return app
+
+    def _post_worker_init(self, worker) -> None:
+        # Serve at once (/health answers while models load); load configured models in background.
+        for ms in self.settings.models:
+            gevent.spawn(self._load_model, ms)
+
+    def _load_model(self, ms) -> None:
+        try:
+            self.state.models.load(ms)
+        except Exception as e:  # the model is recorded as failed; /status and /readiness show it
+            log.error("configured model %s failed to load: %s", ms.name, getattr(e, "message", type(e).__name__))
+
+    def _worker_exit(self, server, worker) -> None:
+        if self.state is not None:
+            self.state.models.stop_all(timeout=self.settings.server.graceful_timeout)

@@ -1,0 +1,177 @@
+"""Configuration: declared once, validated at boot, every error names its key.
+
+Sources, lowest precedence first: built-in defaults, the TOML file (`--config`), command-line flags.
+Invalid configuration raises `ConfigError` before anything binds a port; the CLI exits 2 with it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "ModelDefaults",
+    "ModelSettings",
+    "ServerSettings",
+    "LimitsSettings",
+    "Settings",
+    "load_settings",
+    "default_threads",
+]
+
+
+class ConfigError(Exception):
+    """Configuration is invalid; the message names the offending key."""
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp: the CPUs this process may run on (oversubscription collapses throughput)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelDefaults(_Strict):
+    """Per-model settings; `[model_defaults]` applies them to every model unless a model overrides."""
+
+    n_ctx: Annotated[int, Field(ge=64, le=1 << 20)] = 4096
+    """Context per slot: the most tokens (prompt + completion) one request can use."""
+    parallel: Annotated[int, Field(ge=1, le=256)] = 4
+    """Slots: sequences decoded together in one batch (continuous batching)."""
+    n_batch: Annotated[int, Field(ge=32, le=1 << 16)] = 512
+    n_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """Threads for generation; default: the CPUs in this process's affinity mask."""
+    n_threads_batch: Annotated[int, Field(ge=1, le=1024)] | None = None
+    n_gpu_layers: Annotated[int, Field(ge=-1)] = 0
+    """Layers offloaded to the GPU (-1: all); needs the CUDA variant."""
+    seed: Annotated[int, Field(ge=0, lt=1 << 32)] | None = None
+    """Seed for requests that give none; unset means a fresh random seed per request."""
+    chat_template: str | None = None
+    """Jinja chat template overriding the one in the GGUF metadata."""
+    max_queue: Annotated[int, Field(ge=0, le=100_000)] = 64
+    """Requests waiting for a slot before new ones get 503 with Retry-After."""
+    use_mmap: bool = True
+    flash_attn: Literal["auto", "on", "off"] = "auto"
+
+
+class ModelSettings(ModelDefaults):
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")]
+    path: Path
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 3000
+    graceful_timeout: Annotated[int, Field(ge=1, le=3600)] = 30
+    """Seconds SIGTERM waits for in-flight requests before the worker is stopped."""
+    worker_timeout: Annotated[int, Field(ge=0, le=3600)] = 60
+    keepalive: Annotated[int, Field(ge=0, le=300)] = 5
+    worker_connections: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+class LimitsSettings(_Strict):
+    max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 1 << 20
+    max_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 8192
+    """Upper bound for a request's max_tokens."""
+    default_max_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 16
+    """OpenAI's default for /v1/completions; chat defaults to the rest of the context."""
+    max_stop: Annotated[int, Field(ge=0, le=64)] = 8
+    max_stop_length: Annotated[int, Field(ge=1, le=4096)] = 256
+    max_json_depth: Annotated[int, Field(ge=2, le=512)] = 32
+    max_top_logprobs: Annotated[int, Field(ge=0, le=100)] = 20
+    load_timeout: Annotated[float, Field(gt=0, le=86400)] = 600.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LimitsSettings":
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError("default_max_tokens exceeds max_tokens")
+        return self
+
+
+class Settings(_Strict):
+    server: ServerSettings = ServerSettings()
+    limits: LimitsSettings = LimitsSettings()
+    model_defaults: ModelDefaults = ModelDefaults()
+    models: list[ModelSettings] = []
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelSettings]) -> list[ModelSettings]:
+        seen: set[str] = set()
+        for i, m in enumerate(models):
+            if m.name in seen:
+                raise ValueError(f"duplicate model name '{m.name}' at models[{i}]")
+            seen.add(m.name)
+        return models
+
+    def model_settings(self, name: str, path: Path | str, **overrides: Any) -> ModelSettings:
+        """Settings for a model added at run time (CLI `--model`, `POST /load_model`)."""
+        base = self.model_defaults.model_dump()
+        base.update(overrides)
+        return ModelSettings(name=name, path=Path(path), **base)
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def _format(err: ValidationError) -> str:
+    return "; ".join(
+        f"{_key(e['loc']) or '(root)'}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+    )
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    models: list[tuple[str, str]] | None = None,
+) -> Settings:
+    """Build settings from the TOML file and command-line overrides; raise ConfigError naming the key."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"--config: no such file: {config_file}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config: {config_file} is not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {config_file}: {e.strerror}") from None
+    server = dict(data.get("server") or {})
+    if host is not None:
+        server["host"] = host
+    if port is not None:
+        server["port"] = port
+    if server:
+        data["server"] = server
+    try:
+        settings = Settings.model_validate(data)
+        if models:
+            extra = [settings.model_settings(n, p) for n, p in models]
+            settings = Settings.model_validate(
+                {**settings.model_dump(), "models": [*settings.model_dump()["models"], *[m.model_dump() for m in extra]]}
+            )
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+    return settings

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds the pinned llama-cpp-python wheel from its sdist once and caches it outside the repo,
+# keyed by version and build flags, so a second setup takes seconds. Prints the wheel's path.
+#
+#   scripts/llama-wheel.sh [cpu|cuda]
+#
+# The source is unpacked and built at fixed paths and the compiler's path prefixes are mapped away,
+# so the same flags give the same libraries whichever directory the repo was cloned into
+# (the reproducible-binary issue builds on this).
+set -euo pipefail
+
+VARIANT=${1:-cpu}
+VERSION=0.3.36
+SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+CACHE=${APPLIANCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance}
+PY=${PYTHON:-python3}
+
+# x86-64-v3 baseline (AVX2/FMA/F16C/BMI2): portable across every x86 server CPU of the last decade,
+# no -march=native so a binary built here runs elsewhere.
+COMMON_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF"
+case "$VARIANT" in
+  cpu)  FLAGS="$COMMON_FLAGS" ;;
+  cuda) FLAGS="$COMMON_FLAGS -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-80-real;86-real;89-real;90-real;90-virtual}" ;;
+  *) echo "usage: $0 [cpu|cuda]" >&2; exit 2 ;;
+esac
+
+KEY=$(printf '%s\n%s\n%s\n' "$VERSION" "$VARIANT" "$FLAGS" | sha256sum | cut -c1-12)
+OUT="$CACHE/wheels/$VERSION-$VARIANT-$KEY"
+if compgen -G "$OUT/llama_cpp_python-*.whl" >/dev/null; then
+  ls "$OUT"/llama_cpp_python-*.whl
+  exit 0
+fi
+
+mkdir -p "$CACHE/sdist"
+SDIST="$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz"
+if [[ ! -f $SDIST ]]; then
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$CACHE/sdist" >&2
+fi
+echo "$SDIST_SHA256  $SDIST" | sha256sum --check --quiet - >&2
+
+# Fixed paths: the prefix maps below make the compiled bytes independent of them anyway.
+WORK=/tmp/appliance-llama-$VARIANT-$KEY
+SRC=$WORK/src
+BLD=$WORK/build
+rm -rf "$WORK"
+mkdir -p "$WORK"
+tar -xzf "$SDIST" -C "$WORK"
+mv "$WORK/llama_cpp_python-$VERSION" "$SRC"
+
+# One map (no spaces): scikit-build-core splits CMAKE_ARGS on whitespace.
+MAP="-ffile-prefix-map=$WORK=/appliance-llama"
+echo "building llama-cpp-python $VERSION ($VARIANT) once; cached in $OUT" >&2
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1700000000}
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+CMAKE_ARGS="$FLAGS -DCMAKE_C_FLAGS=$MAP -DCMAKE_CXX_FLAGS=$MAP" \
+  "$PY" -m pip wheel --quiet --no-deps "$SRC" -w "$WORK/dist" \
+  --config-settings=build-dir="$BLD" >&2
+mkdir -p "$OUT"
+printf '%s\n' "$FLAGS" >"$OUT/FLAGS"
+mv "$WORK/dist"/llama_cpp_python-*.whl "$OUT/"
+rm -rf "$WORK"
+ls "$OUT"/llama_cpp_python-*.whl
