@@ -538,7 +538,8 @@ class ModelEngine:
                     s.text = s.text[:cut]
                     finish = "stop"
             if finish is None:
-                if s.n_generated >= req.max_tokens or len(s.kv) + 1 > s.limit:
+                # len(kv) + 1 tokens now exist (the one just sampled is not decoded yet): stop at the cap.
+                if s.n_generated >= req.max_tokens or len(s.kv) + 1 >= s.limit:
                     finish = "length"
                     safe = len(s.text)
             if finish is None and safe > s.emitted:

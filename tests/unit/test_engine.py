@@ -1,0 +1,125 @@
+"""The scheduler with real llama.cpp and a generated model, in-process (no server, no sockets)."""
+
+import gevent
+import pytest
+
+from appliance.engine.llama import SamplingParams
+from appliance.engine.registry import ModelRegistry
+from appliance.engine.scheduler import Delta, Done, Failed, GenerationRequest
+from appliance.errors import ContextLengthExceeded, Overloaded
+from appliance.modelgen import ModelSpec, write_model
+from appliance.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    try:
+        return write_model(tmp_path_factory.mktemp("m") / "tiny.gguf", ModelSpec(dtype="q8_0"))
+    except FileNotFoundError as e:  # no sdist vocab: this machine cannot build test models
+        pytest.fail(f"cannot build the test model: {e}")
+
+
+@pytest.fixture(scope="module")
+def registry(model_path):
+    reg = ModelRegistry()
+    reg.load(Settings().model_settings("tiny", model_path, n_ctx=256, parallel=2, max_queue=2, n_threads=1))
+    yield reg
+    reg.stop_all()
+
+
+@pytest.fixture
+def engine(registry):
+    return registry.get("tiny")
+
+
+def request(engine, text="Hello, world!", n=16, seed=7, **kw):
+    prompt = tuple(engine.model.tokenize(text))
+    return GenerationRequest(prompt, n, SamplingParams(seed=seed), **kw)
+
+
+def collect(gen):
+    text, done = "", None
+    for ev in gen.events():
+        if isinstance(ev, Delta):
+            text += ev.text
+        elif isinstance(ev, Failed):
+            raise ev.error
+        else:
+            done = ev
+    return text, done
+
+
+def test_generates_exact_token_count(engine):
+    text, done = collect(engine.submit(request(engine, n=12)))
+    assert text and done.finish_reason == "length"
+    assert done.usage.completion_tokens == 12 and done.timings.predicted_n == 12
+
+
+def test_same_seed_same_text_whatever_runs_beside_it(engine):
+    alone, _ = collect(engine.submit(request(engine, seed=99, n=24)))
+    jobs = [gevent.spawn(collect, engine.submit(request(engine, text=f"other {i}", seed=i, n=24))) for i in range(3)]
+    mine = gevent.spawn(collect, engine.submit(request(engine, seed=99, n=24)))
+    gevent.joinall([*jobs, mine], raise_error=True)
+    assert mine.value[0] == alone
+    assert collect(engine.submit(request(engine, seed=100, n=24)))[0] != alone
+
+
+def test_prefix_of_previous_request_is_reused(engine):
+    long = "The quick brown fox jumps over the lazy dog. " * 8
+    collect(engine.submit(request(engine, text=long, n=4)))
+    _, done = collect(engine.submit(request(engine, text=long + "And then?", n=4)))
+    assert done.usage.cached_tokens >= len(engine.model.tokenize(long)) - 1
+    assert done.timings.prompt_n == done.usage.prompt_tokens - done.usage.cached_tokens
+
+
+def test_stop_string_truncates_and_finishes(engine):
+    full, _ = collect(engine.submit(request(engine, seed=3, n=20)))
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), full
+    text, done = collect(engine.submit(request(engine, seed=3, n=20, stop=(stop,))))
+    assert done.finish_reason == "stop"
+    assert text == full[: full.index(stop)]
+
+
+def test_logprobs_are_log_probabilities(engine):
+    gen = engine.submit(request(engine, n=4, logprobs=3))
+    lps = [lp for ev in gen.events() if isinstance(ev, Delta) for lp in ev.logprobs]
+    assert len(lps) == 4
+    for lp in lps:
+        assert lp.logprob <= 0 and len(lp.top) == 3
+        assert lp.top[0][2] >= lp.top[1][2] >= lp.top[2][2]
+
+
+def test_cancel_frees_the_slot(engine):
+    gen = engine.submit(request(engine, n=200, ignore_eos=True))
+    events = gen.events()
+    next(events)
+    gen.close()
+    for _ in range(100):
+        if engine.busy_slots == 0:
+            break
+        gevent.sleep(0.02)
+    assert engine.busy_slots == 0
+
+
+def test_prompt_longer_than_context_is_refused(engine):
+    with pytest.raises(ContextLengthExceeded):
+        engine.submit(request(engine, text="word " * 400))
+
+
+def test_context_cap_ends_generation_with_length(engine):
+    req = request(engine, n=1000, n_ctx=20)
+    text, done = collect(engine.submit(req))
+    assert done.finish_reason == "length"
+    assert done.usage.prompt_tokens + done.usage.completion_tokens <= 20
+
+
+def test_full_queue_is_refused_with_retry_after(engine):
+    gens = []
+    with pytest.raises(Overloaded) as e:
+        for _ in range(10):  # 2 slots + a queue of 2
+            gens.append(engine.submit(request(engine, n=50)))
+    assert e.value.headers["Retry-After"]
+    assert len(gens) == 4
+    for g in gens:
+        collect(g)

@@ -1,0 +1,84 @@
+"""Stop strings, prefix matching and request validation: the logic around the engine, no llama.cpp."""
+
+import pytest
+
+from appliance.engine.scheduler import _common_prefix, _scan_stops
+from appliance.errors import BadRequest
+from appliance.schemas import ChatRequest, CompletionRequest, parse
+
+
+@pytest.mark.parametrize(
+    "text, emitted, stops, expected",
+    [
+        ("hello world", 0, ("world",), (6, 6)),
+        ("hello wor", 0, ("world",), (None, 6)),  # "wor" could still become "world": held back
+        ("hello", 0, ("xyz",), (None, 5)),
+        ("abcSTOPdef", 3, ("STOP", "de"), (3, 3)),  # the earliest match wins
+        ("aaa", 0, ("aab",), (None, 1)),
+        ("text ends with s", 10, ("s!",), (None, 15)),
+    ],
+)
+def test_scan_stops(text, emitted, stops, expected):
+    assert _scan_stops(text, emitted, stops) == expected
+
+
+def test_scan_stops_never_moves_backwards():
+    cut, safe = _scan_stops("abcd", 4, ("dz",))
+    assert cut is None and safe == 4
+
+
+@pytest.mark.parametrize("a, b, n", [([], [1], 0), ([1, 2, 3], [1, 2, 4], 2), ([1, 2], [1, 2, 3], 2), ([5], [6], 0)])
+def test_common_prefix(a, b, n):
+    assert _common_prefix(a, b) == n
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": "m", "prompt": "x", "max_tokens": "10"}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "temperature": 3}, "temperature"),
+        ({"model": "m", "prompt": "x", "n": 2}, "n"),
+        ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+        ({"model": "m", "prompt": "x", "ignore_eos": "yes"}, "ignore_eos"),
+        ({"prompt": "x"}, "model"),
+    ],
+)
+def test_completion_validation_names_the_param(body, param):
+    with pytest.raises(BadRequest) as e:
+        parse(CompletionRequest, body)
+    assert e.value.param == param, e.value.message
+    assert e.value.status == 400
+
+
+def test_original_appliance_shape_is_accepted():
+    r = parse(CompletionRequest, {"model": "llama3-8b", "prompt": "Hello, world!", "max_tokens": 10, "seed": 42, "n_threads": 4, "n_ctx": 512})
+    assert (r.n_threads, r.n_ctx, r.seed) == (4, 512, 42)
+
+
+def test_legacy_chat_shape_is_translated():
+    r = parse(ChatRequest, {"model-name": "m", "prompt": "hi", "max-token": 5, "device": "cuda"})
+    assert r.model == "m" and r.messages[0].content == "hi" and r.token_limit == 5 and r.device == "cuda"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "messages": []},
+        {"model": "m", "messages": [{"role": "wizard", "content": "x"}]},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        ["not", "an", "object"],
+    ],
+)
+def test_chat_validation(body):
+    with pytest.raises(BadRequest):
+        parse(ChatRequest, body)
+
+
+def test_empty_stop_string_refused():
+    r = parse(CompletionRequest, {"model": "m", "prompt": "x", "stop": ["a", ""]})
+    with pytest.raises(BadRequest):
+        r.stops()
