@@ -118,6 +118,8 @@ class JsonBody:
         req.context.json = None
         if req.method != "POST" or resource is None:
             return
+        if not any(n == "on_post" or n.startswith("on_post_") for n in dir(resource)):
+            return  # not a POST route: Falcon answers 405, the body is irrelevant
         length = req.content_length
         if length is not None and length > self.limits.max_body_bytes:
             raise PayloadTooLarge(f"The request body exceeds {self.limits.max_body_bytes} bytes")
@@ -255,7 +257,7 @@ def _handle_error(req: falcon.Request, resp: falcon.Response, ex: Exception, par
         if allow:
             err.headers["Allow"] = allow
     elif isinstance(ex, falcon.HTTPError):
-        err = ApiError(ex.title or "Request error")
+        err = ApiError(ex.title or "Request error", headers=dict(ex.headers or {}))
         err.status = ex.status_code
         err.type = "invalid_request_error" if ex.status_code < 500 else "server_error"
     else:

@@ -81,7 +81,7 @@ class Inference:
         if body.logprobs is not None and body.logprobs > self.limits.max_top_logprobs:
             raise BadRequest(f"logprobs: at most {self.limits.max_top_logprobs}", param="logprobs")
         limit = body.max_tokens if body.max_tokens is not None else self.limits.default_max_tokens
-        self._run(req, resp, "completion", body, engine, prompt, limit, body.logprobs)
+        self._run(req, resp, "completion", body, engine, prompt, limit, body.logprobs, "max_tokens")
 
     def on_post_chat(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = parse(ChatRequest, req.context.json)
@@ -103,7 +103,8 @@ class Inference:
             top = body.top_logprobs or 0
             if top > self.limits.max_top_logprobs:
                 raise BadRequest(f"top_logprobs: at most {self.limits.max_top_logprobs}", param="top_logprobs")
-        self._run(req, resp, "chat", body, engine, prompt, body.token_limit, top)
+        limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        self._run(req, resp, "chat", body, engine, prompt, body.token_limit, top, limit_param)
 
     # -- the common path ---------------------------------------------------------------------
 
@@ -114,7 +115,7 @@ class Inference:
             engine.model.tokenize, (text,), {"add_special": add_special, "parse_special": parse_special}
         )
 
-    def _run(self, req, resp, kind, body, engine, prompt, max_tokens, logprobs) -> None:
+    def _run(self, req, resp, kind, body, engine, prompt, max_tokens, logprobs, limit_param) -> None:
         stops = body.stops()
         if len(stops) > self.limits.max_stop:
             raise BadRequest(f"stop: at most {self.limits.max_stop} stop strings", param="stop")
@@ -123,7 +124,7 @@ class Inference:
         if max_tokens is None or max_tokens == -1:
             max_tokens = self.limits.max_tokens
         elif max_tokens > self.limits.max_tokens:
-            raise BadRequest(f"max_tokens: at most {self.limits.max_tokens}", param="max_tokens")
+            raise BadRequest(f"{limit_param}: at most {self.limits.max_tokens}", param=limit_param)
         if body.n_ctx is not None and body.n_ctx > engine.n_ctx:
             raise BadRequest(f"n_ctx: this model's context per request is at most {engine.n_ctx}", param="n_ctx")
         seed = body.seed
@@ -187,7 +188,9 @@ class Inference:
             choice = {
                 "index": 0,
                 "text": text,
-                "logprobs": _completion_logprobs(lps) if want_lp else None,
+                "logprobs": _completion_logprobs(lps, len(job.body.prompt) if isinstance(job.body.prompt, str) else 0)
+                if want_lp
+                else None,
                 "finish_reason": done.finish_reason,
             }
             obj = "text_completion"
@@ -221,6 +224,8 @@ class Inference:
                  "system_fingerprint": None, "choices": choices, **extra}
             )
 
+        # OpenAI counts text_offset from the start of the prompt, across chunks.
+        offset = len(job.body.prompt) if not chat and isinstance(job.body.prompt, str) else 0
         if chat:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
         try:
@@ -232,7 +237,8 @@ class Inference:
                         lp = {"content": [_chat_logprob(x) for x in ev.logprobs]} if want_lp else None
                         yield chunk([{"index": 0, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
                     else:
-                        lp = _completion_logprobs(list(ev.logprobs)) if want_lp else None
+                        lp = _completion_logprobs(list(ev.logprobs), offset) if want_lp else None
+                        offset += sum(len(x.token) for x in ev.logprobs)
                         yield chunk([{"index": 0, "text": ev.text, "logprobs": lp, "finish_reason": None}])
                 elif isinstance(ev, Done):
                     last = {"index": 0, "logprobs": None, "finish_reason": ev.finish_reason}
@@ -326,8 +332,8 @@ def _timings(done: Done) -> dict:
     }
 
 
-def _completion_logprobs(lps: list[TokenLogprob]) -> dict:
-    offsets, pos = [], 0
+def _completion_logprobs(lps: list[TokenLogprob], start: int) -> dict:
+    offsets, pos = [], start
     for lp in lps:
         offsets.append(pos)
         pos += len(lp.token)

@@ -6,6 +6,7 @@ not support (n > 1, echo, suffix, tools, logit_bias) are refused with a message 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -160,12 +161,17 @@ class UnloadModelRequest(_Body):
 
 def _legacy_chat(body: dict) -> dict:
     """The second seed service's chat shape: {"model-name", "prompt", "max-token", "device"}."""
+    if "prompt" not in body:
+        raise BadRequest("prompt: Field required", param="prompt")
     out = {k: v for k, v in body.items() if k not in ("model-name", "prompt", "max-token")}
     out["model"] = body.get("model-name")
     out["messages"] = [{"role": "user", "content": body.get("prompt")}]
     if "max-token" in body:
         out["max_tokens"] = body["max-token"]
     return out
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|tuple)$|[\[\(]")
 
 
 def parse(model: type[BaseModel], body: Any):
@@ -178,7 +184,8 @@ def parse(model: type[BaseModel], body: Any):
         return model.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
+        # Union members show up in pydantic's location as type tags ("str", "list[int]"): drop them.
+        loc = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or not _TYPE_TAG.search(str(p)))
         msg = err["msg"].removeprefix("Value error, ")
         param = loc.split(".")[0] if loc else (msg.split(":")[0] if ":" in msg else None)
         text = f"{loc}: {msg}" if loc else msg

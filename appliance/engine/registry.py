@@ -77,7 +77,7 @@ class ModelRegistry:
 
     def get(self, name: str) -> ModelEngine:
         rec = self._records.get(name)
-        if rec is None or rec.state == "failed":
+        if rec is None or rec.state in ("failed", "unloading"):
             raise ModelNotFound(name)
         if rec.state != "ready":
             raise NotReady(f"The model '{name}' is {rec.state}", headers={"Retry-After": "1"})

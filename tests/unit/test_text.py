@@ -82,3 +82,16 @@ def test_empty_stop_string_refused():
     r = parse(CompletionRequest, {"model": "m", "prompt": "x", "stop": ["a", ""]})
     with pytest.raises(BadRequest):
         r.stops()
+
+
+def test_legacy_chat_without_prompt_is_refused():
+    with pytest.raises(BadRequest) as e:
+        parse(ChatRequest, {"model-name": "m", "max-token": 5})
+    assert e.value.param == "prompt"
+
+
+def test_union_type_tags_do_not_leak_into_errors():
+    with pytest.raises(BadRequest) as e:
+        parse(CompletionRequest, {"model": "m", "prompt": [1, "a"]})
+    assert "[" not in e.value.message.split(":")[0] and not e.value.message.startswith("prompt.str")
+    assert e.value.param == "prompt"

@@ -1,0 +1,470 @@
+"""Contract-tier fixtures: the spec, schema validation against it, and a small deterministic fake engine.
+
+The fake stands in for llama.cpp and the scheduler only; everything between the WSGI call and
+`engine.submit()` (middleware, routing, parsing, response shaping, error handling) is the real code.
+Every response that goes through `api` is checked against spec/openapi.yaml as it happens, so any
+test that makes a request is also a contract test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import falcon.testing
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from appliance.app import create_app
+from appliance.engine.registry import ModelRecord
+from appliance.engine.scheduler import Delta, Done, Failed, GenerationRequest, Timings, TokenLogprob, Usage
+from appliance.errors import BadRequest, Conflict, ContextLengthExceeded, ModelNotFound, NotReady
+from appliance.settings import ModelSettings, Settings
+
+SPEC_PATH = Path(__file__).resolve().parents[2] / "spec" / "openapi.yaml"
+SPEC_URI = "urn:appliance:openapi"
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+ERROR_KEYS = {"message", "type", "param", "code"}
+FIXED_NOW = 1_700_000_000.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec and validation against it
+
+
+def load_spec() -> dict:
+    with open(SPEC_PATH, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+class Spec:
+    """The parsed spec plus validators whose `$ref`s resolve into the spec document itself.
+
+    Local references (`#/components/...`) are made absolute (`urn:appliance:openapi#/components/...`)
+    in a copy registered with `referencing`, so any schema taken from the spec, inline or not,
+    validates with its references intact.
+    """
+
+    def __init__(self, doc: dict) -> None:
+        self.doc = doc
+        resource = Resource(contents=absolute_refs(doc), specification=DRAFT202012)
+        self.registry = Registry().with_resource(SPEC_URI, resource)
+
+    def validator(self, schema: dict) -> Draft202012Validator:
+        """A validator for a schema taken from (or referring into) the spec, Draft 2020-12."""
+        return Draft202012Validator(absolute_refs(schema), registry=self.registry)
+
+    def component(self, name: str) -> Draft202012Validator:
+        return self.validator({"$ref": f"#/components/schemas/{name}"})
+
+    def resolve(self, node: Any) -> Any:
+        """Follow a local `$ref` (one level at a time, until the node is not a reference)."""
+        while isinstance(node, dict) and "$ref" in node and node["$ref"].startswith("#/"):
+            node = pointer(self.doc, node["$ref"])
+        return node
+
+    http_methods = HTTP_METHODS
+    path = SPEC_PATH
+
+    def pointer(self, ref: str) -> Any:
+        return pointer(self.doc, ref)
+
+    def operation(self, path: str, method: str) -> dict | None:
+        item = self.doc["paths"].get(path)
+        return None if item is None else item.get(method.lower())
+
+    def operations(self) -> set[tuple[str, str]]:
+        return {(p, m.upper()) for p, item in self.doc["paths"].items() for m in item if m in HTTP_METHODS}
+
+    def response(self, path: str, method: str, status: int) -> dict | None:
+        op = self.operation(path, method)
+        if op is None:
+            return None
+        return self.resolve(op["responses"].get(str(status)))
+
+    def request_validator(self, path: str, method: str) -> Draft202012Validator:
+        body = self.resolve(self.operation(path, method)["requestBody"])
+        return self.validator(body["content"]["application/json"]["schema"])
+
+
+def absolute_refs(node: Any) -> Any:
+    """A copy of `node` whose local `$ref`s point into the registered spec document."""
+    if isinstance(node, dict):
+        return {
+            k: (SPEC_URI + v if k == "$ref" and isinstance(v, str) and v.startswith("#") else absolute_refs(v))
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [absolute_refs(v) for v in node]
+    return node
+
+
+def pointer(doc: Any, ref: str) -> Any:
+    assert ref.startswith("#/"), ref
+    node = doc
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def assert_valid(validator: Draft202012Validator, instance: Any, what: str) -> None:
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        detail = "\n".join(f"  at /{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10])
+        pytest.fail(f"{what} does not match the spec:\n{detail}\ninstance: {json.dumps(instance)[:2000]}")
+
+
+def assert_error_shape(body: Any, status: int) -> None:
+    """Exactly {"error": {"message", "type", "param", "code"}}, nothing more or less."""
+    assert isinstance(body, dict) and set(body) == {"error"}, f"{status}: not the Error shape: {body!r}"
+    err = body["error"]
+    assert isinstance(err, dict) and set(err) == ERROR_KEYS, f"{status}: not the Error shape: {body!r}"
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str)
+    assert err["param"] is None or isinstance(err["param"], str)
+    assert err["code"] is None or isinstance(err["code"], str)
+
+
+def sse_events(text: str) -> list[str]:
+    """The `data:` payloads of an event stream, in order (each event is one `data:` line)."""
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        lines = block.split("\n")
+        assert len(lines) == 1 and lines[0].startswith("data: "), f"unexpected SSE block: {block!r}"
+        events.append(lines[0][len("data: ") :])
+    assert text.endswith("\n\n"), "the stream must end at an event boundary"
+    return events
+
+
+# ---------------------------------------------------------------------------------------------
+# A client that checks every response against the spec
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass
+class Checked:
+    """What the client saw: the raw result and its parsed JSON body or SSE event payloads."""
+
+    result: falcon.testing.Result
+    json: Any = None
+    events: list[Any] = field(default_factory=list)
+
+    @property
+    def status(self) -> int:
+        return self.result.status_code
+
+    @property
+    def headers(self):
+        return self.result.headers
+
+
+class SpecClient:
+    def __init__(self, app, spec: Spec) -> None:
+        self.client = falcon.testing.TestClient(app)
+        self.spec = spec
+        self.seen: list[tuple[str, str, int]] = []
+
+    def post(self, path: str, body: Any = None, **kw) -> Checked:
+        if body is not None:
+            kw["json"] = body
+        return self.request("POST", path, **kw)
+
+    def get(self, path: str, **kw) -> Checked:
+        return self.request("GET", path, **kw)
+
+    def request(self, method: str, path: str, **kw) -> Checked:
+        result = self.client.simulate_request(method, path, **kw)
+        checked = self.check(method, path, result)
+        self.seen.append((method, path.rstrip("/") or "/", result.status_code))
+        return checked
+
+    def check(self, method: str, path: str, result: falcon.testing.Result) -> Checked:
+        status = result.status_code
+        rid = result.headers.get("X-Request-Id")
+        assert rid and _REQUEST_ID.match(rid), f"{method} {path}: missing or bad X-Request-Id: {rid!r}"
+        ctype = (result.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        route = path.rstrip("/") or "/"
+        op = self.spec.operation(route, method)
+
+        if method == "HEAD":
+            assert status in (404, 405), f"HEAD {path}: {status} (no route serves HEAD)"
+            return Checked(result)
+        if method == "OPTIONS" and op is None and route in self.spec.doc["paths"]:
+            return Checked(result)  # the framework's default OPTIONS responder (see the spec's info)
+
+        if op is None:
+            # Not an operation of the spec: only the framework's 404/405 may come back.
+            if route in self.spec.doc["paths"]:
+                assert status == 405, f"{method} {path}: a method the spec does not list answered {status}"
+                spec_resp = self.spec.resolve({"$ref": "#/components/responses/MethodNotAllowed"})
+            else:
+                assert status == 404, f"{method} {path}: a path the spec does not list answered {status}"
+                spec_resp = self.spec.resolve({"$ref": "#/components/responses/NotFound"})
+        else:
+            spec_resp = self.spec.response(route, method, status)
+            assert spec_resp is not None, f"{method} {path}: status {status} is not declared in the spec"
+
+        # Headers the spec marks required for this response must be there, and match their schema.
+        for name, header in (spec_resp.get("headers") or {}).items():
+            header = self.spec.resolve(header)
+            value = result.headers.get(name)
+            if value is None:
+                if header.get("required"):
+                    pytest.fail(f"{method} {path} {status}: required header {name} missing")
+                continue
+            schema = header["schema"]
+            instance: Any = value
+            if schema.get("type") == "integer":
+                assert re.fullmatch(r"\d+", value), f"{name}: {value!r} is not an integer"
+                instance = int(value)
+            assert_valid(self.spec.validator(schema), instance, f"{method} {path} {status} header {name}")
+
+        content = spec_resp.get("content") or {}
+        assert ctype in content, f"{method} {path} {status}: content type {ctype!r} not in the spec's {list(content)}"
+        media = content[ctype]
+        checked = Checked(result)
+        if ctype == "application/json":
+            checked.json = json.loads(result.text)
+            if status >= 400:
+                assert_error_shape(checked.json, status)
+            assert_valid(self.spec.validator(media["schema"]), checked.json, f"{method} {path} {status} body")
+        elif ctype == "text/event-stream":
+            data_validator = self.spec.validator(media["x-sse-data-schema"])
+            events = sse_events(result.text)
+            assert events, "an empty event stream"
+            terminator = media["x-sse-terminator"]
+            for i, data in enumerate(events):
+                if data == terminator:
+                    assert i == len(events) - 1, f"{terminator} must be the last event"
+                    checked.events.append(data)
+                    continue
+                obj = json.loads(data)
+                assert_valid(data_validator, obj, f"{method} {path} SSE event {i}")
+                if "error" in obj:
+                    assert_error_shape(obj, status)
+                    assert i == len(events) - 1, "an error event must end the stream"
+                checked.events.append(obj)
+            last = checked.events[-1]
+            assert last == terminator or (isinstance(last, dict) and "error" in last), "the stream must end with [DONE]"
+        else:
+            assert_valid(self.spec.validator(media["schema"]), result.text, f"{method} {path} {status} body")
+        return checked
+
+
+# ---------------------------------------------------------------------------------------------
+# The fake model, engine and registry
+
+
+class FakeModel:
+    """One token per character; BOS 1, EOS 2; a 64-token vocabulary."""
+
+    n_vocab = 64
+    bos = 1
+    eos = 2
+    n_params = 123_456
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return ([self.bos] if add_special else []) + [3 + ord(c) % 61 for c in text]
+
+    def token_text(self, token: int) -> str:
+        return {1: "<s>", 2: "</s>"}.get(token, chr(token))
+
+
+class FakeGeneration:
+    """A `Generation` look-alike: replays a fixed script of pieces as Delta events, then Done."""
+
+    def __init__(self, request: GenerationRequest, pieces: tuple[str, ...], fail_with: Exception | None) -> None:
+        self.request = request
+        self._pieces = pieces
+        self._fail_with = fail_with
+        self.cancelled = False
+        self.closed = False
+
+    def events(self):
+        req = self.request
+        n = min(req.max_tokens, len(self._pieces))
+        if self._fail_with is not None:
+            yield Delta(self._pieces[0], 1, ())
+            if isinstance(self._fail_with, Failed):
+                yield self._fail_with
+                return
+            raise self._fail_with
+        for piece in self._pieces[:n]:
+            lps = ()
+            if req.logprobs is not None:
+                top = tuple((f"alt{i}", tuple(f"alt{i}".encode()), -1.5 - i) for i in range(req.logprobs))
+                lps = (TokenLogprob(piece, tuple(piece.encode()), -0.25, top),)
+            yield Delta(piece, 1, lps)
+        finish = "length" if n < len(self._pieces) else "stop"
+        cached = min(2, len(req.prompt) - 1)
+        yield Done(
+            finish,
+            Usage(prompt_tokens=len(req.prompt), completion_tokens=n, cached_tokens=cached),
+            Timings(prompt_n=len(req.prompt) - cached, prompt_ms=12.5, predicted_n=n, predicted_ms=30.0, queued_ms=0.5),
+        )
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeEngine:
+    PIECES = ("Hello", ",", " wörld", "!")
+
+    def __init__(self, name: str, *, n_ctx: int = 256, parallel: int = 2) -> None:
+        self.name = name
+        self.model = FakeModel()
+        self.n_ctx = n_ctx
+        self.parallel = parallel
+        self.n_threads = 4
+        self.busy_slots = 0
+        self.queue_depth = 0
+        self.healthy = True
+        self.submitted: list[GenerationRequest] = []
+        self.generations: list[FakeGeneration] = []
+        self.fail_with: Exception | Failed | None = None
+        self.raise_on_submit: Exception | None = None
+
+    def submit(self, request: GenerationRequest) -> FakeGeneration:
+        if self.raise_on_submit is not None:
+            raise self.raise_on_submit
+        limit = min(self.n_ctx, request.n_ctx or self.n_ctx)
+        if len(request.prompt) >= limit:
+            raise ContextLengthExceeded(
+                f"This model's context is {limit} tokens; the prompt has {len(request.prompt)} tokens", param="prompt"
+            )
+        self.submitted.append(request)
+        gen = FakeGeneration(request, self.PIECES, self.fail_with)
+        self.generations.append(gen)
+        return gen
+
+    def stop(self, *, timeout: float = 30.0) -> bool:
+        return True
+
+
+class FakeRegistry:
+    """The `ModelRegistry` surface the app uses, with the real registry's error semantics."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, ModelRecord] = {}
+
+    def add(self, name: str, *, state: str = "ready", n_ctx: int = 256, parallel: int = 2, chat_template: str | None = None) -> ModelRecord:
+        settings = ModelSettings(name=name, path=Path(f"/models/{name}.gguf"), n_ctx=n_ctx, parallel=parallel)
+        engine = FakeEngine(name, n_ctx=n_ctx, parallel=parallel)
+        rec = ModelRecord(name, settings, state=state, chat_template=chat_template, engine=engine)
+        if state == "ready":
+            rec.sha256 = "ab" * 32
+            rec.size_bytes = 4096
+            rec.n_params = engine.model.n_params
+            rec.n_ctx = n_ctx
+            rec.loaded_at = FIXED_NOW
+            rec.load_seconds = 0.25
+        elif state == "failed":
+            rec.engine = None
+            rec.error = "llama.cpp could not load the file"
+        self._records[name] = rec
+        return rec
+
+    def engine(self, name: str) -> FakeEngine:
+        return self._records[name].engine
+
+    # -- what the app calls --------------------------------------------------------------------
+
+    def records(self) -> list[ModelRecord]:
+        return list(self._records.values())
+
+    def get(self, name: str) -> FakeEngine:
+        rec = self._records.get(name)
+        if rec is None or rec.state == "failed":
+            raise ModelNotFound(name)
+        if rec.state != "ready":
+            raise NotReady(f"The model '{name}' is {rec.state}", headers={"Retry-After": "1"})
+        return rec.engine
+
+    def record(self, name: str) -> ModelRecord:
+        rec = self._records.get(name)
+        if rec is None:
+            raise ModelNotFound(name)
+        return rec
+
+    def ready(self) -> bool:
+        ready = [r for r in self._records.values() if r.state == "ready"]
+        return bool(ready) and all(r.engine.healthy for r in ready)
+
+    def load(self, settings: ModelSettings) -> ModelRecord:
+        existing = self._records.get(settings.name)
+        if existing is not None and existing.state != "failed":
+            raise Conflict(f"A model named '{settings.name}' is already {existing.state}", param="model_name")
+        if not settings.path.is_file():
+            raise BadRequest("model_path: no such file", param="model_path")
+        rec = self.add(settings.name, n_ctx=settings.n_ctx, parallel=settings.parallel)
+        rec.settings = settings
+        return rec
+
+    def unload(self, name: str, *, timeout: float = 60.0) -> ModelRecord:
+        rec = self._records.get(name)
+        if rec is None or rec.state in ("failed", "unloading"):
+            raise ModelNotFound(name)
+        if rec.state == "loading":
+            raise Conflict(f"The model '{name}' is still loading", param="model_name")
+        rec.engine.stop(timeout=timeout)
+        return self._records.pop(name)
+
+    def stop_all(self, timeout: float = 30.0) -> None:
+        self._records.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def spec() -> Spec:
+    return Spec(load_spec())
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    reg = FakeRegistry()
+    reg.add("tiny")
+    return reg
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings.model_validate({"limits": {"max_body_bytes": 4096}})
+
+
+@pytest.fixture
+def app(settings, registry):
+    app, _state = create_app(settings, models=registry, wall_clock=lambda: FIXED_NOW)
+    return app
+
+
+@pytest.fixture
+def api(app, spec) -> SpecClient:
+    return SpecClient(app, spec)
+
+
+@pytest.fixture
+def make_api(spec):
+    """A spec-checking client for an app a test built itself."""
+    return lambda app: SpecClient(app, spec)
+
+
+@pytest.fixture
+def fixed_now() -> float:
+    return FIXED_NOW
