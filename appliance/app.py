@@ -1,7 +1,7 @@
 """The Falcon app, built by a factory from injected collaborators (no module-level state).
 
-Middleware order: request id -> body limits and JSON parsing -> (auth, signing: the trust layer) ->
-resources. Every error leaves through `_handle_error` in the OpenAI shape; a 500 never echoes the
+Middleware order: request id -> response signing (reads the body once, bounded) -> auth and rate
+limits -> JSON parsing -> resources. Responses are signed last, after every other change. Every error leaves through `_handle_error` in the OpenAI shape; a 500 never echoes the
 exception.
 """
 
@@ -33,6 +33,8 @@ from .errors import (
 from .inference import Inference
 from .metrics import Metrics
 from .schemas import LoadModelRequest, UnloadModelRequest, parse
+from .security.identity import Identity
+from .security.signing import ResponseSigning
 from .settings import Settings
 
 __all__ = ["create_app", "AppState", "ROUTES"]
@@ -50,6 +52,7 @@ class AppState:
     settings: Settings
     models: ModelRegistry
     metrics: Metrics
+    identity: Identity
     wall_clock: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
 
@@ -69,6 +72,7 @@ ROUTES: list[tuple[str, str, str | None]] = [
     ("/health", "health", None),
     ("/readiness", "readiness", None),
     ("/metrics", "prometheus", None),
+    ("/v1/keys", "keys", None),
 ]
 
 
@@ -109,7 +113,7 @@ class RequestContext:
 
 
 class JsonBody:
-    """Enforce content type and body size, parse JSON once, refuse absurd nesting."""
+    """Enforce the content type, parse JSON once, refuse absurd nesting."""
 
     def __init__(self, settings: Settings) -> None:
         self.limits = settings.limits
@@ -120,16 +124,10 @@ class JsonBody:
             return
         if not any(n == "on_post" or n.startswith("on_post_") for n in dir(resource)):
             return  # not a POST route: Falcon answers 405, the body is irrelevant
-        length = req.content_length
-        if length is not None and length > self.limits.max_body_bytes:
-            raise PayloadTooLarge(f"The request body exceeds {self.limits.max_body_bytes} bytes")
         ctype = (req.content_type or "").split(";", 1)[0].strip().lower()
         if ctype != "application/json":
             raise UnsupportedMediaType("Content-Type must be application/json")
-        raw = req.bounded_stream.read(self.limits.max_body_bytes + 1)
-        if len(raw) > self.limits.max_body_bytes:
-            raise PayloadTooLarge(f"The request body exceeds {self.limits.max_body_bytes} bytes")
-        req.context.raw_body = raw
+        raw = req.context.raw_body  # read once, bounded, by the signing middleware
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
@@ -153,6 +151,21 @@ def _depth(obj) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Resources
+
+
+class Keys:
+    """The public half of the appliance's signing identity (the attestation binds it to evidence)."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+
+    def on_get(self, req, resp) -> None:
+        resp.media = {
+            "kid": self.identity.kid,
+            "alg": "ed25519",
+            "public_key": self.identity.public_b64(),
+            "keys": [self.identity.public_jwk()],
+        }
 
 
 class Health:
@@ -276,12 +289,14 @@ def create_app(
     models: ModelRegistry | None = None,
     metrics: Metrics | None = None,
     wall_clock: Callable[[], float] = time.time,
+    identity: Identity | None = None,
     extra_middleware: list | None = None,
 ) -> tuple[falcon.App, AppState]:
+    identity = identity or Identity(clock=wall_clock)
     metrics = metrics or Metrics()
     models = models or ModelRegistry(observer=metrics, wall_clock=wall_clock)
     metrics.watch_models(models)
-    state = AppState(settings, models, metrics, wall_clock, started=wall_clock())
+    state = AppState(settings, models, metrics, identity, wall_clock, started=wall_clock())
     seeds = {m.name: m.seed for m in settings.models}
     resources = {
         "inference": Inference(
@@ -296,9 +311,15 @@ def create_app(
         "health": Health(),
         "readiness": Readiness(state),
         "prometheus": Prometheus(state),
+        "keys": Keys(identity),
     }
     app = falcon.App(
-        middleware=[RequestContext(metrics), JsonBody(settings), *(extra_middleware or [])],
+        middleware=[
+            RequestContext(metrics),
+            ResponseSigning(identity, settings.limits.max_body_bytes),
+            *(extra_middleware or []),
+            JsonBody(settings),
+        ],
         request_type=falcon.Request,
     )
     app.req_options.strip_url_path_trailing_slash = True

@@ -22,6 +22,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from appliance.app import create_app
+from attestation import signing
 from appliance.engine.registry import ModelRecord
 from appliance.engine.scheduler import Delta, Done, Failed, GenerationRequest, Timings, TokenLogprob, Usage
 from appliance.errors import BadRequest, Conflict, ContextLengthExceeded, ModelNotFound, NotReady
@@ -133,10 +134,13 @@ def assert_error_shape(body: Any, status: int) -> None:
 
 
 def sse_events(text: str) -> list[str]:
-    """The `data:` payloads of an event stream, in order (each event is one `data:` line)."""
+    """The `data:` payloads of an event stream, in order (each event is one `data:` line).
+
+    SSE comment lines (`: ...`, the signed checkpoints) are skipped, as OpenAI clients skip them.
+    """
     events = []
     for block in text.split("\n\n"):
-        if not block.strip():
+        if not block.strip() or block.startswith(":"):
             continue
         lines = block.split("\n")
         assert len(lines) == 1 and lines[0].startswith("data: "), f"unexpected SSE block: {block!r}"
@@ -170,10 +174,11 @@ class Checked:
 
 
 class SpecClient:
-    def __init__(self, app, spec: Spec) -> None:
+    def __init__(self, app, spec: Spec, public_key=None) -> None:
         self.client = falcon.testing.TestClient(app)
         self.spec = spec
         self.seen: list[tuple[str, str, int]] = []
+        self._public_key = public_key
 
     def post(self, path: str, body: Any = None, **kw) -> Checked:
         if body is not None:
@@ -184,10 +189,37 @@ class SpecClient:
         return self.request("GET", path, **kw)
 
     def request(self, method: str, path: str, **kw) -> Checked:
+        if "json" in kw:  # send exact bytes, so the signature's request binding can be checked
+            kw["body"] = json.dumps(kw.pop("json")).encode()
+            kw["headers"] = {"Content-Type": "application/json", **(kw.get("headers") or {})}
+        body = kw.get("body") or b""
+        body = body.encode() if isinstance(body, str) else body
         result = self.client.simulate_request(method, path, **kw)
+        self.verify_signature(method, path, kw, body, result)
         checked = self.check(method, path, result)
         self.seen.append((method, path.rstrip("/") or "/", result.status_code))
         return checked
+
+    def verify_signature(self, method: str, path: str, kw: dict, body: bytes, result) -> None:
+        """Every response, errors and streams included, verifies against the appliance's key."""
+        if self._public_key is None:
+            keys = self.client.simulate_get("/v1/keys").json
+            self._public_key = signing.public_key_from_b64(keys["public_key"])
+        query = kw.get("query_string") or ""
+        nonce = (kw.get("headers") or {}).get(signing.NONCE_HEADER) or (kw.get("headers") or {}).get("Appliance-Nonce")
+        info = signing.RequestInfo(
+            method, path + (f"?{query}" if query else ""), b"" if result.status_code == 413 else body, nonce
+        )
+        headers = dict(result.headers)
+        if "event-stream" in (result.headers.get("Content-Type") or ""):
+            verified = signing.verify_stream(
+                self._public_key, request=info, status=result.status_code, headers=headers, transcript=result.content
+            )
+            assert verified.finish_reason is not None
+        else:
+            signing.verify_response(
+                self._public_key, request=info, status=result.status_code, headers=headers, body=result.content
+            )
 
     def check(self, method: str, path: str, result: falcon.testing.Result) -> Checked:
         status = result.status_code
@@ -253,10 +285,9 @@ class SpecClient:
                 assert_valid(data_validator, obj, f"{method} {path} SSE event {i}")
                 if "error" in obj:
                     assert_error_shape(obj, status)
-                    assert i == len(events) - 1, "an error event must end the stream"
+                    assert events[i + 1 :] == [terminator], "an error event must be the last before [DONE]"
                 checked.events.append(obj)
-            last = checked.events[-1]
-            assert last == terminator or (isinstance(last, dict) and "error" in last), "the stream must end with [DONE]"
+            assert checked.events[-1] == terminator, "the stream must end with [DONE]"
         else:
             assert_valid(self.spec.validator(media["schema"]), result.text, f"{method} {path} {status} body")
         return checked
@@ -462,7 +493,13 @@ def api(app, spec) -> SpecClient:
 @pytest.fixture
 def make_api(spec):
     """A spec-checking client for an app a test built itself."""
-    return lambda app: SpecClient(app, spec)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    def make(app, public_raw: bytes | None = None) -> SpecClient:
+        key = Ed25519PublicKey.from_public_bytes(public_raw) if public_raw is not None else None
+        return SpecClient(app, spec, key)
+
+    return make
 
 
 @pytest.fixture

@@ -631,14 +631,16 @@ def test_legacy_chat_stream(api):
 
 
 def test_stream_failure_ends_with_an_error_event(api, registry):
+    # The error event is the last data event; the signed final checkpoint and [DONE] follow it.
     registry.engine("tiny").fail_with = Failed(EngineFailure())
     r = api.post("/v1/chat/completions", {**CHAT, "stream": True})
     assert r.status == 200
-    assert r.events[-1] == {"error": {"message": EngineFailure().message, "type": "server_error", "param": None, "code": "engine_error"}}
-    assert "[DONE]" not in r.events
+    assert r.events[-2] == {"error": {"message": EngineFailure().message, "type": "server_error", "param": None, "code": "engine_error"}}
+    assert r.events[-1] == "[DONE]"
+    assert '"finish_reason":"error"' in r.result.text
     registry.engine("tiny").fail_with = RuntimeError("secret detail /etc/passwd")
     r = api.post("/v1/completions", {**COMPLETION, "stream": True})
-    assert r.events[-1]["error"]["code"] == "internal_error"
+    assert r.events[-2]["error"]["code"] == "internal_error"
     assert "secret" not in r.result.text
 
 
@@ -820,8 +822,8 @@ class _Refuse:
 )
 def test_trust_layer_errors_have_the_spec_shape(settings, registry, make_api, error, status, code):
     """The trust layer is middleware; its refusals leave through the same error handler."""
-    app, _ = create_app(settings, models=registry, extra_middleware=[_Refuse(error)])
-    api = make_api(app)
+    app, state = create_app(settings, models=registry, extra_middleware=[_Refuse(error)])
+    api = make_api(app, state.identity.public_raw)
     for method, path in [("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("POST", "/load_model"), ("GET", "/status")]:
         r = api.request(method, path, **({"json": CHAT} if method == "POST" else {}))
         assert r.status == status and r.json["error"]["code"] == code

@@ -1,0 +1,1 @@
+"""The trust layer: the appliance's identity, response signing, request authentication, limits."""

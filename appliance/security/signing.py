@@ -1,0 +1,150 @@
+"""Every response signed (errors included), bound to the request it answers.
+
+The middleware reads each request's body once (bounded: 413 past the limit) so that the digest it
+signs is of the exact bytes received; a 413 is bound to an empty body, since none was read.
+JSON bodies are digested and signed in the headers; SSE streams are hash-chained and signed in-band
+(see attestation.signing and spec/signing.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import falcon
+
+from attestation.signing import NONCE_HEADER, SSE_DONE, STREAM_HEADER, STREAM_SCHEME, RequestInfo, StreamChain
+
+from ..errors import BadRequest, PayloadTooLarge
+from .identity import Identity
+
+__all__ = ["ResponseSigning", "SignedStream", "request_info"]
+
+log = logging.getLogger("appliance.signing")
+
+CHECKPOINT_EVERY = 16  # data events between signed checkpoints
+_NONCE_MAX = 256
+
+
+def request_info(req: falcon.Request) -> RequestInfo:
+    target = req.env.get("RAW_URI") or (req.path + (f"?{req.query_string}" if req.query_string else ""))
+    nonce = req.get_header(NONCE_HEADER)
+    return RequestInfo(req.method, target, getattr(req.context, "raw_body", b""), nonce)
+
+
+class ResponseSigning:
+    def __init__(self, identity: Identity, max_body_bytes: int) -> None:
+        self.identity = identity
+        self.max_body_bytes = max_body_bytes
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.raw_body = b""
+        nonce = req.get_header(NONCE_HEADER)
+        if nonce is not None and (not nonce or len(nonce) > _NONCE_MAX or not nonce.isascii() or not nonce.isprintable()):
+            raise BadRequest(f"{NONCE_HEADER}: 1 to {_NONCE_MAX} printable ASCII characters")
+        length = req.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise PayloadTooLarge(f"The request body exceeds {self.max_body_bytes} bytes")
+        if length or req.get_header("Transfer-Encoding"):
+            raw = req.bounded_stream.read(self.max_body_bytes + 1)
+            if len(raw) > self.max_body_bytes:
+                raise PayloadTooLarge(f"The request body exceeds {self.max_body_bytes} bytes")
+            req.context.raw_body = raw
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+        info = request_info(req)
+        if resp.status_code == 413:
+            info = RequestInfo(info.method, info.target, b"", info.nonce)
+        if resp.stream is not None:
+            resp.set_header(STREAM_HEADER, STREAM_SCHEME)
+            headers = {k.lower(): v for k, v in resp.headers.items()}
+            signed = self.identity.sign_response(info, resp.status_code, headers, None)
+            for k, v in signed.items():
+                resp.set_header(k, v)
+            resp.stream = SignedStream(resp.stream, self.identity, info, signed["Signature"])
+            return
+        body = resp.render_body() or b""
+        resp.text = None
+        resp.data = body
+        if resp.content_type is None:
+            resp.content_type = falcon.MEDIA_JSON
+        headers = {k.lower(): v for k, v in resp.headers.items()}
+        for k, v in self.identity.sign_response(info, resp.status_code, headers, body).items():
+            resp.set_header(k, v)
+
+
+class SignedStream:
+    """Wraps an SSE byte iterator: chains every event, adds checkpoints and the final checkpoint."""
+
+    def __init__(self, inner, identity: Identity, request: RequestInfo, signature: str) -> None:
+        self._inner = inner
+        self._it = iter(inner)
+        self._identity = identity
+        self._request = request
+        self._chain = StreamChain(signature)
+        self._pending: list[bytes] = []
+        self._buf = b""
+        self._finished = False
+        self._finish_reason: str | None = None
+        self._usage: dict | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        while not self._pending:
+            if self._finished:
+                raise StopIteration
+            try:
+                chunk = next(self._it)
+            except StopIteration:
+                self._finish()
+                continue
+            self._buf += chunk
+            while b"\n\n" in self._buf:
+                event, self._buf = self._buf.split(b"\n\n", 1)
+                self._event(event + b"\n\n")
+        return self._pending.pop(0)
+
+    def _event(self, event: bytes) -> None:
+        if self._finished:
+            return
+        if event == SSE_DONE:
+            self._finish()
+            return
+        self._observe(event)
+        self._chain.add(event)
+        self._pending.append(event)
+        if self._chain.seq % CHECKPOINT_EVERY == 0:
+            self._pending.append(self._identity.stream_checkpoint(self._chain))
+
+    def _observe(self, event: bytes) -> None:
+        # What the final checkpoint attests besides the chain: how generation ended, and usage.
+        if not event.startswith(b"data: "):
+            return
+        try:
+            obj = json.loads(event[6:])
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if "error" in obj:
+            self._finish_reason = "error"
+            return
+        for choice in obj.get("choices") or []:
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                self._finish_reason = choice["finish_reason"]
+        if obj.get("usage"):
+            self._usage = obj["usage"]
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._pending.append(self._identity.stream_final(self._chain, self._request, self._finish_reason, self._usage))
+        self._pending.append(SSE_DONE)
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,391 @@
+"""Canonical response signing: the one definition shared by the appliance (signer) and clients
+(verifier). spec/signing.md describes these bytes; change both together, never one.
+
+JSON responses carry an RFC 9421 signature (Ed25519) over the status, content type, an RFC 9530
+`Content-Digest`, the request id, the authenticated client, and the request it answers (method, path,
+query, the request body's digest and the client's nonce, as `;req` components). Streams cannot
+carry a body digest in their headers, so their events are chained with SHA-256 and signed in-band
+in SSE comment lines, ending with a mandatory final checkpoint before `data: [DONE]`.
+
+Verification functions raise `VerificationError` naming what failed; they never return False.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from cryptography.exceptions import InvalidSignature as _CryptoInvalid
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from http_message_signatures import HTTPMessageSigner, HTTPMessageVerifier, algorithms
+from http_message_signatures.digests import ContentDigest
+from http_message_signatures.exceptions import HTTPMessageSignaturesException
+from http_message_signatures.resolvers import HTTPSignatureKeyResolver
+
+__all__ = [
+    "VerificationError",
+    "LABEL",
+    "TAG",
+    "NONCE_HEADER",
+    "CLIENT_HEADER",
+    "STREAM_HEADER",
+    "STREAM_SCHEME",
+    "CHECKPOINT_PREFIX",
+    "FINAL_PREFIX",
+    "SSE_DONE",
+    "key_id",
+    "public_key_from_b64",
+    "content_digest",
+    "RequestInfo",
+    "response_components",
+    "sign_response_headers",
+    "request_digest",
+    "StreamChain",
+    "verify_response",
+    "verify_stream",
+    "VerifiedResponse",
+    "VerifiedStream",
+]
+
+LABEL = "appliance"
+TAG = "appliance-v1"
+NONCE_HEADER = "appliance-nonce"
+CLIENT_HEADER = "appliance-client"
+REQUEST_ID_HEADER = "x-request-id"
+STREAM_HEADER = "appliance-stream"
+STREAM_SCHEME = "sha256-chain-v1"
+CHECKPOINT_PREFIX = b": appliance-checkpoint "
+FINAL_PREFIX = b": appliance-final "
+SSE_DONE = b"data: [DONE]\n\n"
+_AUTHORITY = "http://appliance.invalid"  # @authority and @scheme are not covered; a fixed base parses the target
+_CHAIN_DOMAIN = b"appliance-stream-v1\x00"
+_CHECKPOINT_DOMAIN = b"appliance-checkpoint-v1\x00"
+_FINAL_DOMAIN = b"appliance-final-v1\x00"
+_REQUEST_DOMAIN = b"appliance-request-v1\x00"
+
+
+class VerificationError(Exception):
+    """A signature, digest or stream check failed; the message says which."""
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def key_id(public_raw: bytes) -> str:
+    """The key id: unpadded base64url of SHA-256 over the raw 32-byte Ed25519 public key."""
+    return base64.urlsafe_b64encode(hashlib.sha256(public_raw).digest()).rstrip(b"=").decode()
+
+
+def public_key_from_b64(text: str) -> Ed25519PublicKey:
+    raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_" if ("-" in text or "_" in text) else None)
+    if len(raw) != 32:
+        raise VerificationError("public key: expected 32 raw Ed25519 bytes")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def content_digest(body: bytes) -> str:
+    """RFC 9530 Content-Digest with sha-256: `sha-256=:<base64>:`."""
+    return ContentDigest.create(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Message adapters for http-message-signatures (duck-typed, requests-style)
+
+
+class _Headers(dict):
+    """Lower-cased header names; the library reads items() and writes with []."""
+
+    def __init__(self, items: Iterable[tuple[str, str]] | Mapping[str, str] = ()) -> None:
+        super().__init__()
+        for k, v in (items.items() if isinstance(items, Mapping) else items):
+            self[k] = v
+
+    def __setitem__(self, key: str, value: str) -> None:
+        super().__setitem__(key.lower(), value)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(key.lower())
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key.lower())
+
+    def get(self, key: str, default=None):
+        return super().get(key.lower(), default)
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What a response is bound to: the request as the client sent it and the server received it."""
+
+    method: str
+    target: str  # path and query, e.g. "/v1/completions" or "/v1/attestation?nonce=..."
+    body: bytes = b""
+    nonce: str | None = None
+
+    def message(self) -> "_Req":
+        headers = _Headers({"content-digest": content_digest(self.body)})
+        if self.nonce is not None:
+            headers[NONCE_HEADER] = self.nonce
+        return _Req(self.method.upper(), _AUTHORITY + self.target, headers)
+
+
+@dataclass
+class _Req:
+    method: str
+    url: str
+    headers: _Headers
+
+
+@dataclass
+class _Resp:
+    status_code: int
+    headers: _Headers
+    request: _Req
+
+
+class _Keys(HTTPSignatureKeyResolver):
+    def __init__(self, private: Ed25519PrivateKey | None = None, public: Ed25519PublicKey | None = None) -> None:
+        self._private = private
+        self._public = public
+
+    def resolve_private_key(self, key_id: str):
+        return self._private
+
+    def resolve_public_key(self, key_id: str):
+        return self._public
+
+
+def response_components(*, streaming: bool, has_nonce: bool, has_client: bool) -> list[str]:
+    covered = ["@status", "content-type", REQUEST_ID_HEADER]
+    covered.append(STREAM_HEADER if streaming else "content-digest")
+    if has_client:
+        covered.append(CLIENT_HEADER)
+    covered += ['"@method";req', '"@path";req', '"@query";req', '"content-digest";req']
+    if has_nonce:
+        covered.append(f'"{NONCE_HEADER}";req')
+    return covered
+
+
+def sign_response_headers(
+    private_key: Ed25519PrivateKey,
+    kid: str,
+    *,
+    request: RequestInfo,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    created: datetime.datetime,
+    nonce: str,
+) -> dict[str, str]:
+    """Headers to add to a response: Content-Digest (not for streams), Signature-Input, Signature.
+
+    `body=None` marks a stream: the headers must then carry `appliance-stream: sha256-chain-v1`.
+    """
+    h = _Headers(headers)
+    out: dict[str, str] = {}
+    if body is not None:
+        out["Content-Digest"] = content_digest(body)
+        h["content-digest"] = out["Content-Digest"]
+    msg = _Resp(status, h, request.message())
+    covered = response_components(streaming=body is None, has_nonce=request.nonce is not None, has_client=CLIENT_HEADER in h)
+    signer = HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(private=private_key))
+    signer.sign(
+        msg, key_id=kid, created=created, nonce=nonce, label=LABEL, tag=TAG,
+        covered_component_ids=covered, use_existing_digest=body is not None,
+    )
+    out["Signature-Input"] = h["signature-input"]
+    out["Signature"] = h["signature"]
+    return out
+
+
+def request_digest(request: RequestInfo) -> str:
+    """SHA-256 over the request's method, target, body digest and nonce (the stream's final binding)."""
+    parts = [request.method.upper(), request.target, content_digest(request.body), request.nonce or ""]
+    return b64(hashlib.sha256(_REQUEST_DOMAIN + "\n".join(parts).encode()).digest())
+
+
+def _canonical(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+
+
+class StreamChain:
+    """h0 = SHA-256(domain || Signature header value); h_i = SHA-256(h_{i-1} || event_i bytes)."""
+
+    def __init__(self, signature_header: str) -> None:
+        self.head = hashlib.sha256(_CHAIN_DOMAIN + signature_header.encode()).digest()
+        self.seq = 0
+
+    def add(self, event: bytes) -> None:
+        self.head = hashlib.sha256(self.head + event).digest()
+        self.seq += 1
+
+    def checkpoint_payload(self) -> bytes:
+        return _CHECKPOINT_DOMAIN + self.seq.to_bytes(8, "big") + self.head
+
+    def checkpoint_line(self, private_key: Ed25519PrivateKey) -> bytes:
+        sig = private_key.sign(self.checkpoint_payload())
+        body = {"v": 1, "seq": self.seq, "chain": b64(self.head), "sig": b64(sig)}
+        return CHECKPOINT_PREFIX + _canonical(body) + b"\n\n"
+
+    def final_fields(self, request: RequestInfo, finish_reason: str | None, usage: dict | None) -> dict:
+        return {
+            "v": 1,
+            "seq": self.seq,
+            "chain": b64(self.head),
+            "request": request_digest(request),
+            "finish_reason": finish_reason,
+            "usage": usage,
+        }
+
+    def final_line(self, private_key: Ed25519PrivateKey, request: RequestInfo, finish_reason, usage) -> bytes:
+        fields = self.final_fields(request, finish_reason, usage)
+        fields["sig"] = b64(private_key.sign(_FINAL_DOMAIN + _canonical(fields)))
+        return FINAL_PREFIX + _canonical(fields) + b"\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+@dataclass(frozen=True)
+class VerifiedResponse:
+    key_id: str
+    created: int
+    covered: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class VerifiedStream:
+    key_id: str
+    created: int
+    events: list[bytes] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict | None = None
+
+
+def _verify_headers(
+    public_key: Ed25519PublicKey,
+    request: RequestInfo,
+    status: int,
+    headers: Mapping[str, str],
+    *,
+    streaming: bool,
+    max_age: datetime.timedelta | None,
+):
+    h = _Headers(headers)
+    if "signature" not in h or "signature-input" not in h:
+        raise VerificationError("signature: the response carries no Signature/Signature-Input")
+    msg = _Resp(status, h, request.message())
+    required = response_components(streaming=streaming, has_nonce=request.nonce is not None, has_client=CLIENT_HEADER in h)
+    verifier = HTTPMessageVerifier(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(public=public_key))
+    try:
+        results = verifier.verify(msg, expect_tag=TAG, expect_label=LABEL, require_components=required, max_age=max_age)
+    except HTTPMessageSignaturesException as e:  # InvalidSignature is a subclass
+        raise VerificationError(f"signature: {e or 'does not verify for this request and response'}") from None
+    if len(results) != 1:
+        raise VerificationError("signature: expected exactly one appliance signature")
+    result = results[0]
+    expected_kid = key_id(public_key.public_bytes_raw())
+    if result.parameters.get("keyid") != expected_kid:
+        raise VerificationError("signature: keyid does not match the public key")
+    if result.parameters.get("alg") != "ed25519":
+        raise VerificationError("signature: alg must be ed25519")
+    return result, h
+
+
+def verify_response(
+    public_key: Ed25519PublicKey,
+    *,
+    request: RequestInfo,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    max_age: datetime.timedelta | None = None,
+) -> VerifiedResponse:
+    """Verify a complete (non-stream) response against the request the client sent."""
+    result, h = _verify_headers(public_key, request, status, headers, streaming=False, max_age=max_age)
+    try:
+        ContentDigest.verify(h["content-digest"], body)
+    except HTTPMessageSignaturesException:
+        raise VerificationError("content-digest: the body does not match the signed digest") from None
+    return VerifiedResponse(result.parameters["keyid"], int(result.parameters["created"]), result.covered_components, body)
+
+
+def _events(transcript: bytes) -> list[bytes]:
+    if not transcript.endswith(b"\n\n"):
+        raise VerificationError("stream: truncated (does not end with a complete event)")
+    parts = transcript[:-2].split(b"\n\n")
+    return [p + b"\n\n" for p in parts]
+
+
+def verify_stream(
+    public_key: Ed25519PublicKey,
+    *,
+    request: RequestInfo,
+    status: int,
+    headers: Mapping[str, str],
+    transcript: bytes,
+    max_age: datetime.timedelta | None = None,
+) -> VerifiedStream:
+    """Verify a saved SSE transcript: header signature, every checkpoint, the final one, nothing after."""
+    result, h = _verify_headers(public_key, request, status, headers, streaming=True, max_age=max_age)
+    if h.get(STREAM_HEADER) != STREAM_SCHEME:
+        raise VerificationError(f"stream: {STREAM_HEADER} must be {STREAM_SCHEME}")
+    chain = StreamChain(h["signature"])
+    data: list[bytes] = []
+    events = _events(transcript)
+    for i, ev in enumerate(events):
+        if ev.startswith(CHECKPOINT_PREFIX):
+            cp = _json_line(ev, CHECKPOINT_PREFIX, "checkpoint")
+            if cp.get("seq") != chain.seq or cp.get("chain") != b64(chain.head):
+                raise VerificationError(f"stream: checkpoint at event {i} does not match the events before it")
+            _check_sig(public_key, chain.checkpoint_payload(), cp.get("sig"), f"checkpoint at event {i}")
+        elif ev.startswith(FINAL_PREFIX):
+            fin = _json_line(ev, FINAL_PREFIX, "final checkpoint")
+            sig = fin.pop("sig", None)
+            expected = chain.final_fields(request, fin.get("finish_reason"), fin.get("usage"))
+            if fin != expected:
+                raise VerificationError("stream: final checkpoint does not match the events or the request")
+            _check_sig(public_key, _FINAL_DOMAIN + _canonical(fin), sig, "final checkpoint")
+            rest = events[i + 1 :]
+            if rest != [SSE_DONE]:
+                raise VerificationError("stream: events after the final checkpoint other than data: [DONE]")
+            return VerifiedStream(
+                result.parameters["keyid"], int(result.parameters["created"]), data, fin.get("finish_reason"), fin.get("usage")
+            )
+        elif ev == SSE_DONE:
+            raise VerificationError("stream: data: [DONE] before the final checkpoint")
+        else:
+            chain.add(ev)
+            data.append(ev)
+    raise VerificationError("stream: truncated (no final checkpoint)")
+
+
+def _json_line(ev: bytes, prefix: bytes, what: str) -> dict:
+    try:
+        obj = json.loads(ev[len(prefix) :].strip())
+    except ValueError:
+        raise VerificationError(f"stream: malformed {what}") from None
+    if not isinstance(obj, dict) or obj.get("v") != 1:
+        raise VerificationError(f"stream: unsupported {what} version")
+    return obj
+
+
+def _check_sig(public_key: Ed25519PublicKey, payload: bytes, sig_b64, what: str) -> None:
+    try:
+        public_key.verify(base64.b64decode(sig_b64 or "", validate=True), payload)
+    except (_CryptoInvalid, ValueError, TypeError):
+        raise VerificationError(f"stream: bad signature on the {what}") from None
