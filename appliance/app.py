@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -23,6 +24,7 @@ from .engine.registry import ModelRegistry
 from .errors import (
     ApiError,
     BadRequest,
+    Forbidden,
     InternalError,
     MethodNotAllowed,
     NotFound,
@@ -34,6 +36,7 @@ from .inference import Inference
 from .metrics import Metrics
 from .schemas import LoadModelRequest, UnloadModelRequest, parse
 from .security.identity import Identity
+from .security.auth import Auth
 from .security.signing import ResponseSigning
 from .settings import Settings
 
@@ -43,6 +46,13 @@ log = logging.getLogger("appliance.http")
 access_log = logging.getLogger("appliance.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+    ("Cache-Control", "no-store"),
+)
 
 
 @dataclass
@@ -91,6 +101,8 @@ class RequestContext:
         rid = req.get_header("X-Request-Id")
         req.context.request_id = rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
         resp.set_header("X-Request-Id", req.context.request_id)
+        for k, v in _SECURITY_HEADERS:
+            resp.set_header(k, v)
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
         route = req.uri_template or "unmatched"
@@ -236,10 +248,28 @@ class Admin:
     def on_post_load(self, req, resp) -> None:
         body = parse(LoadModelRequest, req.context.json)
         overrides = {k: v for k, v in body.model_dump().items() if k not in ("model_name", "model_path") and v is not None}
-        path = Path(body.model_path)
+        path = self._confine(body.model_path)
         settings = self.state.settings.model_settings(body.model_name, path, **overrides)
         rec = self.state.models.load(settings)
         resp.media = {"status": "loaded", "model": rec.status()}
+
+    def _confine(self, raw: str) -> Path:
+        """Model files only from the configured directories: no `..`, no symlink escape."""
+        policy = self.state.settings.model_policy
+        path = Path(raw)
+        if ".." in path.parts or not path.is_absolute():
+            raise BadRequest("model_path: must be an absolute path without '..'", param="model_path")
+        if not policy.dirs:
+            s = self.state.settings
+            if s.auth.keys_configured or not s.server.loopback:
+                raise Forbidden("model_path: loading at run time needs model_policy.dirs", param="model_path")
+            return path  # the original appliance on loopback: any path the operator names
+        real = Path(os.path.realpath(path))
+        for d in policy.dirs:
+            root = Path(os.path.realpath(d))
+            if real == root or root in real.parents:
+                return real
+        raise Forbidden("model_path: outside the configured model directories", param="model_path")
 
     def on_post_unload(self, req, resp) -> None:
         body = parse(UnloadModelRequest, req.context.json)
@@ -294,7 +324,9 @@ def create_app(
 ) -> tuple[falcon.App, AppState]:
     identity = identity or Identity(clock=wall_clock)
     metrics = metrics or Metrics()
-    models = models or ModelRegistry(observer=metrics, wall_clock=wall_clock)
+    models = models or ModelRegistry(
+        observer=metrics, wall_clock=wall_clock, allowed_sha256=frozenset(settings.model_policy.allowed_sha256)
+    )
     metrics.watch_models(models)
     state = AppState(settings, models, metrics, identity, wall_clock, started=wall_clock())
     seeds = {m.name: m.seed for m in settings.models}
@@ -317,6 +349,8 @@ def create_app(
         middleware=[
             RequestContext(metrics),
             ResponseSigning(identity, settings.limits.max_body_bytes),
+            *([falcon.CORSMiddleware(allow_origins=settings.server.cors_origins)] if settings.server.cors_origins else []),
+            Auth(settings, metrics, clock=wall_clock),
             *(extra_middleware or []),
             JsonBody(settings),
         ],

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--model", action="append", type=_model_arg, default=None, metavar="NAME=PATH",
             help="serve a GGUF model under NAME (repeatable)",
         )
+    vr = sub.add_parser(
+        "verify-response",
+        help="verify a saved response or stream transcript against the appliance's public key",
+    )
+    vr.add_argument("transcript", type=Path, help="JSON transcript (see spec/signing.md)")
+    vr.add_argument("--public-key", required=True, help="raw Ed25519 public key, base64 (from /v1/keys)")
     return p
 
 
@@ -69,17 +75,21 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _factory(settings):
+def _factory(settings, identity):
     # Imported in the worker after the fork: llama.cpp (and OpenMP/CUDA) never load in the master.
     from .app import create_app
 
-    return create_app(settings)
+    return create_app(settings, identity=identity)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in (None, "serve"):
         return _serve(args)
+    if args.command == "verify-response":
+        from attestation.cli import verify_transcript_main
+
+        return verify_transcript_main(args.transcript, args.public_key)
     return 2
 
 

@@ -160,7 +160,7 @@ class Inference:
         watcher = _watch_disconnect(req.env.get("gunicorn.socket"), gen)
         if body.stream:
             resp.content_type = "text/event-stream"
-            resp.set_header("Cache-Control", "no-cache")
+            resp.set_header("Cache-Control", "no-store")
             resp.set_header("X-Accel-Buffering", "no")
             resp.stream = _Stream(self._sse(job), on_close=lambda: _finish(gen, watcher))
             return

@@ -36,10 +36,14 @@ class _QuietLogger(Logger):
 
 
 class ApplianceServer(BaseApplication):
-    def __init__(self, settings: Settings, app_factory: Callable[[Settings], tuple]) -> None:
+    def __init__(self, settings: Settings, app_factory: Callable[..., tuple]) -> None:
+        from .security.identity import Identity
+
         self.settings = settings
         self.app_factory = app_factory
         self.state = None
+        # Made here, in the master, before the fork: a restarted worker keeps the same identity.
+        self.identity = Identity()
         super().__init__()
 
     def load_config(self) -> None:
@@ -69,7 +73,7 @@ class ApplianceServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
-        app, self.state = self.app_factory(self.settings)
+        app, self.state = self.app_factory(self.settings, self.identity)
         return app
 
     def _post_worker_init(self, worker) -> None:

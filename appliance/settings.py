@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "ConfigError",
+    "ApiKey",
+    "ClientKey",
+    "AuthSettings",
+    "ModelPolicy",
     "ModelDefaults",
     "ModelSettings",
     "ServerSettings",
@@ -79,6 +83,86 @@ class ServerSettings(_Strict):
     worker_connections: Annotated[int, Field(ge=1, le=100_000)] = 1000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+    cors_origins: list[str] = []
+    """Origins allowed by CORS; empty (the default) sends no CORS headers at all."""
+
+    @property
+    def loopback(self) -> bool:
+        import ipaddress
+
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+Scope = Literal["inference", "admin"]
+
+
+class ApiKey(_Strict):
+    """An API key, configured only as the SHA-256 of the key (hex): the key itself is never stored."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    scopes: Annotated[list[Scope], Field(min_length=1)] = ["inference"]
+
+
+class ClientKey(_Strict):
+    """A client's Ed25519 public key for RFC 9421 request signatures."""
+
+    keyid: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._@:/+=-]+$")]
+    public_key: str
+    """The raw 32-byte public key, base64 (standard or url-safe)."""
+    scopes: Annotated[list[Scope], Field(min_length=1)] = ["inference"]
+
+    @field_validator("public_key")
+    @classmethod
+    def _ed25519(cls, v: str) -> str:
+        import base64
+        import binascii
+
+        try:
+            raw = base64.b64decode(v + "=" * (-len(v) % 4), altchars=b"-_" if ("-" in v or "_" in v) else None, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not base64") from None
+        if len(raw) != 32:
+            raise ValueError("must be a raw 32-byte Ed25519 public key")
+        return v
+
+
+class AuthSettings(_Strict):
+    api_keys: list[ApiKey] = []
+    client_keys: list[ClientKey] = []
+    open_inference: bool = False
+    """Serve inference without credentials on a non-loopback bind (admin routes stay closed)."""
+    require_signed_requests: bool = False
+    """Every non-public request must carry a valid RFC 9421 signature from a configured client key."""
+    signature_window: Annotated[int, Field(ge=1, le=3600)] = 300
+    """Seconds: the most a request signature may live (expires - created) and its allowed clock skew."""
+    replay_cache_size: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AuthSettings":
+        if self.require_signed_requests and not self.client_keys:
+            raise ValueError("require_signed_requests needs at least one entry in auth.client_keys")
+        names = [k.name for k in self.api_keys] + [k.keyid for k in self.client_keys]
+        if len(names) != len(set(names)):
+            raise ValueError("api key names and client key ids must be unique")
+        return self
+
+    @property
+    def keys_configured(self) -> bool:
+        return bool(self.api_keys or self.client_keys)
+
+
+class ModelPolicy(_Strict):
+    dirs: list[Path] = []
+    """Directories `POST /load_model` may load from (symlinks resolved; nothing outside them)."""
+    allowed_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = []
+    """When set, only model files with one of these digests load (403 for others)."""
 
 
 class LimitsSettings(_Strict):
@@ -92,6 +176,11 @@ class LimitsSettings(_Strict):
     max_json_depth: Annotated[int, Field(ge=2, le=512)] = 32
     max_top_logprobs: Annotated[int, Field(ge=0, le=100)] = 20
     load_timeout: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    rate_per_minute_per_key: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    """Requests per minute per API key or client key (0: unlimited)."""
+    rate_per_minute_per_ip: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    """Requests per minute per client address (0: unlimited)."""
+    rate_burst: Annotated[int, Field(ge=1, le=100_000)] = 20
 
     @model_validator(mode="after")
     def _consistent(self) -> "LimitsSettings":
@@ -105,6 +194,8 @@ class Settings(_Strict):
     limits: LimitsSettings = LimitsSettings()
     model_defaults: ModelDefaults = ModelDefaults()
     models: list[ModelSettings] = []
+    auth: AuthSettings = AuthSettings()
+    model_policy: ModelPolicy = ModelPolicy()
 
     @field_validator("models")
     @classmethod
@@ -115,6 +206,16 @@ class Settings(_Strict):
                 raise ValueError(f"duplicate model name '{m.name}' at models[{i}]")
             seen.add(m.name)
         return models
+
+    @model_validator(mode="after")
+    def _safe_bind(self) -> "Settings":
+        # The seed's open, keyless API is only acceptable where nobody else can reach it.
+        if not self.server.loopback and not self.auth.keys_configured and not self.auth.open_inference:
+            raise ValueError(
+                f"auth: bound to {self.server.host}, off loopback, with no keys: configure auth.api_keys or "
+                "auth.client_keys, or set auth.open_inference = true"
+            )
+        return self
 
     def model_settings(self, name: str, path: Path | str, **overrides: Any) -> ModelSettings:
         """Settings for a model added at run time (CLI `--model`, `POST /load_model`)."""
@@ -135,7 +236,7 @@ def _key(loc: tuple[Any, ...]) -> str:
 
 def _format(err: ValidationError) -> str:
     return "; ".join(
-        f"{_key(e['loc']) or '(root)'}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+        (f"{_key(e['loc'])}: " if e['loc'] else "") + e['msg'].removeprefix('Value error, ') for e in err.errors()
     )
 
 

@@ -49,6 +49,9 @@ __all__ = [
     "verify_stream",
     "VerifiedResponse",
     "VerifiedStream",
+    "sign_request",
+    "verify_request",
+    "VerifiedRequest",
 ]
 
 LABEL = "appliance"
@@ -61,6 +64,7 @@ STREAM_SCHEME = "sha256-chain-v1"
 CHECKPOINT_PREFIX = b": appliance-checkpoint "
 FINAL_PREFIX = b": appliance-final "
 SSE_DONE = b"data: [DONE]\n\n"
+_SKEW = 60  # seconds of clock skew tolerated for a response's created time
 _AUTHORITY = "http://appliance.invalid"  # @authority and @scheme are not covered; a fixed base parses the target
 _CHAIN_DOMAIN = b"appliance-stream-v1\x00"
 _CHECKPOINT_DOMAIN = b"appliance-checkpoint-v1\x00"
@@ -151,6 +155,13 @@ class _Resp:
     request: _Req
 
 
+class _Verifier(HTTPMessageVerifier):
+    """The library's verifier without its wall-clock check: we check times against an injected clock."""
+
+    def validate_created_and_expires(self, sig_input, max_age=None) -> None:
+        return None
+
+
 class _Keys(HTTPSignatureKeyResolver):
     def __init__(self, private: Ed25519PrivateKey | None = None, public: Ed25519PublicKey | None = None) -> None:
         self._private = private
@@ -214,6 +225,92 @@ def request_digest(request: RequestInfo) -> str:
 
 def _canonical(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Client request signatures
+
+REQUEST_LABEL = "client"
+REQUEST_TAG = "appliance-request-v1"
+REQUEST_COMPONENTS = ["@method", "@path", "@query", "content-digest"]
+
+
+def sign_request(
+    private_key: Ed25519PrivateKey,
+    keyid: str,
+    *,
+    method: str,
+    target: str,
+    body: bytes,
+    created: datetime.datetime,
+    expires: datetime.datetime,
+    nonce: str,
+) -> dict[str, str]:
+    """Headers a client adds to sign its request: Content-Digest, Signature-Input, Signature."""
+    h = _Headers({"content-digest": content_digest(body)})
+    msg = _Req(method.upper(), _AUTHORITY + target, h)
+    signer = HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(private=private_key))
+    signer.sign(
+        msg, key_id=keyid, created=created, expires=expires, nonce=nonce, label=REQUEST_LABEL, tag=REQUEST_TAG,
+        covered_component_ids=REQUEST_COMPONENTS, use_existing_digest=True,
+    )
+    return {"Content-Digest": h["content-digest"], "Signature-Input": h["signature-input"], "Signature": h["signature"]}
+
+
+@dataclass(frozen=True)
+class VerifiedRequest:
+    keyid: str
+    nonce: str
+    created: int
+    expires: int
+
+
+def verify_request(
+    public_keys: Mapping[str, Ed25519PublicKey],
+    *,
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    now: float,
+    window: int,
+) -> VerifiedRequest:
+    """Verify a client's request signature: known key, covered components, body digest, time window.
+
+    Replay (the nonce seen before) is the caller's check, with the returned nonce and expiry.
+    """
+    h = _Headers((k, v) for k, v in headers.items() if k.lower() in ("signature", "signature-input", "content-digest"))
+    if "signature" not in h or "signature-input" not in h:
+        raise VerificationError("request signature: missing")
+    if "content-digest" not in h:
+        raise VerificationError("request signature: Content-Digest missing")
+    try:
+        ContentDigest.verify(h["content-digest"], body)
+    except HTTPMessageSignaturesException:
+        raise VerificationError("request signature: body does not match Content-Digest") from None
+
+    class _Resolver(HTTPSignatureKeyResolver):
+        def resolve_public_key(self, key_id: str):
+            key = public_keys.get(key_id)
+            if key is None:
+                raise HTTPMessageSignaturesException("unknown key id")
+            return key
+
+    msg = _Req(method.upper(), _AUTHORITY + target, h)
+    verifier = _Verifier(signature_algorithm=algorithms.ED25519, key_resolver=_Resolver())
+    try:
+        results = verifier.verify(msg, expect_tag=REQUEST_TAG, expect_label=REQUEST_LABEL, require_components=REQUEST_COMPONENTS, max_age=None)
+    except HTTPMessageSignaturesException as e:
+        raise VerificationError(f"request signature: {e or 'does not verify'}") from None
+    p = results[0].parameters
+    created, expires, nonce = p.get("created"), p.get("expires"), p.get("nonce")
+    if not isinstance(created, int) or not isinstance(expires, int) or not isinstance(nonce, str) or not nonce:
+        raise VerificationError("request signature: created, expires and nonce are required")
+    if expires <= created or expires - created > window:
+        raise VerificationError("request signature: validity longer than the allowed window")
+    if created > now + window or expires <= now:
+        raise VerificationError("request signature: expired or not yet valid")
+    return VerifiedRequest(str(p["keyid"]), nonce, created, expires)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,15 +381,16 @@ def _verify_headers(
     *,
     streaming: bool,
     max_age: datetime.timedelta | None,
+    now: float | None = None,
 ):
     h = _Headers(headers)
     if "signature" not in h or "signature-input" not in h:
         raise VerificationError("signature: the response carries no Signature/Signature-Input")
     msg = _Resp(status, h, request.message())
     required = response_components(streaming=streaming, has_nonce=request.nonce is not None, has_client=CLIENT_HEADER in h)
-    verifier = HTTPMessageVerifier(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(public=public_key))
+    verifier = _Verifier(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(public=public_key))
     try:
-        results = verifier.verify(msg, expect_tag=TAG, expect_label=LABEL, require_components=required, max_age=max_age)
+        results = verifier.verify(msg, expect_tag=TAG, expect_label=LABEL, require_components=required, max_age=None)
     except HTTPMessageSignaturesException as e:  # InvalidSignature is a subclass
         raise VerificationError(f"signature: {e or 'does not verify for this request and response'}") from None
     if len(results) != 1:
@@ -303,6 +401,13 @@ def _verify_headers(
         raise VerificationError("signature: keyid does not match the public key")
     if result.parameters.get("alg") != "ed25519":
         raise VerificationError("signature: alg must be ed25519")
+    created = result.parameters.get("created")
+    if not isinstance(created, int):
+        raise VerificationError("signature: created is required")
+    if max_age is not None:
+        t = now if now is not None else datetime.datetime.now(datetime.timezone.utc).timestamp()
+        if created > t + _SKEW or t - created > max_age.total_seconds():
+            raise VerificationError("signature: created is outside the allowed age")
     return result, h
 
 
@@ -314,9 +419,10 @@ def verify_response(
     headers: Mapping[str, str],
     body: bytes,
     max_age: datetime.timedelta | None = None,
+    now: float | None = None,
 ) -> VerifiedResponse:
     """Verify a complete (non-stream) response against the request the client sent."""
-    result, h = _verify_headers(public_key, request, status, headers, streaming=False, max_age=max_age)
+    result, h = _verify_headers(public_key, request, status, headers, streaming=False, max_age=max_age, now=now)
     try:
         ContentDigest.verify(h["content-digest"], body)
     except HTTPMessageSignaturesException:
@@ -339,9 +445,10 @@ def verify_stream(
     headers: Mapping[str, str],
     transcript: bytes,
     max_age: datetime.timedelta | None = None,
+    now: float | None = None,
 ) -> VerifiedStream:
     """Verify a saved SSE transcript: header signature, every checkpoint, the final one, nothing after."""
-    result, h = _verify_headers(public_key, request, status, headers, streaming=True, max_age=max_age)
+    result, h = _verify_headers(public_key, request, status, headers, streaming=True, max_age=max_age, now=now)
     if h.get(STREAM_HEADER) != STREAM_SCHEME:
         raise VerificationError(f"stream: {STREAM_HEADER} must be {STREAM_SCHEME}")
     chain = StreamChain(h["signature"])

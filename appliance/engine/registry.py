@@ -14,7 +14,7 @@ from typing import Callable
 
 import gevent
 
-from ..errors import BadRequest, Conflict, ModelNotFound, NotReady
+from ..errors import BadRequest, Conflict, Forbidden, ModelNotFound, NotReady
 from ..modelfile import check_gguf, file_sha256
 from ..settings import ModelSettings, default_threads
 from .scheduler import EngineObserver, ModelEngine
@@ -64,7 +64,9 @@ class ModelRegistry:
         observer: EngineObserver | None = None,
         wall_clock: Callable[[], float] = time.time,
         engine_factory: Callable[..., object] | None = None,
+        allowed_sha256: frozenset[str] = frozenset(),
     ) -> None:
+        self._allowed = allowed_sha256
         self._records: dict[str, ModelRecord] = {}
         self._observer = observer
         self._wall_clock = wall_clock
@@ -106,6 +108,10 @@ class ModelRegistry:
         t0 = time.perf_counter()
         try:
             engine, sha, template = gevent.get_hub().threadpool.apply(self._load_blocking, (settings,))
+        except Forbidden:
+            rec.state = "failed"
+            rec.error = "digest not in model_policy.allowed_sha256"
+            raise
         except Exception as e:
             rec.state = "failed"
             rec.error = "llama.cpp could not load the file" if isinstance(e, ValueError) else "load failed"
@@ -127,6 +133,8 @@ class ModelRegistry:
 
     def _load_blocking(self, settings: ModelSettings):
         sha = file_sha256(settings.path)
+        if self._allowed and sha not in self._allowed:
+            raise Forbidden("model_path: this model file's sha256 is not allowed", param="model_path")
         engine = self._engine_factory(settings, self._observer)
         template = settings.chat_template or engine.model.meta("tokenizer.chat_template")
         return engine, sha, template

@@ -587,7 +587,7 @@ def test_every_operation_has_a_validated_200(api, spec, registry, tmp_path):
 
 def _chunks(r):
     assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
-    assert r.headers["Cache-Control"] == "no-cache" and r.headers["X-Accel-Buffering"] == "no"
+    assert r.headers["Cache-Control"] == "no-store" and r.headers["X-Accel-Buffering"] == "no"
     assert r.events[-1] == "[DONE]"
     return r.events[:-1]
 

@@ -16,7 +16,7 @@ def test_defaults_are_valid():
 
 
 def test_flags_override_file(tmp_path):
-    p = write(tmp_path, '[server]\nport = 4000\nhost = "0.0.0.0"\n')
+    p = write(tmp_path, '[server]\nport = 4000\nhost = "0.0.0.0"\n[auth]\nopen_inference = true\n')
     s = load_settings(p, port=5000)
     assert s.server.port == 5000 and s.server.host == "0.0.0.0"
 
@@ -40,6 +40,29 @@ def test_models_from_file_and_flags_merge_with_defaults(tmp_path):
     ],
 )
 def test_invalid_config_names_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, text))
+    assert str(e.value).startswith(key), str(e.value)
+
+
+def test_off_loopback_without_keys_is_refused_unless_opened(tmp_path):
+    with pytest.raises(ConfigError, match="off loopback"):
+        load_settings(host="0.0.0.0")
+    assert load_settings(write(tmp_path, "[auth]\nopen_inference = true\n"), host="0.0.0.0").auth.open_inference
+    key = "[[auth.api_keys]]\nname = 'a'\nsha256 = '" + "0" * 64 + "'\n"
+    assert load_settings(write(tmp_path, key), host="10.1.2.3").auth.keys_configured
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[[auth.api_keys]]\nname = 'a'\nsha256 = 'xyz'\n", "auth.api_keys[0].sha256"),
+        ("[[auth.client_keys]]\nkeyid = 'c'\npublic_key = 'AAAA'\n", "auth.client_keys[0].public_key"),
+        ("[auth]\nrequire_signed_requests = true\n", "auth"),
+        ("[[auth.api_keys]]\nname = 'a'\nsha256 = '" + "0" * 64 + "'\nscopes = ['root']\n", "auth.api_keys[0].scopes"),
+    ],
+)
+def test_invalid_auth_config_names_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as e:
         load_settings(write(tmp_path, text))
     assert str(e.value).startswith(key), str(e.value)

@@ -1,0 +1,177 @@
+"""Request authentication, scopes and rate limits.
+
+Modes:
+- no keys, loopback bind: open, as in the original appliance (its curl examples work unchanged);
+- no keys, `open_inference` off loopback: inference is open, admin routes are closed (403);
+- keys configured: every non-public route needs an API key (`Authorization: Bearer`) or an RFC 9421
+  client signature, with the route's scope; `require_signed_requests` demands the signature.
+
+API keys are stored only as SHA-256 digests and compared in constant time against every configured
+digest. Failures say nothing about why (one message), and are counted by reason in the metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import falcon
+
+from attestation.signing import CLIENT_HEADER, VerificationError, public_key_from_b64, verify_request
+
+from ..errors import Forbidden, RateLimited, Unauthorized
+from ..metrics import Metrics
+from ..settings import Settings
+
+__all__ = ["Auth", "RateLimiter", "ReplayCache", "PUBLIC_ROUTES", "ADMIN_ROUTES"]
+
+PUBLIC_ROUTES = frozenset({"/health", "/readiness", "/v1/keys", "/v1/attestation"})
+ADMIN_ROUTES = frozenset({"/load_model", "/unload_model", "/metrics"})
+_REFUSED = "Invalid or missing credentials"
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    scopes: frozenset[str]
+
+
+class RateLimiter:
+    """Token buckets per key: `rate` per minute, up to `burst` at once; bounded memory (LRU)."""
+
+    def __init__(self, per_minute: int, burst: int, clock: Callable[[], float], max_keys: int = 100_000) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self.clock = clock
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str) -> float | None:
+        """None if allowed, else the seconds to wait."""
+        if self.rate <= 0:
+            return None
+        now = self.clock()
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            wait = None
+        else:
+            self._buckets[key] = (tokens, now)
+            wait = (1.0 - tokens) / self.rate
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+class ReplayCache:
+    """Nonces seen within their signature's validity; bounded (oldest expiry evicted first)."""
+
+    def __init__(self, max_entries: int, clock: Callable[[], float]) -> None:
+        self.max_entries = max_entries
+        self.clock = clock
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def check_and_add(self, keyid: str, nonce: str, expires: float) -> bool:
+        """True if fresh (and now remembered), False if a replay."""
+        now = self.clock()
+        while self._seen:
+            k, exp = next(iter(self._seen.items()))
+            if exp > now and len(self._seen) < self.max_entries:
+                break
+            self._seen.popitem(last=False)
+        key = (keyid, nonce)
+        if key in self._seen:
+            return False
+        self._seen[key] = expires
+        return True
+
+
+class Auth:
+    def __init__(self, settings: Settings, metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+        a = settings.auth
+        self.open = not a.keys_configured
+        self.loopback = settings.server.loopback
+        self.require_signed = a.require_signed_requests
+        self.window = a.signature_window
+        self.metrics = metrics
+        self.clock = clock
+        self._api_keys = [(bytes.fromhex(k.sha256), Principal(k.name, frozenset(k.scopes))) for k in a.api_keys]
+        self._client_keys = {k.keyid: public_key_from_b64(k.public_key) for k in a.client_keys}
+        self._client_principals = {k.keyid: Principal(k.keyid, frozenset(k.scopes)) for k in a.client_keys}
+        self.replay = ReplayCache(a.replay_cache_size, clock)
+        lim = settings.limits
+        self.ip_limit = RateLimiter(lim.rate_per_minute_per_ip, lim.rate_burst, clock)
+        self.key_limit = RateLimiter(lim.rate_per_minute_per_key, lim.rate_burst, clock)
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
+        route = req.uri_template
+        if resource is None or route is None or route in PUBLIC_ROUTES:
+            return
+        self._limit(f"ip:{req.remote_addr}")
+        scope = "admin" if route in ADMIN_ROUTES else "inference"
+        principal = self._authenticate(req)
+        if principal is None:
+            if self.open and scope == "inference":
+                return
+            if self.open and self.loopback:
+                return  # the original appliance: loopback and no keys means open, admin included
+            if self.open:
+                self._refuse("no_admin_key", Forbidden("Model management is disabled: no admin key is configured"))
+            self._refuse("missing", Unauthorized(_REFUSED))
+        if scope not in principal.scopes:
+            self._refuse("scope", Forbidden(f"This key lacks the {scope} scope"))
+        self._limit(f"key:{principal.name}")
+        req.context.principal = principal.name
+        resp.set_header(CLIENT_HEADER, principal.name)  # bound into the response signature
+
+    def _authenticate(self, req: falcon.Request) -> Principal | None:
+        signed = req.get_header("Signature") is not None or req.get_header("Signature-Input") is not None
+        if self.require_signed and not signed:
+            self._refuse("unsigned", Unauthorized(_REFUSED))
+        if signed:
+            return self._verify_signature(req)
+        auth = req.get_header("Authorization")
+        if auth is None:
+            return None
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            self._refuse("malformed", Unauthorized(_REFUSED))
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        found = None
+        for stored, principal in self._api_keys:  # every digest compared, in constant time each
+            if hmac.compare_digest(stored, digest):
+                found = principal
+        if found is None:
+            self._refuse("invalid_key", Unauthorized(_REFUSED))
+        return found
+
+    def _verify_signature(self, req: falcon.Request) -> Principal:
+        from .signing import request_info
+
+        info = request_info(req)
+        headers = {k: v for k, v in req.headers.items()}
+        try:
+            v = verify_request(
+                self._client_keys, method=info.method, target=info.target, headers=headers,
+                body=info.body, now=self.clock(), window=self.window,
+            )
+        except VerificationError:
+            self._refuse("bad_signature", Unauthorized(_REFUSED))
+        if not self.replay.check_and_add(v.keyid, v.nonce, v.expires):
+            self._refuse("replay", Unauthorized(_REFUSED))
+        return self._client_principals[v.keyid]
+
+    def _limit(self, key: str) -> None:
+        wait = (self.ip_limit if key.startswith("ip:") else self.key_limit).take(key)
+        if wait is not None:
+            raise RateLimited("Too many requests; slow down", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+    def _refuse(self, reason: str, error: Exception):
+        self.metrics.auth_failures.labels(reason).inc()
+        raise error
