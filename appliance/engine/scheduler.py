@@ -417,8 +417,8 @@ class ModelEngine:
             if not free:
                 return
             gen, t_queued = self._queue.popleft()
-            self._dec_waiting()
             if gen.cancelled:
+                self._dec_waiting()
                 continue
             req = gen.request
             prompt = list(req.prompt)
@@ -440,9 +440,11 @@ class ModelEngine:
                 sampler = SamplerChain(self.model, req.sampling)
             except Exception:
                 log.exception("sampler setup failed")
+                self._dec_waiting()
                 out.append((gen, Failed(EngineFailure())))
                 continue
-            with self._lock:
+            with self._lock:  # one step, so submit() never sees the request in neither count
+                self._waiting -= 1
                 self._busy += 1
             s.gen, s.req, s.sampler = gen, req, sampler
             s.pending = prompt[keep:]
