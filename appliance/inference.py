@@ -116,6 +116,10 @@ class Inference:
         )
 
     def _run(self, req, resp, kind, body, engine, prompt, max_tokens, logprobs, limit_param) -> None:
+        cap = self.limits.max_prompt_tokens
+        if cap and len(prompt) > cap:
+            param = "messages" if kind == "chat" else "prompt"
+            raise BadRequest(f"{param}: the prompt has {len(prompt)} tokens; at most {cap} are allowed", param=param)
         stops = body.stops()
         if len(stops) > self.limits.max_stop:
             raise BadRequest(f"stop: at most {self.limits.max_stop} stop strings", param="stop")

@@ -171,6 +171,8 @@ class LimitsSettings(_Strict):
     """Upper bound for a request's max_tokens."""
     default_max_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 16
     """OpenAI's default for /v1/completions; chat defaults to the rest of the context."""
+    max_prompt_tokens: Annotated[int, Field(ge=0, le=1 << 20)] = 0
+    """Upper bound on a prompt's tokens (0: only the model's context bounds it)."""
     max_stop: Annotated[int, Field(ge=0, le=64)] = 8
     max_stop_length: Annotated[int, Field(ge=1, le=4096)] = 256
     max_json_depth: Annotated[int, Field(ge=2, le=512)] = 32

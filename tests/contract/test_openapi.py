@@ -21,6 +21,7 @@ from appliance.app import ROUTES, create_app
 from appliance.engine.scheduler import Failed
 from appliance.errors import EngineFailure, Forbidden, RateLimited, Unauthorized
 from appliance.schemas import ChatRequest, CompletionRequest, LoadModelRequest, UnloadModelRequest
+from appliance.settings import Settings
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "spec" / "openapi.yaml"
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -887,3 +888,15 @@ def test_options_is_the_framework_default(api, spec):
     for path in spec.doc["paths"]:
         r = api.request("OPTIONS", path)
         assert r.status == 200 and r.result.text == ""
+
+
+@pytest.mark.parametrize("path, body, param", [("/v1/completions", None, "prompt"), ("/v1/chat/completions", "chat", "messages")])
+def test_prompt_token_cap_is_400(registry, make_api, path, body, param):
+    settings = Settings.model_validate({"limits": {"max_prompt_tokens": 8}})
+    app, state = create_app(settings, models=registry)
+    api = make_api(app, state.identity.public_raw)
+    payload = {**CHAT} if body == "chat" else {**COMPLETION, "prompt": "x" * 20}
+    r = api.post(path, payload)
+    assert r.status == 400 and r.json["error"]["param"] == param and "at most 8" in r.json["error"]["message"]
+    ok = api.post("/v1/completions", {**COMPLETION, "prompt": "abc"})
+    assert ok.status == 200
