@@ -36,7 +36,9 @@ from .inference import Inference
 from .metrics import Metrics
 from .schemas import LoadModelRequest, UnloadModelRequest, parse
 from .security.identity import Identity
+from .attest import AttestationResource, Attestor
 from .security.auth import Auth
+from .tee import detect_provider
 from .security.signing import ResponseSigning
 from .settings import Settings
 
@@ -65,6 +67,7 @@ class AppState:
     identity: Identity
     wall_clock: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
+    attestor: object = None
 
 
 # (path, resource attribute, responder suffix or None): the routes this app serves, also checked
@@ -83,6 +86,7 @@ ROUTES: list[tuple[str, str, str | None]] = [
     ("/readiness", "readiness", None),
     ("/metrics", "prometheus", None),
     ("/v1/keys", "keys", None),
+    ("/v1/attestation", "attestation", None),
 ]
 
 
@@ -320,15 +324,31 @@ def create_app(
     metrics: Metrics | None = None,
     wall_clock: Callable[[], float] = time.time,
     identity: Identity | None = None,
+    provider=None,
     extra_middleware: list | None = None,
 ) -> tuple[falcon.App, AppState]:
     identity = identity or Identity(clock=wall_clock)
     metrics = metrics or Metrics()
+    if provider is None and settings.attestation.provider != "none":
+        a = settings.attestation
+        provider = detect_provider(a.provider, configfs_root=a.configfs_root, nsm_device=a.nsm_device, gramine_root=a.gramine_root)
+    attestor_box: list[Attestor] = []
+
+    def measured(name: str, sha256_hex: str) -> None:  # runs in the loading thread
+        if attestor_box:
+            attestor_box[0].measure_model(name, sha256_hex)
+
     models = models or ModelRegistry(
-        observer=metrics, wall_clock=wall_clock, allowed_sha256=frozenset(settings.model_policy.allowed_sha256)
+        observer=metrics,
+        wall_clock=wall_clock,
+        allowed_sha256=frozenset(settings.model_policy.allowed_sha256),
+        on_loaded=measured,
     )
     metrics.watch_models(models)
     state = AppState(settings, models, metrics, identity, wall_clock, started=wall_clock())
+    attestor = Attestor(settings, identity, models, provider, clock=wall_clock)
+    attestor_box.append(attestor)
+    state.attestor = attestor
     seeds = {m.name: m.seed for m in settings.models}
     resources = {
         "inference": Inference(
@@ -344,6 +364,7 @@ def create_app(
         "readiness": Readiness(state),
         "prometheus": Prometheus(state),
         "keys": Keys(identity),
+        "attestation": AttestationResource(attestor, settings, clock=wall_clock),
     }
     app = falcon.App(
         middleware=[

@@ -19,6 +19,7 @@ __all__ = [
     "ClientKey",
     "AuthSettings",
     "ModelPolicy",
+    "AttestationSettings",
     "ModelDefaults",
     "ModelSettings",
     "ServerSettings",
@@ -165,6 +166,19 @@ class ModelPolicy(_Strict):
     """When set, only model files with one of these digests load (403 for others)."""
 
 
+class AttestationSettings(_Strict):
+    provider: Literal["auto", "configfs-tsm", "nitro", "gramine-sgx", "simulated", "none"] = "auto"
+    """auto: the first TEE interface present, else simulated evidence (which verifiers refuse by default)."""
+    configfs_root: Path = Path("/sys/kernel/config/tsm/report")
+    nsm_device: Path = Path("/dev/nsm")
+    gramine_root: Path = Path("/dev/attestation")
+    rtmr_path: Path = Path("/sys/devices/virtual/misc/tdx_guest/measurements/rtmr3:sha384")
+    rate_per_minute: Annotated[int, Field(ge=0, le=100_000)] = 60
+    """Attestation requests per minute per client address (0: unlimited)."""
+    variant: Literal["cpu", "cuda"] | None = None
+    """Reported in the claims; default: detected from the llama.cpp build."""
+
+
 class LimitsSettings(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 1 << 20
     max_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 8192
@@ -198,6 +212,7 @@ class Settings(_Strict):
     models: list[ModelSettings] = []
     auth: AuthSettings = AuthSettings()
     model_policy: ModelPolicy = ModelPolicy()
+    attestation: AttestationSettings = AttestationSettings()
 
     @field_validator("models")
     @classmethod
@@ -218,6 +233,16 @@ class Settings(_Strict):
                 "auth.client_keys, or set auth.open_inference = true"
             )
         return self
+
+    def public_digest(self) -> str:
+        """SHA-256 of the effective configuration, secrets excluded (API key digests dropped)."""
+        import hashlib
+        import json
+
+        data = self.model_dump(mode="json")
+        for key in data["auth"]["api_keys"]:
+            key.pop("sha256", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def model_settings(self, name: str, path: Path | str, **overrides: Any) -> ModelSettings:
         """Settings for a model added at run time (CLI `--model`, `POST /load_model`)."""

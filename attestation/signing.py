@@ -301,7 +301,7 @@ def verify_request(
     try:
         results = verifier.verify(msg, expect_tag=REQUEST_TAG, expect_label=REQUEST_LABEL, require_components=REQUEST_COMPONENTS, max_age=None)
     except HTTPMessageSignaturesException as e:
-        raise VerificationError(f"request signature: {e or 'does not verify'}") from None
+        raise VerificationError(f"request signature: {str(e) or 'does not verify'}") from None
     p = results[0].parameters
     created, expires, nonce = p.get("created"), p.get("expires"), p.get("nonce")
     if not isinstance(created, int) or not isinstance(expires, int) or not isinstance(nonce, str) or not nonce:
@@ -392,7 +392,7 @@ def _verify_headers(
     try:
         results = verifier.verify(msg, expect_tag=TAG, expect_label=LABEL, require_components=required, max_age=None)
     except HTTPMessageSignaturesException as e:  # InvalidSignature is a subclass
-        raise VerificationError(f"signature: {e or 'does not verify for this request and response'}") from None
+        raise VerificationError(f"signature: {str(e) or 'does not verify for this request and response'}") from None
     if len(results) != 1:
         raise VerificationError("signature: expected exactly one appliance signature")
     result = results[0]

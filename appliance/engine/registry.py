@@ -65,8 +65,10 @@ class ModelRegistry:
         wall_clock: Callable[[], float] = time.time,
         engine_factory: Callable[..., object] | None = None,
         allowed_sha256: frozenset[str] = frozenset(),
+        on_loaded: Callable[[str, str], None] | None = None,
     ) -> None:
         self._allowed = allowed_sha256
+        self._on_loaded = on_loaded
         self._records: dict[str, ModelRecord] = {}
         self._observer = observer
         self._wall_clock = wall_clock
@@ -137,6 +139,9 @@ class ModelRegistry:
             raise Forbidden("model_path: this model file's sha256 is not allowed", param="model_path")
         engine = self._engine_factory(settings, self._observer)
         template = settings.chat_template or engine.model.meta("tokenizer.chat_template")
+        if self._on_loaded is not None:
+            # Runtime measurement (TDX RTMR3, Nitro PCR16) happens before the model can serve.
+            self._on_loaded(settings.name, sha)
         return engine, sha, template
 
     def unload(self, name: str, *, timeout: float = 60.0) -> ModelRecord:

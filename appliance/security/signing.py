@@ -26,10 +26,21 @@ CHECKPOINT_EVERY = 16  # data events between signed checkpoints
 _NONCE_MAX = 256
 
 
+def _valid_nonce(nonce: str | None) -> bool:
+    return nonce is not None and 0 < len(nonce) <= _NONCE_MAX and nonce.isascii() and nonce.isprintable()
+
+
 def request_info(req: falcon.Request) -> RequestInfo:
-    target = req.env.get("RAW_URI") or (req.path + (f"?{req.query_string}" if req.query_string else ""))
+    """The request as the client sent it: the raw target (path and query, as received) and body."""
+    target = req.env.get("RAW_URI") or req.env.get("PATH_INFO") or "/"
+    if "://" in target:  # absolute-form target: keep the path and query only
+        target = "/" + target.split("://", 1)[1].partition("/")[2]
+    qs = req.env.get("QUERY_STRING")
+    if qs and "?" not in target:  # some servers (and Falcon's test client) keep the query apart
+        target = f"{target}?{qs}"
     nonce = req.get_header(NONCE_HEADER)
-    return RequestInfo(req.method, target, getattr(req.context, "raw_body", b""), nonce)
+    # An invalid nonce gets a 400, bound as if no nonce had been sent: a non-ASCII one cannot be signed at all.
+    return RequestInfo(req.method, target, getattr(req.context, "raw_body", b""), nonce if _valid_nonce(nonce) else None)
 
 
 class ResponseSigning:
@@ -40,7 +51,7 @@ class ResponseSigning:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.raw_body = b""
         nonce = req.get_header(NONCE_HEADER)
-        if nonce is not None and (not nonce or len(nonce) > _NONCE_MAX or not nonce.isascii() or not nonce.isprintable()):
+        if nonce is not None and not _valid_nonce(nonce):
             raise BadRequest(f"{NONCE_HEADER}: 1 to {_NONCE_MAX} printable ASCII characters")
         length = req.content_length
         if length is not None and length > self.max_body_bytes:
