@@ -421,7 +421,12 @@ def verify_response(
     max_age: datetime.timedelta | None = None,
     now: float | None = None,
 ) -> VerifiedResponse:
-    """Verify a complete (non-stream) response against the request the client sent."""
+    """Verify a complete (non-stream) response against the request the client sent.
+
+    A 413 is bound to the empty body: the server refused the body without reading it.
+    """
+    if status == 413 and request.body:
+        request = RequestInfo(request.method, request.target, b"", request.nonce)
     result, h = _verify_headers(public_key, request, status, headers, streaming=False, max_age=max_age, now=now)
     try:
         ContentDigest.verify(h["content-digest"], body)
