@@ -55,6 +55,10 @@ _SECURITY_HEADERS = (
     ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
     ("Cache-Control", "no-store"),
 )
+# What a browser client needs to read to verify a response (spec/signing.md) and to back off.
+_CORS_EXPOSE = [
+    "Signature", "Signature-Input", "Content-Digest", "Appliance-Stream", "Appliance-Client", "X-Request-Id", "Retry-After",
+]
 
 
 @dataclass
@@ -331,7 +335,10 @@ def create_app(
     metrics = metrics or Metrics()
     if provider is None and settings.attestation.provider != "none":
         a = settings.attestation
-        provider = detect_provider(a.provider, configfs_root=a.configfs_root, nsm_device=a.nsm_device, gramine_root=a.gramine_root)
+        provider = detect_provider(
+            a.provider, configfs_root=a.configfs_root, nsm_device=a.nsm_device, gramine_root=a.gramine_root,
+            rtmr_path=a.rtmr_path,
+        )
     attestor_box: list[Attestor] = []
 
     def measured(name: str, sha256_hex: str) -> None:  # runs in the loading thread
@@ -370,7 +377,7 @@ def create_app(
         middleware=[
             RequestContext(metrics),
             ResponseSigning(identity, settings.limits.max_body_bytes),
-            *([falcon.CORSMiddleware(allow_origins=settings.server.cors_origins)] if settings.server.cors_origins else []),
+            *([falcon.CORSMiddleware(allow_origins=settings.server.cors_origins, expose_headers=_CORS_EXPOSE)] if settings.server.cors_origins else []),
             Auth(settings, metrics, clock=wall_clock),
             *(extra_middleware or []),
             JsonBody(settings),

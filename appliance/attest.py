@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 import gevent
+from gevent import monkey
 
 from attestation.claims import NONCE_RE, Claims, ModelClaim, report_data
 from attestation.measurements import event_digest, model_event
@@ -51,6 +52,10 @@ class Attestor:
         self.event_log: list[dict] = []
         self._config_sha256 = settings.public_digest()
         self._variant = settings.attestation.variant
+        # A real lock: models load on pool threads, and the log must list extends in their order.
+        self._measure_lock = monkey.get_original("_thread", "allocate_lock")()
+        # Read once here (at worker start): for configfs it probes the kernel interface.
+        self.provider_name = provider.name if provider else "none"
 
     def claims(self, nonce: str) -> Claims:
         kind, digest = binary_digest()
@@ -65,7 +70,7 @@ class Attestor:
             signing_kid=self.identity.kid,
             nonce=nonce,
             timestamp=int(self.clock()),
-            provider=self.provider.name if self.provider else "none",
+            provider=self.provider_name,
             models=tuple(ModelClaim(r.name, r.sha256) for r in ready),
             tls_public_key_sha256=self.tls_public_key_sha256,
             runtime_measurements=tuple(self.event_log),
@@ -82,12 +87,13 @@ class Attestor:
             digest=event_digest(event).hex(),
             description=event,
         )
-        try:
-            extended = self.provider.extend(m)
-        except ProviderError as e:
-            log.error("runtime measurement of model %s failed: %s", name, e)
-            extended = False
-        self.event_log.append({**m.to_dict(), "extended": bool(extended)})
+        with self._measure_lock:
+            try:
+                extended = self.provider.extend(m)
+            except ProviderError as e:
+                log.error("runtime measurement of model %s failed: %s", name, e)
+                extended = False
+            self.event_log.append({**m.to_dict(), "extended": bool(extended)})
 
 
 class AttestationResource:

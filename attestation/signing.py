@@ -16,6 +16,7 @@ import base64
 import datetime
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -40,6 +41,7 @@ __all__ = [
     "key_id",
     "public_key_from_b64",
     "content_digest",
+    "uri_target",
     "RequestInfo",
     "response_components",
     "sign_response_headers",
@@ -66,6 +68,8 @@ FINAL_PREFIX = b": appliance-final "
 SSE_DONE = b"data: [DONE]\n\n"
 _SKEW = 60  # seconds of clock skew tolerated for a response's created time
 _AUTHORITY = "http://appliance.invalid"  # @authority and @scheme are not covered; a fixed base parses the target
+_TARGET_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?")
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _CHAIN_DOMAIN = b"appliance-stream-v1\x00"
 _CHECKPOINT_DOMAIN = b"appliance-checkpoint-v1\x00"
 _FINAL_DOMAIN = b"appliance-final-v1\x00"
@@ -90,6 +94,22 @@ def public_key_from_b64(text: str) -> Ed25519PublicKey:
     if len(raw) != 32:
         raise VerificationError("public key: expected 32 raw Ed25519 bytes")
     return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def uri_target(target: str) -> str:
+    """The target as @path and @query see it: as sent, except that every character the RFC 3986 path and
+    query grammar does not allow (and a `%` that does not start an escape) is percent-encoded, UTF-8,
+    upper-case hex. Well-formed targets are unchanged; without this, `?q=a|b` could not be signed at all.
+    """
+    if all(c in _TARGET_SAFE for c in target) and "%" not in target:
+        return target
+    out = []
+    for i, c in enumerate(target):
+        if c in _TARGET_SAFE or (c == "%" and _ESCAPE.match(target, i)):
+            out.append(c)
+        else:
+            out.append("".join(f"%{b:02X}" for b in c.encode()))
+    return "".join(out)
 
 
 def content_digest(body: bytes) -> str:
@@ -138,7 +158,7 @@ class RequestInfo:
         headers = _Headers({"content-digest": content_digest(self.body)})
         if self.nonce is not None:
             headers[NONCE_HEADER] = self.nonce
-        return _Req(self.method.upper(), _AUTHORITY + self.target, headers)
+        return _Req(self.method.upper(), _AUTHORITY + uri_target(self.target), headers)
 
 
 @dataclass
@@ -248,7 +268,7 @@ def sign_request(
 ) -> dict[str, str]:
     """Headers a client adds to sign its request: Content-Digest, Signature-Input, Signature."""
     h = _Headers({"content-digest": content_digest(body)})
-    msg = _Req(method.upper(), _AUTHORITY + target, h)
+    msg = _Req(method.upper(), _AUTHORITY + uri_target(target), h)
     signer = HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(private=private_key))
     signer.sign(
         msg, key_id=keyid, created=created, expires=expires, nonce=nonce, label=REQUEST_LABEL, tag=REQUEST_TAG,
@@ -296,7 +316,7 @@ def verify_request(
                 raise HTTPMessageSignaturesException("unknown key id")
             return key
 
-    msg = _Req(method.upper(), _AUTHORITY + target, h)
+    msg = _Req(method.upper(), _AUTHORITY + uri_target(target), h)
     verifier = _Verifier(signature_algorithm=algorithms.ED25519, key_resolver=_Resolver())
     try:
         results = verifier.verify(msg, expect_tag=REQUEST_TAG, expect_label=REQUEST_LABEL, require_components=REQUEST_COMPONENTS, max_age=None)

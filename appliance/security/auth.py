@@ -13,6 +13,7 @@ digest. Failures say nothing about why (one message), and are counted by reason 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import math
 import time
@@ -24,7 +25,7 @@ import falcon
 
 from attestation.signing import CLIENT_HEADER, VerificationError, public_key_from_b64, verify_request
 
-from ..errors import Forbidden, RateLimited, Unauthorized
+from ..errors import Forbidden, Overloaded, RateLimited, Unauthorized
 from ..metrics import Metrics
 from ..settings import Settings
 
@@ -69,26 +70,36 @@ class RateLimiter:
         return wait
 
 
+class ReplayCacheFull(Exception):
+    """Every remembered nonce is still valid: refuse rather than forget one (that would allow a replay)."""
+
+
 class ReplayCache:
-    """Nonces seen within their signature's validity; bounded (oldest expiry evicted first)."""
+    """Nonces seen within their signature's validity, forgotten only once they expire.
+
+    Bounded: when full of still-valid nonces, new signed requests are refused (fail closed) until
+    some expire; `signature_window` bounds how long that lasts.
+    """
 
     def __init__(self, max_entries: int, clock: Callable[[], float]) -> None:
         self.max_entries = max_entries
         self.clock = clock
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._seen: dict[tuple[str, str], float] = {}
+        self._expiry: list[tuple[float, tuple[str, str]]] = []  # a heap, soonest expiry first
 
     def check_and_add(self, keyid: str, nonce: str, expires: float) -> bool:
-        """True if fresh (and now remembered), False if a replay."""
+        """True if fresh (and now remembered), False if a replay; raises ReplayCacheFull."""
         now = self.clock()
-        while self._seen:
-            k, exp = next(iter(self._seen.items()))
-            if exp > now and len(self._seen) < self.max_entries:
-                break
-            self._seen.popitem(last=False)
+        while self._expiry and self._expiry[0][0] <= now:
+            _, old = heapq.heappop(self._expiry)
+            self._seen.pop(old, None)
         key = (keyid, nonce)
         if key in self._seen:
             return False
+        if len(self._seen) >= self.max_entries:
+            raise ReplayCacheFull()
         self._seen[key] = expires
+        heapq.heappush(self._expiry, (expires, key))
         return True
 
 
@@ -114,6 +125,8 @@ class Auth:
         if resource is None or route is None or route in PUBLIC_ROUTES:
             return
         self._limit(f"ip:{req.remote_addr}")
+        if req.method == "OPTIONS":
+            return  # the framework's OPTIONS responder (CORS preflight, which never carries credentials)
         scope = "admin" if route in ADMIN_ROUTES else "inference"
         principal = self._authenticate(req)
         if principal is None:
@@ -163,7 +176,12 @@ class Auth:
             )
         except VerificationError:
             self._refuse("bad_signature", Unauthorized(_REFUSED))
-        if not self.replay.check_and_add(v.keyid, v.nonce, v.expires):
+        try:
+            fresh = self.replay.check_and_add(v.keyid, v.nonce, v.expires)
+        except ReplayCacheFull:
+            self.metrics.auth_failures.labels("replay_cache_full").inc()
+            raise Overloaded("Too many signed requests in flight; retry shortly", headers={"Retry-After": "1"}) from None
+        if not fresh:
             self._refuse("replay", Unauthorized(_REFUSED))
         return self._client_principals[v.keyid]
 

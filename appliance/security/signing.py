@@ -50,9 +50,6 @@ class ResponseSigning:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.raw_body = b""
-        nonce = req.get_header(NONCE_HEADER)
-        if nonce is not None and not _valid_nonce(nonce):
-            raise BadRequest(f"{NONCE_HEADER}: 1 to {_NONCE_MAX} printable ASCII characters")
         length = req.content_length
         if length is not None and length > self.max_body_bytes:
             raise PayloadTooLarge(f"The request body exceeds {self.max_body_bytes} bytes")
@@ -61,6 +58,10 @@ class ResponseSigning:
             if len(raw) > self.max_body_bytes:
                 raise PayloadTooLarge(f"The request body exceeds {self.max_body_bytes} bytes")
             req.context.raw_body = raw
+        # Checked after the body is read, so that this 400 is bound to the body as sent, like any other.
+        nonce = req.get_header(NONCE_HEADER)
+        if nonce is not None and not _valid_nonce(nonce):
+            raise BadRequest(f"{NONCE_HEADER}: 1 to {_NONCE_MAX} printable ASCII characters")
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
         info = request_info(req)
@@ -151,6 +152,9 @@ class SignedStream:
     def _finish(self) -> None:
         if self._finished:
             return
+        if self._buf:  # bytes after the last complete event: chain them too, never drop them
+            tail, self._buf = self._buf, b""
+            self._event(tail + b"\n\n")
         self._finished = True
         self._pending.append(self._identity.stream_final(self._chain, self._request, self._finish_reason, self._usage))
         self._pending.append(SSE_DONE)

@@ -80,12 +80,14 @@ class SimulatedProvider:
         return False
 
 
-def detect_provider(kind: str, *, configfs_root: Path, nsm_device: Path, gramine_root: Path) -> EvidenceProvider:
+def detect_provider(
+    kind: str, *, configfs_root: Path, nsm_device: Path, gramine_root: Path, rtmr_path: Path | None = None
+) -> EvidenceProvider:
     """The configured provider, or with `auto` the first TEE interface present, else simulated."""
     if kind in ("configfs-tsm", "auto") and configfs_root.is_dir():
         from .configfs import ConfigfsTsmProvider
 
-        return ConfigfsTsmProvider(configfs_root)
+        return ConfigfsTsmProvider(configfs_root, **({"rtmr_path": rtmr_path} if rtmr_path else {}))
     if kind in ("nitro", "auto") and nsm_device.exists():
         from .nitro import NitroProvider
 
