@@ -38,12 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
             "--model", action="append", type=_model_arg, default=None, metavar="NAME=PATH",
             help="serve a GGUF model under NAME (repeatable)",
         )
+        parser.add_argument(
+            "--no-default-model", action="store_true", default=None,
+            help="do not serve the model embedded in the binary (a frozen build's default model)",
+        )
     vr = sub.add_parser(
         "verify-response",
         help="verify a saved response or stream transcript against the appliance's public key",
     )
     vr.add_argument("transcript", type=Path, help="JSON transcript (see spec/signing.md)")
     vr.add_argument("--public-key", required=True, help="raw Ed25519 public key, base64 (from /v1/keys)")
+    from attestation.cli import add_verify_arguments
+
+    add_verify_arguments(sub.add_parser("verify", help="attest an appliance: print the factor table (see spec/attestation.md)"))
     return p
 
 
@@ -54,6 +61,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(args.config, host=args.host, port=args.port, models=args.model)
+        embedded = None if args.no_default_model else _embedded_model()
+        if embedded and embedded[0] not in {m.name for m in settings.models}:
+            models = [embedded, *(args.model or [])]
+            settings = load_settings(args.config, host=args.host, port=args.port, models=models)
         for i, m in enumerate(settings.models):
             try:
                 check_gguf(m.path, param=f"models[{i}].path")
@@ -75,6 +86,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embedded_model() -> tuple[str, str] | None:
+    """(name, path) of the model a frozen binary carries (build/appliance.spec), else None.
+
+    It is served like a `--model` (same digest in /status and the claims), from the onefile
+    extraction directory, memory-mapped when loaded; a configured model of the same name wins.
+    """
+    root = getattr(sys, "_MEIPASS", None)
+    if not getattr(sys, "frozen", False) or root is None:
+        return None
+    found = sorted(Path(root, "embedded_model").glob("*.gguf"))
+    return (found[0].stem, str(found[0])) if found else None
+
+
 def _factory(settings, identity):
     # Imported in the worker after the fork: llama.cpp (and OpenMP/CUDA) never load in the master.
     from .app import create_app
@@ -90,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         from attestation.cli import verify_transcript_main
 
         return verify_transcript_main(args.transcript, args.public_key)
+    if args.command == "verify":
+        from attestation.cli import verify_main
+
+        return verify_main(args)
     return 2
 
 

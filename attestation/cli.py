@@ -1,10 +1,18 @@
 """Command-line verification, usable without the server installed.
 
     python -m attestation verify-response TRANSCRIPT.json --public-key B64
+    python -m attestation verify URL [--policy FILE] [--allow-simulated] [--complete PROMPT] [--stream]
+                                     [--model NAME] [--max-tokens N] [--api-key KEY] [--timeout S]
+
+(`appliance verify-response` and `appliance verify` are the same commands.)
 
 A transcript is the JSON document spec/signing.md defines: the request as the client sent it and
 the response as it arrived (status, headers, body bytes in base64). Exit 0 when it verifies, 1 with
 the reason on stderr when it does not, 2 when the transcript cannot be read.
+
+`verify` attests the appliance at URL (spec/attestation.md): it prints the factor table and exits 0
+only when no required factor failed, 1 when one did (or, with `--complete`, when the answer does not
+verify against the attested key), 2 for usage errors, an unreadable policy, or an unreachable URL.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from pathlib import Path
 
 from .signing import RequestInfo, VerificationError, public_key_from_b64, verify_response, verify_stream
 
-__all__ = ["load_transcript", "verify_transcript", "verify_transcript_main", "main"]
+__all__ = ["load_transcript", "verify_transcript", "verify_transcript_main", "add_verify_arguments", "verify_main", "main"]
 
 
 class TranscriptError(ValueError):
@@ -61,11 +69,156 @@ def verify_transcript_main(path: Path, public_key_b64: str) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# verify: attest an appliance, optionally send it a completion and verify the answer
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("url", help="the appliance's base URL, e.g. http://127.0.0.1:3000")
+    p.add_argument("--policy", type=Path, default=None, help="policy file (TOML or JSON, or a build manifest)")
+    p.add_argument(
+        "--allow-simulated", action="store_true",
+        help="accept SIMULATED evidence (no TEE: for development only)",
+    )
+    p.add_argument("--complete", metavar="PROMPT", default=None, help="then send this completion and verify the answer")
+    p.add_argument("--stream", action="store_true", help="with --complete: stream the answer (verified as it arrives)")
+    p.add_argument("--model", default=None, help="with --complete: the model (default: the first model in the claims)")
+    p.add_argument("--max-tokens", type=int, default=16, help="with --complete: max_tokens (default 16)")
+    p.add_argument("--api-key", default=None, help="with --complete: API key (sent as a Bearer token)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request (default 120)")
+    return p
+
+
+def _http(timeout: float):
+    """The HTTP client the command uses (the standard library's); tests replace it."""
+    from .client import StdlibHTTP
+
+    return StdlibHTTP(timeout=timeout)
+
+
+def verify_main(args: argparse.Namespace, out=None, err=None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    from .client import AttestationFailed, attest, normalize_base_url
+    from .policy import Policy, PolicyError, load_policy
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        print("error: --max-tokens must be at least 1", file=err)
+        return EXIT_USAGE
+    try:
+        base = normalize_base_url(args.url)
+    except ValueError as e:
+        print(f"error: {e}", file=err)
+        return EXIT_USAGE
+    try:
+        policy = load_policy(args.policy) if args.policy is not None else Policy()
+    except PolicyError as e:
+        print(f"error: {e}", file=err)
+        return EXIT_USAGE
+    if args.allow_simulated:
+        policy = policy.with_simulated()
+    http = _http(args.timeout)
+
+    print(f"appliance: {base}", file=out)
+    try:
+        appliance = attest(base, policy=policy, http=http)
+    except AttestationFailed as e:
+        _print_report(e.report, out)
+        print(f"result: FAILED ({', '.join(f.name for f in e.report.failures()) or 'no factor passed'})", file=out)
+        return EXIT_FAILED
+    except _io_errors() as e:
+        print(f"error: cannot reach {base}: {type(e).__name__}: {e}", file=err)
+        return EXIT_USAGE
+    _print_report(appliance.report, out)
+    print(f"result: OK (signing key {appliance.kid})", file=out)
+    if args.complete is None:
+        return EXIT_OK
+    return _complete(appliance, args, http, out, err)
+
+
+def _io_errors() -> tuple[type[BaseException], ...]:
+    """Network failures (connection refused, TLS, timeouts, malformed HTTP): exit 2, not a verdict."""
+    import http.client
+
+    errors: tuple[type[BaseException], ...] = (OSError, http.client.HTTPException)
+    try:
+        import httpx2
+
+        errors += (httpx2.TransportError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def _print_report(report, out) -> None:
+    if report.provider or report.format:
+        print(f"provider: {report.provider} ({report.format})", file=out)
+    print(report.table(), file=out)
+
+
+def _complete(appliance, args, http, out, err) -> int:
+    import json as _json
+
+    from .client import VerificationError, verified_request
+
+    model = args.model or next(iter(appliance.models), None)
+    if model is None:
+        print("error: the claims name no model; pass --model", file=err)
+        return EXIT_USAGE
+    payload = {"model": model, "prompt": args.complete, "max_tokens": args.max_tokens}
+    if args.stream:
+        payload["stream"] = True
+    body = _json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if args.stream else "application/json"}
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
+    print(f"completion: POST /v1/completions (model {model}, max_tokens {args.max_tokens}{', streamed' if args.stream else ''})", file=out)
+    try:
+        resp = verified_request(appliance, "POST", "/v1/completions", body=body, headers=headers, http=http)
+        if resp.is_stream:
+            text, error = [], None
+            for ev in resp.events():
+                if not ev.startswith(b"data: ") or ev == b"data: [DONE]\n\n":
+                    continue
+                obj = _json.loads(ev[6:])
+                if "error" in obj:
+                    error = obj["error"].get("message")
+                for choice in obj.get("choices") or []:
+                    text.append(choice.get("text") or "")
+            result = resp.stream_result() if resp.stream_result else None
+            status_line = f"signature: verified (stream, {len(result.events) if result else 0} events, final checkpoint ok)"
+        else:
+            obj = resp.json()
+            error = obj.get("error", {}).get("message") if resp.status != 200 else None
+            text = [c.get("text") or "" for c in obj.get("choices") or []]
+            status_line = "signature: verified"
+    except VerificationError as e:
+        print(f"signature: FAILED: {e}", file=out)
+        return EXIT_FAILED
+    except _io_errors() as e:
+        print(f"error: the completion request failed: {type(e).__name__}: {e}", file=err)
+        return EXIT_USAGE
+    except (ValueError, AttributeError, TypeError) as e:
+        print(f"signature: verified, but the answer is not a completion ({type(e).__name__})", file=out)
+        return EXIT_FAILED
+    if resp.status != 200 or error:
+        print(f"{status_line}; the appliance answered HTTP {resp.status}: {error}", file=out)
+        return EXIT_FAILED
+    print("".join(text), file=out)
+    print(status_line, file=out)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="attestation")
     sub = p.add_subparsers(dest="command", required=True)
-    vr = sub.add_parser("verify-response")
+    vr = sub.add_parser("verify-response", help="verify a saved response or stream transcript")
     vr.add_argument("transcript", type=Path)
     vr.add_argument("--public-key", required=True)
+    add_verify_arguments(sub.add_parser("verify", help="attest an appliance (and verify a completion)"))
     args = p.parse_args(argv)
+    if args.command == "verify":
+        return verify_main(args)
     return verify_transcript_main(args.transcript, args.public_key)

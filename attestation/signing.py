@@ -51,6 +51,7 @@ __all__ = [
     "verify_stream",
     "VerifiedResponse",
     "VerifiedStream",
+    "verify_stream_headers",
     "sign_request",
     "verify_request",
     "VerifiedRequest",
@@ -429,6 +430,19 @@ def _verify_headers(
         if created > t + _SKEW or t - created > max_age.total_seconds():
             raise VerificationError("signature: created is outside the allowed age")
     return result, h
+
+
+def verify_stream_headers(
+    public_key: Ed25519PublicKey,
+    request: RequestInfo,
+    status: int,
+    headers: Mapping[str, str],
+    *,
+    max_age: datetime.timedelta | None = None,
+    now: float | None = None,
+):
+    """Check a stream's header signature before any event arrives (incremental verifiers)."""
+    return _verify_headers(public_key, request, status, headers, streaming=True, max_age=max_age, now=now)
 
 
 def verify_response(

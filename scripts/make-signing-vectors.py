@@ -361,8 +361,8 @@ def build() -> dict[str, dict]:
     covered = s.verify_stream(s.public_key_from_b64(appliance_pub), request=sreq, status=200, headers=sresp["headers"],
                               transcript=transcript)
     response_vector(
-        "valid-stream", f"A chat stream: {n_data} data events, a checkpoint after {CHECKPOINT_EVERY}, the final "
-        "checkpoint, data: [DONE].", sreq, sresp, kind="stream",
+        "valid-stream", f"A chat stream: {n_data} data events, checkpoints after data events 1, 2, 4, 8 and every "
+        f"{CHECKPOINT_EVERY}th, the final checkpoint, data: [DONE].", sreq, sresp, kind="stream",
         extra={"chain_heads": heads, "request_digest": s.request_digest(sreq), "data_events": n_data,
                "finish_reason": covered.finish_reason, "usage": covered.usage},
     )
@@ -377,11 +377,14 @@ def build() -> dict[str, dict]:
         assert old in e, (old, e)
         return e.replace(old, new, 1)
 
+    def checkpoint_after(i: int) -> int:
+        return next(j for j, e in enumerate(events) if j > i and e.startswith(s.CHECKPOINT_PREFIX))
+
     i3, i18 = data_index(events, 3), data_index(events, 18)
     ev = list(events)
     ev[i3] = changed(ev[i3], b" brown", b" green")
-    stream_vector("tampered-stream-event-changed", "Data event 3 changed (before the first checkpoint).", ev,
-                  "checkpoint at event 16 does not match the events before it")
+    stream_vector("tampered-stream-event-changed", "Data event 3 changed (before the checkpoint that covers it).", ev,
+                  f"checkpoint at event {checkpoint_after(i3)} does not match the events before it")
     ev = list(events)
     ev[i18] = changed(ev[i18], b"\"content\":\" a\"", b"\"content\":\" one\"")
     stream_vector("tampered-stream-event-changed-after-checkpoint", "Data event 18 changed (after the checkpoint).", ev,
@@ -412,20 +415,20 @@ def build() -> dict[str, dict]:
     cut = b"".join(events[: data_index(events, 10)]) + events[data_index(events, 10)][:40]
     stream_vector("tampered-stream-truncated-mid-event", "The stream cut in the middle of an event.", [cut],
                   "truncated (does not end with a complete event)")
-    # Forged checkpoint: event 3 changed and the checkpoint's chain recomputed (anyone can), signature kept.
+    # Forged checkpoint: event 3 changed and the covering checkpoint's chain recomputed (anyone can),
+    # signature kept.
     ev = list(events)
     ev[i3] = changed(ev[i3], b" brown", b" green")
+    cp = checkpoint_after(i3)
     forged = s.StreamChain(sresp["headers"]["Signature"])
-    for e in ev:
-        if e.startswith(s.CHECKPOINT_PREFIX):
-            break
-        forged.add(e)
-    cp = next(i for i, e in enumerate(ev) if e.startswith(s.CHECKPOINT_PREFIX))
+    for e in ev[:cp]:
+        if not e.startswith(b":"):
+            forged.add(e)
     old = json.loads(ev[cp][len(s.CHECKPOINT_PREFIX) :])
     old["chain"] = b64(forged.head)
     ev[cp] = s.CHECKPOINT_PREFIX + s._canonical(old) + b"\n\n"
-    stream_vector("tampered-stream-forged-checkpoint", "Event 3 changed and the checkpoint's chain recomputed to match; "
-                  "its signature cannot be.", ev, "bad signature on the checkpoint at event 16")
+    stream_vector("tampered-stream-forged-checkpoint", "Event 3 changed and the checkpoint covering it recomputed to "
+                  "match; its signature cannot be.", ev, f"bad signature on the checkpoint at event {cp}")
     ev = list(events)
     ev[fin] = changed(ev[fin], b'"finish_reason":"length"', b'"finish_reason":"stop"')
     stream_vector("tampered-stream-final-finish-reason", "The final checkpoint's finish_reason changed.", ev,

@@ -154,12 +154,16 @@ class Generation:
                     yield event
                     if self.finished:
                         return
+                if self.cancelled:  # the client is gone: stop waiting, the scheduler frees the slot
+                    return
                 self._ready.wait()
         finally:
             self.close()
 
     def cancel(self) -> None:
+        """Abandon the request (client gone): the slot is freed within a step, the waiter returns."""
         self.cancelled = True
+        self._ready.set()
 
     def close(self) -> None:
         if not self.finished:
@@ -292,8 +296,9 @@ class ModelEngine:
             raise ModelNotFound(self.name)
         limit = min(self.n_ctx, request.n_ctx or self.n_ctx)
         if len(request.prompt) >= limit:
+            whose = "This request's context (n_ctx)" if limit < self.n_ctx else "This model's context"
             raise ContextLengthExceeded(
-                f"This model's context is {limit} tokens; the prompt has {len(request.prompt)} tokens"
+                f"{whose} is {limit} tokens; the prompt has {len(request.prompt)} tokens"
                 " and leaves no room for a completion",
                 param="prompt",
             )
@@ -410,6 +415,11 @@ class ModelEngine:
         for s in self._slots:
             if s.gen is not None and s.gen.cancelled:
                 self._release(s)
+        if any(gen.cancelled for gen, _ in self._queue):  # gone before a slot freed: stop counting them
+            kept = deque(item for item in self._queue if not item[0].cancelled)
+            for _ in range(len(self._queue) - len(kept)):
+                self._dec_waiting()
+            self._queue = kept
 
     def _admit(self, out: list) -> None:
         while self._queue:

@@ -22,7 +22,12 @@ __all__ = ["ResponseSigning", "SignedStream", "request_info"]
 
 log = logging.getLogger("appliance.signing")
 
-CHECKPOINT_EVERY = 16  # data events between signed checkpoints
+CHECKPOINT_EVERY = 16  # data events between signed checkpoints, once the stream is under way
+_EARLY_CHECKPOINTS = frozenset({1, 2, 4, 8})  # so a verifying client can release the first tokens at once
+
+
+def checkpoint_due(seq: int) -> bool:
+    return seq in _EARLY_CHECKPOINTS or seq % CHECKPOINT_EVERY == 0
 _NONCE_MAX = 256
 
 
@@ -54,7 +59,10 @@ class ResponseSigning:
         if length is not None and length > self.max_body_bytes:
             raise PayloadTooLarge(f"The request body exceeds {self.max_body_bytes} bytes")
         if length or req.get_header("Transfer-Encoding"):
-            raw = req.bounded_stream.read(self.max_body_bytes + 1)
+            # Without Content-Length (chunked), Falcon's bounded stream reads nothing: read the
+            # server's decoded input directly, still bounded.
+            stream = req.bounded_stream if length is not None else req.stream
+            raw = stream.read(self.max_body_bytes + 1)
             if len(raw) > self.max_body_bytes:
                 raise PayloadTooLarge(f"The request body exceeds {self.max_body_bytes} bytes")
             req.context.raw_body = raw
@@ -127,7 +135,7 @@ class SignedStream:
         self._observe(event)
         self._chain.add(event)
         self._pending.append(event)
-        if self._chain.seq % CHECKPOINT_EVERY == 0:
+        if checkpoint_due(self._chain.seq):
             self._pending.append(self._identity.stream_checkpoint(self._chain))
 
     def _observe(self, event: bytes) -> None:
