@@ -78,8 +78,19 @@ class ApplianceServer(BaseApplication):
 
     def _post_worker_init(self, worker) -> None:
         # Serve at once (/health answers while models load); load configured models in background.
-        for ms in self.settings.models:
-            gevent.spawn(self._load_model, ms)
+        loads = [gevent.spawn(self._load_model, ms) for ms in self.settings.models]
+        if self.settings.attestation.seal_after_startup:
+            gevent.spawn(self._seal_after, loads)
+
+    def _seal_after(self, loads) -> None:
+        gevent.joinall(loads)
+        provider = getattr(self.state.attestor, "provider", None)
+        seal = getattr(provider, "seal", None)
+        if seal is None:
+            log.warning("attestation.seal_after_startup: the %s provider has nothing to seal", getattr(provider, "name", "none"))
+            return
+        sealed = gevent.get_hub().threadpool.apply(seal)
+        log.info("runtime measurement register sealed: %s", bool(sealed))
 
     def _load_model(self, ms) -> None:
         try:

@@ -175,6 +175,9 @@ class AttestationSettings(_Strict):
     rtmr_path: Path = Path("/sys/devices/virtual/misc/tdx_guest/measurements/rtmr3:sha384")
     rate_per_minute: Annotated[int, Field(ge=0, le=100_000)] = 60
     """Attestation requests per minute per client address (0: unlimited)."""
+    seal_after_startup: bool = False
+    """Nitro: lock PCR16 once the configured models are loaded, so the attestation document lists it
+    (an NSM reports only locked PCRs); models loaded later can then no longer be measured."""
     variant: Literal["cpu", "cuda"] | None = None
     """Reported in the claims; default: detected from the llama.cpp build."""
 

@@ -28,10 +28,13 @@ import itertools
 import logging
 import os
 import secrets
-import threading
+from gevent import monkey
 import time
 from pathlib import Path
 from typing import Callable
+
+# A real OS lock: providers run on pool threads, and gevent's patched Lock is a greenlet lock.
+_real_lock = monkey.get_original("_thread", "allocate_lock")
 
 from . import Evidence, MeasurementEvent, ProviderError
 
@@ -114,8 +117,8 @@ class ConfigfsTsmProvider:
         self.backoff = backoff
         self.sleep = sleep
         self._kind: str | None = None  # configfs provider value, once seen
-        self._lock = threading.Lock()
-        self._extend_lock = threading.Lock()
+        self._lock = _real_lock()
+        self._extend_lock = _real_lock()
 
     # -- identity -------------------------------------------------------------------------------
 

@@ -12,8 +12,11 @@ register: `extend()` returns False and the event is only logged.
 
 from __future__ import annotations
 
-import threading
+from gevent import monkey
 from pathlib import Path
+
+# A real OS lock: providers run on pool threads, and gevent's patched Lock is a greenlet lock.
+_real_lock = monkey.get_original("_thread", "allocate_lock")
 
 from . import Evidence, MeasurementEvent, ProviderError
 from .configfs import FileOps
@@ -31,7 +34,7 @@ class GramineProvider:
     def __init__(self, root: Path | str = Path("/dev/attestation"), *, fs: FileOps | None = None) -> None:
         self.root = Path(root)
         self.fs = fs if fs is not None else FileOps()
-        self._lock = threading.Lock()
+        self._lock = _real_lock()
 
     def evidence(self, report_data: bytes) -> Evidence:
         if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != 64:

@@ -62,3 +62,4 @@ def expect_measurements(result: FormatResult, expected: dict, what: str) -> None
 
 from . import simulated  # noqa: E402,F401  (registers itself)
 from . import tdx, sgx  # noqa: E402,F401  (Intel TDX and SGX quotes register themselves)
+from . import snp, nitro  # noqa
