@@ -329,6 +329,7 @@ def create_app(
     wall_clock: Callable[[], float] = time.time,
     identity: Identity | None = None,
     provider=None,
+    tls_public_key_sha256: str | None = None,
     extra_middleware: list | None = None,
 ) -> tuple[falcon.App, AppState]:
     identity = identity or Identity(clock=wall_clock)
@@ -353,7 +354,7 @@ def create_app(
     )
     metrics.watch_models(models)
     state = AppState(settings, models, metrics, identity, wall_clock, started=wall_clock())
-    attestor = Attestor(settings, identity, models, provider, clock=wall_clock)
+    attestor = Attestor(settings, identity, models, provider, clock=wall_clock, tls_public_key_sha256=tls_public_key_sha256)
     attestor_box.append(attestor)
     state.attestor = attestor
     seeds = {m.name: m.seed for m in settings.models}

@@ -99,11 +99,11 @@ def _embedded_model() -> tuple[str, str] | None:
     return (found[0].stem, str(found[0])) if found else None
 
 
-def _factory(settings, identity):
+def _factory(settings, identity, tls_public_key_sha256=None):
     # Imported in the worker after the fork: llama.cpp (and OpenMP/CUDA) never load in the master.
     from .app import create_app
 
-    return create_app(settings, identity=identity)
+    return create_app(settings, identity=identity, tls_public_key_sha256=tls_public_key_sha256)
 
 
 def main(argv: list[str] | None = None) -> int:

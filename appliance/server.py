@@ -44,6 +44,11 @@ class ApplianceServer(BaseApplication):
         self.state = None
         # Made here, in the master, before the fork: a restarted worker keeps the same identity.
         self.identity = Identity()
+        self.tls = None
+        if settings.server.tls == "attested":
+            from .security.tls import make_attested_tls
+
+            self.tls = make_attested_tls(settings.server.host)
         super().__init__()
 
     def load_config(self) -> None:
@@ -68,12 +73,17 @@ class ApplianceServer(BaseApplication):
             "worker_exit": self._worker_exit,
             "post_worker_init": self._post_worker_init,
         }
+        if self.tls is not None:
+            options["certfile"] = self.tls.certfile
+            options["keyfile"] = self.tls.keyfile
         for key, value in options.items():
             if key in self.cfg.settings:
                 self.cfg.set(key, value)
 
     def load(self):
-        app, self.state = self.app_factory(self.settings, self.identity)
+        app, self.state = self.app_factory(
+            self.settings, self.identity, self.tls.spki_sha256 if self.tls is not None else None
+        )
         return app
 
     def _post_worker_init(self, worker) -> None:

@@ -86,6 +86,8 @@ class ServerSettings(_Strict):
     access_log: bool = True
     cors_origins: list[str] = []
     """Origins allowed by CORS; empty (the default) sends no CORS headers at all."""
+    tls: Literal["off", "attested"] = "off"
+    """attested: HTTPS with a key and certificate made in memory at boot, its public key in the claims."""
 
     @property
     def loopback(self) -> bool:

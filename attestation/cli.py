@@ -88,14 +88,18 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16, help="with --complete: max_tokens (default 16)")
     p.add_argument("--api-key", default=None, help="with --complete: API key (sent as a Bearer token)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request (default 120)")
+    p.add_argument(
+        "--attested-tls", action="store_true",
+        help="https with the appliance's self-signed certificate: trust the TLS key the attestation names, no CA",
+    )
     return p
 
 
-def _http(timeout: float):
+def _http(timeout: float, attested_tls: bool = False):
     """The HTTP client the command uses (the standard library's); tests replace it."""
     from .client import StdlibHTTP
 
-    return StdlibHTTP(timeout=timeout)
+    return StdlibHTTP(timeout=timeout, attested_tls=attested_tls)
 
 
 def verify_main(args: argparse.Namespace, out=None, err=None) -> int:
@@ -119,7 +123,8 @@ def verify_main(args: argparse.Namespace, out=None, err=None) -> int:
         return EXIT_USAGE
     if args.allow_simulated:
         policy = policy.with_simulated()
-    http = _http(args.timeout)
+    attested_tls = bool(getattr(args, "attested_tls", False))
+    http = _http(args.timeout, attested_tls) if attested_tls else _http(args.timeout)
 
     print(f"appliance: {base}", file=out)
     try:
@@ -132,6 +137,12 @@ def verify_main(args: argparse.Namespace, out=None, err=None) -> int:
         print(f"error: cannot reach {base}: {type(e).__name__}: {e}", file=err)
         return EXIT_USAGE
     _print_report(appliance.report, out)
+    if attested_tls:
+        pin = appliance.claims.get("tls_public_key_sha256")
+        if not pin:
+            print("result: FAILED (--attested-tls, but the appliance attests no TLS key)", file=out)
+            return EXIT_FAILED
+        http.pin_spki_sha256 = pin  # from here on, every connection must present the attested key
     print(f"result: OK (signing key {appliance.kid})", file=out)
     if args.complete is None:
         return EXIT_OK

@@ -260,22 +260,51 @@ def _spki_sha256(der_cert: bytes | None) -> str | None:
 class StdlibHTTP:
     """One request per connection with http.client: no redirects, no decompression, no proxies."""
 
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+        attested_tls: bool = False,
+    ) -> None:
+        """`attested_tls`: the server's certificate is self-signed and pinned by the attestation
+        (claims `tls_public_key_sha256`), not checked against CAs. Until a pin is set (after
+        attestation) only the attestation document is fetched; once set, every connection's key is
+        compared with it before any request byte is sent."""
         self.timeout = timeout
+        self.attested_tls = attested_tls
+        self.pin_spki_sha256: str | None = None
+        if ssl_context is None:
+            ssl_context = ssl.create_default_context()
+            if attested_tls:
+                ssl_context.check_hostname = False
+                ssl_context.verify_mode = ssl.CERT_NONE
         self.ssl_context = ssl_context
 
     def open(self, method: str, url: str, headers: Mapping[str, str], body: bytes = b"") -> _Raw:
         u = urllib.parse.urlsplit(url)
         if u.scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                u.hostname, u.port, timeout=self.timeout, context=self.ssl_context or ssl.create_default_context()
+                u.hostname, u.port, timeout=self.timeout, context=self.ssl_context
             )
         elif u.scheme == "http":
             conn = http.client.HTTPConnection(u.hostname, u.port, timeout=self.timeout)
         else:
             raise ValueError(f"not an http(s) URL: {url!r}")
         target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        tls = None
         try:
+            if u.scheme == "https":
+                # The peer's key, read right after the handshake (http.client drops the socket once a
+                # `Connection: close` response arrives) and, with attested TLS, checked before any
+                # request byte leaves.
+                conn.connect()
+                tls = _spki_sha256(conn.sock.getpeercert(binary_form=True))
+                if self.attested_tls:
+                    if self.pin_spki_sha256 is not None and tls != self.pin_spki_sha256:
+                        raise VerificationError("tls: the server's TLS key is not the attested one")
+                    if self.pin_spki_sha256 is None and not target.startswith(ATTESTATION_PATH):
+                        raise VerificationError("tls: attested TLS is not pinned yet: attest first")
             conn.putrequest(method, target, skip_accept_encoding=True)
             conn.putheader("Accept-Encoding", "identity")
             conn.putheader("Connection", "close")
@@ -288,9 +317,6 @@ class StdlibHTTP:
         except BaseException:
             conn.close()
             raise
-        tls = None
-        if u.scheme == "https" and conn.sock is not None:
-            tls = _spki_sha256(conn.sock.getpeercert(binary_form=True))
 
         def chunks() -> Iterator[bytes]:
             while True:
