@@ -30,7 +30,7 @@ def one(url: str, model: str, tokens: int, seed: int, out: list) -> None:
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("usage") and not chunk["choices"]:
+            if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
             elif first is None:
                 first = time.perf_counter()

@@ -1,0 +1,464 @@
+"""`make bench`: the appliance against llama.cpp's own llama-server, same model, side by side.
+
+Both servers are built from the same pinned llama-cpp-python sdist with the same CPU flags, serve
+the same GGUF (a realistic-shape ~400M-parameter Q8_0 model with a real vocab and seeded weights),
+run on loopback with equal settings, and get the same OpenAI-compatible workload, alternating runs,
+with `ignore_eos` so token counts match. Prints a table of ours/theirs ratios, writes JSON and a PNG
+chart under bench/results/, and updates the table in the README.
+
+Timing numbers are reported, never asserted in `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("APPLIANCE_CACHE", Path.home() / ".cache" / "appliance"))
+RESULTS = ROOT / "bench" / "results"
+WORDS = (
+    "alpha river stone garden window silver market engine orange planet quiet forest "
+    "harbor lantern meadow copper signal winter velvet canyon thunder bridge paper ocean"
+).split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompt_of(n_words: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+
+@dataclass
+class Server:
+    name: str
+    cmd: list[str]
+    env: dict
+    ready_path: str
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    model: str = "bench"
+    log: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.log = RESULTS / f"{self.name}.log"
+        f = open(self.log, "wb")
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} exited early; see {self.log}")
+            try:
+                if requests.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        raise SystemExit(f"{self.name} not ready in 300 s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM summed over the server's process tree (ours: gunicorn master + worker)."""
+        total = 0
+        pids = [self.proc.pid] + _children(self.proc.pid)
+        for pid in pids:
+            try:
+                m = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+                total += int(m.group(1)) if m else 0
+            except OSError:
+                pass
+        return total / 1024
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for k in kids:
+        out.append(int(k))
+        out.extend(_children(int(k)))
+    return out
+
+
+def ours(model: Path, port: int, *, threads: int | None, parallel: int | None, n_ctx: int | None) -> Server:
+    cfg = RESULTS / f"ours-{port}.toml"
+    lines = ["[server]", "log_level = \"warning\"", "access_log = false", "[limits]", "max_tokens = 100000",
+             "[attestation]", "rate_per_minute = 0", "[[models]]", 'name = "bench"', f'path = "{model}"']
+    if threads:
+        lines.append(f"n_threads = {threads}")
+    if parallel:
+        lines.append(f"parallel = {parallel}")
+    if n_ctx:
+        lines.append(f"n_ctx = {n_ctx}")
+    cfg.write_text("\n".join(lines) + "\n")
+    cmd = [str(ROOT / ".venv/bin/appliance"), "-p", str(port), "--config", str(cfg)]
+    s = Server("appliance", cmd, dict(os.environ), "/readiness")
+    s.port = port
+    return s
+
+
+def theirs(binary: str, model: Path, port: int, *, threads: int | None, parallel: int | None, n_ctx: int | None) -> Server:
+    cmd = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--alias", "bench", "--no-webui"]
+    if threads:
+        cmd += ["-t", str(threads), "-tb", str(threads)]
+    if parallel:
+        # llama-server's -c is the total context, split across its slots (as ours, kv not unified).
+        cmd += ["-np", str(parallel), "-c", str((n_ctx or 4096) * parallel)]
+    s = Server("llama-server", cmd, dict(os.environ), "/health")
+    s.port = port
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+
+
+@dataclass
+class StreamResult:
+    tokens: int = 0
+    ttft: float = 0.0
+    total: float = 0.0
+    prompt_tokens: int = 0
+
+
+def stream_completion(url: str, prompt: str, max_tokens: int, seed: int) -> StreamResult:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}, "temperature": 0.8, "top_k": 40, "top_p": 0.95,
+            "min_p": 0.05, "seed": seed}
+    res = StreamResult()
+    t0 = time.perf_counter()
+    with requests.post(url + "/v1/completions", json=body, stream=True, timeout=900) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                res.tokens = chunk["usage"]["completion_tokens"]
+                res.prompt_tokens = chunk["usage"]["prompt_tokens"]
+            choices = chunk.get("choices") or []
+            if choices and choices[0].get("text") and not res.ttft:
+                res.ttft = time.perf_counter() - t0
+    res.total = time.perf_counter() - t0
+    return res
+
+
+def concurrent(url: str, clients: int, max_tokens: int, rng: random.Random, prompt_words: int = 24) -> dict:
+    prompts = [prompt_of(prompt_words, rng) for _ in range(clients)]
+    results: list[StreamResult] = [None] * clients  # type: ignore[list-item]
+
+    def run(i: int) -> None:
+        results[i] = stream_completion(url, prompts[i], max_tokens, 1000 + i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    total = sum(r.tokens for r in results)
+    if total != clients * max_tokens:
+        raise SystemExit(f"{url}: expected {clients * max_tokens} tokens, got {total}")
+    return {"tokens_per_s": total / wall, "wall_s": wall, "ttft_s": statistics.median(r.ttft for r in results)}
+
+
+def single_stream(url: str, max_tokens: int, rng: random.Random) -> float:
+    r = stream_completion(url, prompt_of(16, rng), max_tokens, 7)
+    return (r.tokens - 1) / (r.total - r.ttft)  # generation only: from the first token to the last
+
+
+def ttfts(url: str, words: int, reps: int, rng: random.Random) -> dict:
+    vals, pps = [], []
+    for i in range(reps):
+        r = stream_completion(url, prompt_of(words, rng), 1, 50 + i)  # fresh words: no prefix cache hit
+        vals.append(r.ttft)
+        pps.append(r.prompt_tokens / r.ttft)
+    vals.sort()
+    p95 = vals[min(len(vals) - 1, int(round(0.95 * (len(vals) - 1))))]
+    return {"median_ms": statistics.median(vals) * 1000, "p95_ms": p95 * 1000, "prompt_tokens_per_s": statistics.median(pps)}
+
+
+def health_under_load(url: str, clients: int, max_tokens: int, rng: random.Random) -> dict:
+    lat: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        s = requests.Session()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            s.get(url + "/health", timeout=10)
+            lat.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        concurrent(url, clients, max_tokens, rng)
+    finally:
+        stop.set()
+        t.join()
+    lat.sort()
+    return {"p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1000, "max_ms": lat[-1] * 1000, "samples": len(lat)}
+
+
+def multi_turn(url: str, rng: random.Random) -> dict:
+    """TTFT of a chat's second turn, whose prefix is already cached, against a cold one of equal length."""
+    system = prompt_of(400, rng)
+
+    def chat(messages) -> tuple[float, str]:
+        body = {"model": "bench", "messages": messages, "max_tokens": 8, "ignore_eos": True, "stream": True, "seed": 3}
+        t0 = time.perf_counter()
+        ttft, text = 0.0, ""
+        with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line.startswith(b"data: {"):
+                    c = json.loads(line[6:])
+                    d = (c.get("choices") or [{}])[0].get("delta", {}).get("content")
+                    if d:
+                        ttft = ttft or time.perf_counter() - t0
+                        text += d
+        return ttft, text
+
+    turn1 = [{"role": "system", "content": system}, {"role": "user", "content": prompt_of(20, rng)}]
+    _, answer = chat(turn1)
+    turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": prompt_of(20, rng)}]
+    warm, _ = chat(turn2)
+    cold_msgs = [{"role": "system", "content": prompt_of(400, rng)}] + turn2[1:]
+    cold, _ = chat(cold_msgs)
+    return {"warm_ttft_ms": warm * 1000, "cold_ttft_ms": cold * 1000, "speedup": cold / warm if warm else 0.0}
+
+
+def memory_bandwidth_gbs() -> float:
+    """Copy bandwidth with one thread per CPU (numpy releases the GIL for large copies), best of 5."""
+    import numpy as np
+
+    n = len(os.sched_getaffinity(0))
+    a = np.ones(512 * 1024 * 1024 // 8)  # 512 MiB, far beyond any cache
+    b = np.empty_like(a)
+    parts = np.array_split(np.arange(a.size), n)
+    bounds = [(p[0], p[-1] + 1) for p in parts]
+    best = 0.0
+    for _ in range(5):
+        threads = [threading.Thread(target=np.copyto, args=(b[lo:hi], a[lo:hi])) for lo, hi in bounds]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        dt = time.perf_counter() - t0
+        best = max(best, 2 * a.nbytes / dt / 1e9)  # read + write
+    return best
+
+
+def weights_read_per_token(model: Path) -> int:
+    """Bytes of weights one decode step reads: every tensor but the token embedding (only looked up)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(model))
+    return sum(int(t.n_bytes) for t in r.tensors if t.name != "token_embd.weight")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    metric: str
+    ours: float
+    theirs: float
+    higher_is_better: bool = True
+    unit: str = ""
+    ratio: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ratio = self.ours / self.theirs if self.theirs else float("nan")
+
+
+def measure(pair: list[Server], args, rng: random.Random, label: str) -> list[Row]:
+    def both(fn, *a):
+        vals = {s.name: [] for s in pair}
+        for _ in range(args.reps):
+            for s in pair:  # alternate: ours, theirs, ours, theirs, ...
+                vals[s.name].append(fn(s.url, *a))
+        return vals
+
+    rows: list[Row] = []
+
+    def med(vals, key=None):
+        xs = [v[key] if key else v for v in vals]
+        return statistics.median(xs)
+
+    o, t = pair[0].name, pair[1].name
+    v = both(lambda url: single_stream(url, args.tokens, rng))
+    rows.append(Row(f"{label}single-stream generation", med(v[o]), med(v[t]), unit="tok/s"))
+    for c in args.clients:
+        v = both(lambda url, c=c: concurrent(url, c, args.tokens // 2 if c > 1 else args.tokens, rng))
+        rows.append(Row(f"{label}aggregate, {c} stream(s)", med(v[o], "tokens_per_s"), med(v[t], "tokens_per_s"), unit="tok/s"))
+    if label:
+        return rows
+    for words, name in ((12, "short"), (700, "long")):
+        v = both(lambda url, w=words: ttfts(url, w, args.ttft_reps, rng))
+        rows.append(Row(f"TTFT median, {name} prompt", med(v[o], "median_ms"), med(v[t], "median_ms"), False, "ms"))
+        rows.append(Row(f"TTFT p95, {name} prompt", med(v[o], "p95_ms"), med(v[t], "p95_ms"), False, "ms"))
+        if name == "long":
+            rows.append(Row("prompt processing", med(v[o], "prompt_tokens_per_s"), med(v[t], "prompt_tokens_per_s"), unit="tok/s"))
+    v = both(lambda url: health_under_load(url, 8, args.tokens // 2, rng))
+    rows.append(Row("/health p99 during 8 streams", med(v[o], "p99_ms"), med(v[t], "p99_ms"), False, "ms"))
+    v = both(lambda url: multi_turn(url, rng))
+    rows.append(Row("multi-turn chat TTFT, 2nd turn (cached prefix)", med(v[o], "warm_ttft_ms"), med(v[t], "warm_ttft_ms"), False, "ms"))
+    rows.append(Row("multi-turn chat TTFT, cold equal-length prompt", med(v[o], "cold_ttft_ms"), med(v[t], "cold_ttft_ms"), False, "ms"))
+    rows.append(Row("peak RSS", pair[0].peak_rss_mb(), pair[1].peak_rss_mb(), False, "MiB"))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    out = ["| metric | appliance | llama-server | ours/theirs |", "| --- | ---: | ---: | ---: |"]
+    for r in rows:
+        better = "" if (r.ratio >= 1) == r.higher_is_better else " (worse)"
+        out.append(f"| {r.metric} ({r.unit}) | {r.ours:.1f} | {r.theirs:.1f} | {r.ratio:.2f}x{better} |")
+    return "\n".join(out)
+
+
+def chart(rows: list[Row], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+        return
+    tp = [r for r in rows if r.unit == "tok/s"]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    xs = range(len(tp))
+    ax.bar([x - 0.2 for x in xs], [r.ours for r in tp], 0.4, label="appliance")
+    ax.bar([x + 0.2 for x in xs], [r.theirs for r in tp], 0.4, label="llama-server")
+    ax.set_xticks(list(xs), [r.metric for r in tp], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("tokens/s")
+    ax.set_title("appliance vs llama-server, same model and settings")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def update_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    s = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start in s and end in s:
+        s = s[: s.index(start) + len(start)] + "\n" + text + "\n" + s[s.index(end) :]
+        readme.write_text(s)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--ttft-reps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--skip-defaults", action="store_true", help="skip the run with each server's default settings")
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    model = CACHE / "bench-models" / "bench-q8_0.gguf"
+    if not model.exists():
+        model.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "appliance.modelgen", str(model), "--preset", "bench"], check=True)
+    llama_server = subprocess.run(["bash", str(ROOT / "scripts/llama-server.sh")], check=True, capture_output=True, text=True).stdout.strip()
+    rng = random.Random(1234)
+
+    equal = dict(threads=args.threads, parallel=args.slots, n_ctx=args.n_ctx)
+    pair = [ours(model, free_port(), **equal), theirs(llama_server, model, free_port(), **equal)]
+    rows: list[Row] = []
+    try:
+        for s in pair:
+            s.start()
+        for s in pair:  # warm-up
+            stream_completion(s.url, "warm up", 8, 1)
+        rows = measure(pair, args, rng, "")
+    finally:
+        for s in pair:
+            s.stop()
+    default_rows: list[Row] = []
+    if not args.skip_defaults:
+        pair = [ours(model, free_port(), threads=None, parallel=None, n_ctx=None),
+                theirs(llama_server, model, free_port(), threads=None, parallel=None, n_ctx=None)]
+        try:
+            for s in pair:
+                s.start()
+            for s in pair:
+                stream_completion(s.url, "warm up", 8, 1)
+            default_rows = measure(pair, args, rng, "defaults: ")
+        finally:
+            for s in pair:
+                s.stop()
+
+    bw = memory_bandwidth_gbs()
+    per_token = weights_read_per_token(model)
+    limit = bw * 1e9 / per_token
+    single = next(r for r in rows if r.metric == "single-stream generation")
+    physical = (f"Physical limit: {bw:.1f} GB/s measured copy bandwidth / {per_token / 1e6:.0f} MB of weights read "
+                f"per token = {limit:.1f} tok/s; achieved single-stream: appliance {single.ours:.1f}, "
+                f"llama-server {single.theirs:.1f} ({single.ours / limit:.0%} of the limit).")
+    settings = (f"Equal settings: {args.threads} threads, {args.slots} slots, {args.n_ctx} tokens of context per slot, "
+                f"{args.tokens} generated tokens per single stream ({args.tokens // 2} per concurrent stream), "
+                f"ignore_eos, {args.reps} alternating runs each (median). Model: {model.name}, "
+                f"{model.stat().st_size / 1e6:.0f} MB. Machine: {os.cpu_count()} CPUs.")
+    md = "\n\n".join([settings, table(rows + default_rows), physical])
+    print(md)
+    result = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": vars(args),
+        "rows": [r.__dict__ for r in rows + default_rows],
+        "memory_bandwidth_gbs": bw,
+        "weights_bytes_per_token": per_token,
+        "physical_limit_tokens_per_s": limit,
+    }
+    (RESULTS / "latest.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "latest.md").write_text(md + "\n")
+    chart(rows + default_rows, RESULTS / "latest.png")
+    update_readme(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's own llama-server from the llama.cpp tree inside the same pinned llama-cpp-python
+# sdist that our wheel is built from, with the same CPU flags, once; caches it outside the repo.
+# Prints the binary's path. Used by `make bench` to compare side by side.
+set -euo pipefail
+
+VERSION=0.3.36
+SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+CACHE=${APPLIANCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance}
+PY=${PYTHON:-python3}
+# The same instruction-set baseline as scripts/llama-wheel.sh cpu, so the comparison is like for like.
+FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
+-DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release"
+KEY=$(printf '%s\n%s\n' "$VERSION" "$FLAGS" | sha256sum | cut -c1-12)
+OUT="$CACHE/llama-server/$VERSION-$KEY"
+if [[ -x $OUT/llama-server ]]; then
+  echo "$OUT/llama-server"
+  exit 0
+fi
+
+mkdir -p "$CACHE/sdist"
+SDIST="$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz"
+if [[ ! -f $SDIST ]]; then
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$CACHE/sdist" >&2
+fi
+echo "$SDIST_SHA256  $SDIST" | sha256sum --check --quiet - >&2
+
+WORK=/tmp/appliance-llama-server-$KEY
+rm -rf "$WORK"
+mkdir -p "$WORK"
+tar -xzf "$SDIST" -C "$WORK" "llama_cpp_python-$VERSION/vendor/llama.cpp"
+SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
+echo "building llama-server (llama.cpp from llama-cpp-python $VERSION) once; cached in $OUT" >&2
+# shellcheck disable=SC2086
+cmake -S "$SRC" -B "$WORK/build" -G Ninja $FLAGS >&2
+cmake --build "$WORK/build" --target llama-server -j "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" >&2
+mkdir -p "$OUT"
+cp "$WORK/build/bin/llama-server" "$OUT/llama-server"
+printf '%s\n' "$FLAGS" >"$OUT/FLAGS"
+rm -rf "$WORK"
+echo "$OUT/llama-server"
