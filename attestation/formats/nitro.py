@@ -47,6 +47,7 @@ try:  # cbor2 is needed only to verify Nitro documents; the rest of the package 
 except ImportError:  # pragma: no cover
     cbor2 = None
 
+from ._x509 import link_problem
 from . import FormatResult, expect_measurements, register
 from ._roots_amd_aws import der_sha256, trusted_roots
 
@@ -166,23 +167,6 @@ def _load_cert(der: bytes) -> x509.Certificate:
         raise ValueError(f"malformed certificate ({e.__class__.__name__})") from None
 
 
-def _link(child: x509.Certificate, issuer: x509.Certificate, when: datetime) -> str | None:
-    try:
-        child.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as e:
-        return f"{child.subject.rfc4514_string()} is not signed by {issuer.subject.rfc4514_string()} ({e.__class__.__name__})"
-    try:
-        bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        bc = None
-    if bc is None or not bc.ca:
-        return f"{issuer.subject.rfc4514_string()} is not a CA certificate"
-    for c in (child, issuer):
-        if not (c.not_valid_before_utc <= when <= c.not_valid_after_utc):
-            return f"{c.subject.rfc4514_string()} is not valid at the document's time {when.isoformat()}"
-    return None
-
-
 class NitroFormat:
     format = "nitro-cose-sign1"
 
@@ -262,11 +246,11 @@ class NitroFormat:
             result.add("certificate-chain", "fail", f"cabundle starts at an untrusted root (sha256 {der_sha256(bundle[0])})")
             return
         chain = bundle + [leaf]  # root, intermediates..., leaf
-        why = _link(bundle[0], bundle[0], when)
+        why = link_problem(bundle[0], bundle[0], when)
         for issuer, child in zip(chain, chain[1:]):
             if why:
                 break
-            why = _link(child, issuer, when)
+            why = link_problem(child, issuer, when)
         if why:
             result.add("certificate-chain", "fail", why)
         else:

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from ._x509 import link_problem
 from . import FormatResult, expect_measurements, register
 from ._roots_amd_aws import der_sha256, trusted_roots
 
@@ -113,25 +114,6 @@ def _parsed(cert: x509.Certificate) -> x509.Certificate:
 
 def _at(now: float) -> datetime:
     return datetime.fromtimestamp(now, tz=timezone.utc)
-
-
-def _link(child: x509.Certificate, issuer: x509.Certificate, when: datetime, *, ca: bool = True) -> str | None:
-    """Why `issuer` did not issue a valid `child` at `when`, or None."""
-    try:
-        child.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as e:
-        return f"{child.subject.rfc4514_string()} is not signed by {issuer.subject.rfc4514_string()} ({e.__class__.__name__})"
-    if ca:
-        try:
-            bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            bc = None
-        if bc is None or not bc.ca:
-            return f"{issuer.subject.rfc4514_string()} is not a CA certificate"
-    for c in (child, issuer):
-        if not (c.not_valid_before_utc <= when <= c.not_valid_after_utc):
-            return f"{c.subject.rfc4514_string()} is not valid at {when.isoformat()}"
-    return None
 
 
 class SnpFormat:
@@ -245,7 +227,7 @@ class SnpFormat:
             result.add("certificate-chain", "fail", f"ASK not supplied: the {leaf_name} cannot be chained to an AMD ARK")
             return
         when = _at(now)
-        why = _link(leaf, ask, when)
+        why = link_problem(leaf, ask, when)
         if why:
             result.add("certificate-chain", "fail", why)
             return
@@ -258,9 +240,9 @@ class SnpFormat:
         for name, root in roots:
             if root.subject != ask.issuer:
                 continue
-            why = _link(ask, root, when)
+            why = link_problem(ask, root, when)
             if why is None:
-                why = _link(root, root, when)
+                why = link_problem(root, root, when)
             if why is None:
                 hw = self._hwid_mismatch(leaf, r)
                 if hw:
