@@ -47,3 +47,46 @@ lock:
 
 clean:
 	rm -rf $(VENV) var dist .pytest_cache
+
+# --- One executable (build/; README "One executable") ---------------------------------------------
+# `make binary` freezes dist/appliance (+ .sha256 and .manifest.json) with the demo model embedded and
+# self-tests it. MODEL=path.gguf [MODEL_NAME=name] embeds another model, MODEL= none. PyInstaller runs
+# in its own venv under build/work/ (build/requirements-build.lock), so `make setup` stays lean.
+.PHONY: binary binary-cuda test-binary repro-check lock-build
+MODEL ?= $(DEMO_MODEL)
+MODEL_NAME ?=
+BINARY_INPUTS := $(wildcard appliance/*.py appliance/*/*.py attestation/*.py attestation/*/*.py \
+  build/*.py build/*.sh build/*.spec build/*.lock) requirements.lock scripts/llama-wheel.sh
+
+binary: $(MODEL)
+	MODEL="$(MODEL)" MODEL_NAME="$(MODEL_NAME)" PYTHON="$(PYTHON)" build/build.sh cpu
+
+# Needs nvcc and CMake here; the NVIDIA driver and CUDA runtime come from the host at run time.
+binary-cuda: $(MODEL)
+	MODEL="$(MODEL)" MODEL_NAME="$(MODEL_NAME)" PYTHON="$(PYTHON)" build/build.sh cuda
+
+dist/appliance: $(BINARY_INPUTS) | $(DEMO_MODEL)
+	$(MAKE) binary
+
+# The integration suite, unchanged, against the binary (without its embedded model, so the suite sees
+# only the models it starts), then the binary's own tests (embedded model, extraction, manifest).
+test-binary: setup dist/appliance
+	APPLIANCE_BIN="$(CURDIR)/dist/appliance --no-default-model" $(BIN)/python -m pytest -ra tests/integration tests/binary
+
+# Two fresh copies of this commit, each with its own empty cache and venvs, built one after the other
+# (libllama compiled twice, ~14 min on 2 cores); prints both digests and fails if they differ.
+repro-check:
+	PYTHON="$(PYTHON)" build/repro-check.sh
+
+lock-build:
+	cd build && uv pip compile requirements-build.in --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --generate-hashes --no-header -o requirements-build.lock
+
+# --- Performance (bench/; README "Performance") --------------------------------------------------
+# Builds llama.cpp's llama-server from the same pinned sdist (cached), generates the ~400M-parameter
+# Q8_0 benchmark model (cached), runs both servers side by side and prints ours/theirs ratios.
+# Timings are reported here, never asserted in `make test`.
+.PHONY: bench
+bench: setup
+	$(PIP) install --require-hashes --no-deps -r bench/requirements.lock 2> >(grep -v 'is ignored' >&2)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
