@@ -7,7 +7,6 @@ an invalid configuration exits 2 with a message naming the key.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -74,9 +73,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"appliance: invalid configuration: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
-    # Spinning OpenMP barriers collapse throughput when the event loop's thread shares the cores
-    # (measured: 19 vs 594 tokens/s on 2 cores); read by libgomp when llama.cpp loads, after the fork.
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    # OpenMP keeps libgomp's default (spin, then sleep): the scheduler never decodes while the event
+    # loop still has the last step's tokens to send, so spinning barriers are not preempted by our own
+    # Python work. On hosts with noisy neighbours, OMP_WAIT_POLICY=passive trades peak speed for
+    # stability (README "How it works"); libgomp reads it when llama.cpp loads, after the fork.
 
     from .logs import configure_logging
     from .server import ApplianceServer

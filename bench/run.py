@@ -139,13 +139,7 @@ def theirs(binary: str, model: Path, port: int, *, threads: int | None, parallel
     if parallel:
         # llama-server's -c is the total context, split across its slots (as ours, kv not unified).
         cmd += ["-np", str(parallel), "-c", str((n_ctx or 4096) * parallel)]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    if threads:
-        # Equal settings include the OpenMP wait policy: the appliance defaults to passive (spinning
-        # barriers collapse whenever another thread needs a core; see README); with each server's
-        # defaults, llama-server keeps its own (spinning).
-        env["OMP_WAIT_POLICY"] = "passive"
-    s = Server("llama-server", cmd, env, "/health")
+    s = Server("llama-server", cmd, dict(os.environ), "/health")
     s.port = port
     return s
 
@@ -447,7 +441,7 @@ def main() -> None:
                 f"per token = {limit:.1f} tok/s; achieved single-stream: appliance {single.ours:.1f}, "
                 f"llama-server {single.theirs:.1f} ({single.ours / limit:.0%} of the limit).")
     settings = (f"Equal settings: {args.threads} threads, {args.slots} slots, {args.n_ctx} tokens of context per slot, "
-                f"OMP_WAIT_POLICY=passive for both, "
+                f"OpenMP wait policy: {os.environ.get('OMP_WAIT_POLICY') or 'libgomp default'} for both, "
                 f"{args.tokens} generated tokens per single stream ({args.tokens // 2} per concurrent stream), "
                 f"ignore_eos, {args.reps} alternating runs each (median). Model: {model.name}, "
                 f"{model.stat().st_size / 1e6:.0f} MB. Machine: {os.cpu_count()} CPUs.")
