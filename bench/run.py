@@ -156,8 +156,8 @@ class StreamResult:
     prompt_tokens: int = 0
 
 
-def stream_completion(url: str, prompt: str, max_tokens: int, seed: int) -> StreamResult:
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+def stream_completion(url: str, prompt: str, max_tokens: int, seed: int, model: str = "bench") -> StreamResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}, "temperature": 0.8, "top_k": 40, "top_p": 0.95,
             "min_p": 0.05, "seed": seed}
     res = StreamResult()
