@@ -29,7 +29,6 @@ from .errors import (
     MethodNotAllowed,
     NotFound,
     NotReady,
-    PayloadTooLarge,
     UnsupportedMediaType,
 )
 from .inference import Inference

@@ -8,6 +8,7 @@ within one decode step, streaming or not.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import socket
 import time
@@ -19,6 +20,8 @@ import falcon
 import gevent
 from gevent.socket import wait_read
 
+from attestation.signing import SSE_DONE
+
 from .engine.chat import render_chat
 from .engine.llama import SamplingParams
 from .engine.registry import ModelRegistry
@@ -29,7 +32,8 @@ from .settings import LimitsSettings
 
 __all__ = ["Inference", "sse_event", "SSE_DONE"]
 
-SSE_DONE = b"data: [DONE]\n\n"
+log = logging.getLogger("appliance.http")
+
 _TOKENIZE_INLINE_CHARS = 4096  # longer prompts are tokenized in the thread pool, off the event loop
 
 
@@ -259,9 +263,7 @@ class Inference:
         except ApiError as e:
             yield sse_event(e.body())
         except Exception:
-            import logging
-
-            logging.getLogger("appliance.http").exception("stream failed")
+            log.exception("stream failed")
             yield sse_event(InternalError().body())
 
 
