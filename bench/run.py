@@ -178,12 +178,14 @@ def stream_completion(url: str, prompt: str, max_tokens: int, seed: int, model: 
     return res
 
 
-def concurrent(url: str, clients: int, max_tokens: int, rng: random.Random, prompt_words: int = 24) -> dict:
+def concurrent(
+    url: str, clients: int, max_tokens: int, rng: random.Random, prompt_words: int = 24, model: str = "bench"
+) -> dict:
     prompts = [prompt_of(prompt_words, rng) for _ in range(clients)]
     results: list[StreamResult] = [None] * clients  # type: ignore[list-item]
 
     def run(i: int) -> None:
-        results[i] = stream_completion(url, prompts[i], max_tokens, 1000 + i)
+        results[i] = stream_completion(url, prompts[i], max_tokens, 1000 + i, model=model)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
@@ -17,17 +16,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from appliance.modelfile import file_sha256 as sha256_file
 from attestation.policy import Policy, load_policy
 
 pytestmark = pytest.mark.integration
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def free_port() -> int:
