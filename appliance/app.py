@@ -242,6 +242,7 @@ class Status:
         resp.media = {
             "version": __version__,
             "uptime_seconds": round(self.state.wall_clock() - self.state.started, 3),
+            "devices": self.state.models.devices(),
             "models": [r.status() for r in self.state.models.records()],
         }
 

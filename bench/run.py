@@ -90,6 +90,14 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
+    def cpu_backend(self) -> str:
+        """The ggml CPU module this server loaded at startup (runtime dispatch), e.g. cpu-zen4."""
+        if self.ready_path == "/readiness":  # ours: /status lists the devices with their modules
+            devices = requests.get(self.url + "/status", timeout=5).json().get("devices", [])
+            return next((d["module"] for d in devices if d["type"] == "cpu"), "unknown")
+        m = re.search(r"loaded CPU backend from \S*lib(ggml-cpu[\w-]*)\.so", self.log.read_text(errors="replace"))
+        return m.group(1).removeprefix("ggml-") if m else "builtin"
+
     def peak_rss_mb(self) -> float:
         """VmHWM summed over the server's process tree (ours: gunicorn master + worker)."""
         total = 0
@@ -412,11 +420,13 @@ def main() -> None:
     equal = dict(threads=args.threads, parallel=args.slots, n_ctx=args.n_ctx)
     pair = [ours(model, free_port(), **equal), theirs(llama_server, model, free_port(), **equal)]
     rows: list[Row] = []
+    backends: dict[str, str] = {}
     try:
         for s in pair:
             s.start()
         for s in pair:  # warm-up
             stream_completion(s.url, "warm up", 8, 1)
+        backends = {s.name: s.cpu_backend() for s in pair}
         rows = measure(pair, args, rng, "")
     finally:
         for s in pair:
@@ -446,12 +456,15 @@ def main() -> None:
                 f"OpenMP wait policy: {os.environ.get('OMP_WAIT_POLICY') or 'libgomp default'} for both, "
                 f"{args.tokens} generated tokens per single stream ({args.tokens // 2} per concurrent stream), "
                 f"ignore_eos, {args.reps} alternating runs each (median). Model: {model.name}, "
-                f"{model.stat().st_size / 1e6:.0f} MB. Machine: {os.cpu_count()} CPUs.")
+                f"{model.stat().st_size / 1e6:.0f} MB. Machine: {os.cpu_count()} CPUs. Both built from the same "
+                f"llama.cpp tree with runtime CPU dispatch; CPU backend loaded: "
+                + ", ".join(f"{k} {v}" for k, v in backends.items()) + ".")
     md = "\n\n".join([settings, table(rows + default_rows), physical])
     print(md)
     result = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": vars(args),
+        "cpu_backends": backends,
         "rows": [r.__dict__ for r in rows + default_rows],
         "memory_bandwidth_gbs": bw,
         "weights_bytes_per_token": per_token,

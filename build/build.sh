@@ -7,6 +7,8 @@
 #   MODEL=path.gguf        model to embed (default var/models/demo.gguf; MODEL= embeds none)
 #   MODEL_NAME=name        name it is served under (default: the file's stem)
 #   APPLIANCE_CACHE        where scripts/llama-wheel.sh caches the compiled llama-cpp-python wheel
+#   CUDACXX                cuda: the nvcc to use (default: the pinned toolkit of build/requirements-cuda.lock)
+#   CUDA_ARCHS             cuda: CMAKE_CUDA_ARCHITECTURES (default 80-real;86-real;89-real;90-real;90-virtual)
 #   PYTHON                 interpreter for the build venv (default python3; pin it for reproducible output)
 #   SELFTEST=0             skip the self-test (done by default where the variant can run)
 #   COMPRESS_BINARIES=1    deflate the shared libraries in the archive: 63 MB smaller, ~0.3 s slower start
@@ -59,18 +61,21 @@ export APPLIANCE_SOURCE_COMMIT=${APPLIANCE_SOURCE_COMMIT:-unknown}
 export APPLIANCE_SOURCE_DIRTY=${APPLIANCE_SOURCE_DIRTY:-0}
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1700000000}
 
-# --- CUDA: fail early and clearly where the toolkit cannot build ggml-cuda --------------------------
+# --- CUDA: the pinned toolkit (or CUDACXX's), checked before the long compile ----------------------
 if [[ $VARIANT == cuda ]]; then
-  NVCC=${CUDACXX:-$(command -v nvcc || true)}
-  [[ -n $NVCC ]] || { echo "build: the CUDA variant needs nvcc (the CUDA toolkit) on PATH or in CUDACXX" >&2; exit 2; }
-  CUDA_INC=$("$NVCC" -v --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)
+  if [[ -z ${CUDACXX:-} ]]; then
+    log "CUDA toolkit: pinned wheels from build/requirements-cuda.lock"
+    TK=$(PYTHON="$PY" scripts/cuda-toolkit.sh)
+    export CUDACXX=$TK/bin/nvcc CUDAToolkit_ROOT=$TK
+  fi
+  CUDA_INC=$("$CUDACXX" -v --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ INCLUDES="-I\([^"]*\)".*/\1/p' | head -1)
   CUDA_INC=${CUDA_INC%% *}
   if [[ ! -f $CUDA_INC/cublas_v2.h ]]; then
-    echo "build: nvcc $("$NVCC" --version | grep -o 'release [0-9.]*'): no cuBLAS headers in ${CUDA_INC:-the toolkit}; ggml-cuda links cuBLAS" >&2
-    echo "       (install the toolkit's cublas dev package, e.g. libcublas-dev-13-0 / cuda-libraries-dev)" >&2
+    echo "build: nvcc $("$CUDACXX" --version | grep -o 'release [0-9.]*'): no cuBLAS headers in ${CUDA_INC:-the toolkit}; ggml-cuda links cuBLAS" >&2
+    echo "       (unset CUDACXX to use the pinned toolkit, or install the toolkit's cublas dev package)" >&2
     exit 2
   fi
-  log "CUDA toolkit: nvcc $("$NVCC" --version | grep -o 'release [0-9.]*'), architectures ${CUDA_ARCHS:-80-real;86-real;89-real;90-real;90-virtual}"
+  log "CUDA toolkit: nvcc $("$CUDACXX" --version | grep -o 'release [0-9.]*'), architectures ${CUDA_ARCHS:-80-real;86-real;89-real;90-real;90-virtual}"
 fi
 
 # --- llama.cpp, compiled once per flag set (and anew in an empty APPLIANCE_CACHE) -----------------
@@ -113,10 +118,16 @@ log "$(cat "$DIST/$NAME.sha256") ($(stat -c %s "$DIST/$NAME") bytes)"
 # --- self-test: the frozen binary loads a model and generates -------------------------------------
 if [[ ${SELFTEST:-1} == 0 ]]; then
   log "self-test skipped (SELFTEST=0)"
-elif [[ $VARIANT == cuda ]] && ! nvidia-smi -L >/dev/null 2>&1; then
-  log "self-test skipped: no NVIDIA GPU here (the CUDA variant needs the host's driver to start)"
 else
-  SELFTEST_MODEL=()
-  [[ -z $MODEL ]] && SELFTEST_MODEL=(--model "var/models/demo.gguf")
-  "$VENV/bin/python" build/selftest.py "$DIST/$NAME" "${SELFTEST_MODEL[@]}"
+  SELFTEST_ARGS=()
+  [[ -z $MODEL ]] && SELFTEST_ARGS=(--model "var/models/demo.gguf")
+  if [[ $VARIANT == cuda ]]; then
+    if nvidia-smi -L >/dev/null 2>&1; then
+      SELFTEST_ARGS+=(--expect-device gpu)
+    else
+      # ggml-cuda is a loadable module: without the NVIDIA driver it is skipped and the CPU serves.
+      log "no NVIDIA GPU here: self-testing the CUDA binary's CPU fallback"
+    fi
+  fi
+  "$VENV/bin/python" build/selftest.py "$DIST/$NAME" "${SELFTEST_ARGS[@]}"
 fi

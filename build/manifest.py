@@ -109,7 +109,10 @@ def main() -> int:
             # random staging directory, so two compiles give byte-identical libraries in different wheels.
             "libraries": llama_libraries(),
             "cmake_flags": llama_flags,
-            "cpu_baseline": "x86-64-v3: AVX2, FMA, F16C, BMI2 (GGML_NATIVE=OFF)",
+            # Runtime CPU dispatch: ggml-cpu once per x86 level, the best this CPU runs loaded at start.
+            "cpu_backends": sorted(
+                p.name[len("libggml-cpu-") : -len(".so")] for p in _llama_lib_dir().glob("libggml-cpu-*.so")
+            ),
         },
         "locks": {
             "requirements.lock": sha256(ROOT / "requirements.lock"),

@@ -3,7 +3,8 @@
     python build/selftest.py dist/appliance [--model path.gguf] [--runs N]
 
 Starts the binary on a free loopback port with TMPDIR pointing at a private directory, waits for
-/readiness, checks the embedded model in /status, runs one completion, sends SIGTERM and expects exit 0
+/readiness, checks the embedded model and the compute devices (the CPU backend module ggml picked
+for this CPU; a GPU with --expect-device gpu) in /status, runs one completion, sends SIGTERM and expects exit 0
 with the onefile extraction directory gone. Also checks that the source CLI's runtime behaviour survived
 freezing: an operator's OMP_WAIT_POLICY reaches libgomp, and llama.cpp's INFO chatter stays out of the logs.
 Prints the startup-to-ready time. Standard library only.
@@ -55,7 +56,7 @@ def fail(msg: str, stderr: Path | None = None) -> None:
     sys.exit(1)
 
 
-def run_once(binary: Path, extra: list[str], scratch: Path, check: bool) -> float:
+def run_once(binary: Path, extra: list[str], scratch: Path, check: bool, expect: str = "cpu") -> float:
     tmpdir = scratch / "tmp"
     tmpdir.mkdir(exist_ok=True)
     port = free_port()
@@ -87,6 +88,14 @@ def run_once(binary: Path, extra: list[str], scratch: Path, check: bool) -> floa
             return ready
 
         status, body = get(base + "/status")
+        devices = json.loads(body).get("devices", []) if status == 200 else []
+        kinds = {d["type"] for d in devices}
+        if expect not in kinds:
+            fail(f"/status devices {devices} include no {expect} device", err_path)
+        cpu = [d["module"] for d in devices if d["type"] == "cpu"]
+        print(f"selftest: devices {', '.join(d['name'] + ' (' + d['module'] + ')' for d in devices)}")
+        if not cpu or not cpu[0].startswith("cpu-"):
+            fail(f"no CPU backend module selected at run time: {devices}", err_path)
         models = json.loads(body)["models"] if status == 200 else []
         if not models:
             fail(f"/status lists no model: {status} {body[:300]!r}", err_path)
@@ -134,11 +143,13 @@ def main() -> int:
     ap.add_argument("binary", type=Path)
     ap.add_argument("--model", help="serve this GGUF as model 'demo' (for a binary without an embedded model)")
     ap.add_argument("--runs", type=int, default=3, help="startups to time after the checked run")
+    ap.add_argument("--expect-device", default="cpu", choices=["cpu", "gpu"],
+                    help="a device of this type must be in use (gpu: the CUDA variant on a GPU host)")
     args = ap.parse_args()
     binary = args.binary.resolve()
     extra = ["--model", f"demo={Path(args.model).resolve()}"] if args.model else []
     with tempfile.TemporaryDirectory(prefix="appliance-selftest-") as d:
-        first = run_once(binary, extra, Path(d), check=True)
+        first = run_once(binary, extra, Path(d), check=True, expect=args.expect_device)
         times = [first] + [run_once(binary, extra, Path(d), check=False) for _ in range(args.runs)]
     times.sort()
     print(

@@ -8,10 +8,13 @@ VERSION=0.3.36
 SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 CACHE=${APPLIANCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance}
 PY=${PYTHON:-python3}
-# The same instruction-set baseline as scripts/llama-wheel.sh cpu, so the comparison is like for like.
-FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+# The same CPU build as scripts/llama-wheel.sh cpu, so the comparison is like for like: ggml's CPU
+# backend once per x86 instruction-set level as loadable modules, the best one loaded at startup
+# (llama-server loads them from its own directory). Shared libraries, found through RUNPATH=$ORIGIN.
+FLAGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DBUILD_SHARED_LIBS=ON \
+-DCMAKE_BUILD_RPATH=\$ORIGIN -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH=\$ORIGIN \
 -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
--DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release"
+-DLLAMA_BUILD_SERVER=ON -DCMAKE_BUILD_TYPE=Release"
 KEY=$(printf '%s\n%s\n' "$VERSION" "$FLAGS" | sha256sum | cut -c1-12)
 OUT="$CACHE/llama-server/$VERSION-$KEY"
 if [[ -x $OUT/llama-server ]]; then
@@ -36,7 +39,7 @@ echo "building llama-server (llama.cpp from llama-cpp-python $VERSION) once; cac
 cmake -S "$SRC" -B "$WORK/build" -G Ninja $FLAGS >&2
 cmake --build "$WORK/build" --target llama-server -j "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" >&2
 mkdir -p "$OUT"
-cp "$WORK/build/bin/llama-server" "$OUT/llama-server"
+cp -a "$WORK/build/bin/llama-server" "$WORK"/build/bin/lib*.so* "$OUT/"
 printf '%s\n' "$FLAGS" >"$OUT/FLAGS"
 rm -rf "$WORK"
 echo "$OUT/llama-server"

@@ -15,18 +15,34 @@ SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 CACHE=${APPLIANCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance}
 PY=${PYTHON:-python3}
 
-# x86-64-v3 baseline (AVX2/FMA/F16C/BMI2): portable across every x86 server CPU of the last decade,
-# no -march=native so a binary built here runs elsewhere.
-COMMON_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+# Portable, with runtime CPU dispatch: no -march=native; ggml's CPU backend is built once per x86
+# instruction-set level (x64, sse42, ..., haswell = x86-64-v3, skylakex, icelake, zen4, sapphirerapids:
+# GGML_CPU_ALL_VARIANTS) as loadable modules (GGML_BACKEND_DL) installed next to libggml in
+# llama_cpp/lib, and at startup ggml loads the best one this CPU supports (appliance.engine.llama
+# .backend_init). The CUDA variant adds ggml-cuda as one more module: on a host without the NVIDIA
+# driver it does not load and the same binary runs on the CPU. GGML_BACKEND_DIR is typed STRING so
+# CMake keeps it relative (a PATH given on the command line is made absolute against the working
+# directory): the modules install into the wheel's llama_cpp/lib, and no build path is compiled in.
+COMMON_FLAGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_BACKEND_DIR:STRING=llama_cpp/lib \
 -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
 -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF"
 case "$VARIANT" in
   cpu)  FLAGS="$COMMON_FLAGS" ;;
-  cuda) FLAGS="$COMMON_FLAGS -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-80-real;86-real;89-real;90-real;90-virtual}" ;;
+  cuda)
+    # The pinned toolkit from PyPI (scripts/cuda-toolkit.sh) unless CUDACXX names another nvcc.
+    if [[ -z ${CUDACXX:-} ]]; then
+      TK=$(PYTHON="$PY" "$(dirname "$0")/cuda-toolkit.sh")
+      export CUDACXX=$TK/bin/nvcc CUDAToolkit_ROOT=$TK
+    fi
+    FLAGS="$COMMON_FLAGS -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-80-real;86-real;89-real;90-real;90-virtual}"
+    TOOLKIT=$("$CUDACXX" --version | tail -1)
+    ;;
   *) echo "usage: $0 [cpu|cuda]" >&2; exit 2 ;;
 esac
 
-KEY=$(printf '%s\n%s\n%s\n' "$VERSION" "$VARIANT" "$FLAGS" | sha256sum | cut -c1-12)
+KEY_INPUT=$(printf '%s\n%s\n%s\n' "$VERSION" "$VARIANT" "$FLAGS")
+if [[ -n ${TOOLKIT:-} ]]; then KEY_INPUT+=$'\n'"$TOOLKIT"; fi
+KEY=$(printf '%s\n' "$KEY_INPUT" | sha256sum | cut -c1-12)
 OUT="$CACHE/wheels/$VERSION-$VARIANT-$KEY"
 if compgen -G "$OUT/llama_cpp_python-*.whl" >/dev/null; then
   ls "$OUT"/llama_cpp_python-*.whl
@@ -54,7 +70,9 @@ MAP="-ffile-prefix-map=$WORK=/appliance-llama"
 echo "building llama-cpp-python $VERSION ($VARIANT) once; cached in $OUT" >&2
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1700000000}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-CMAKE_ARGS="$FLAGS -DCMAKE_C_FLAGS=$MAP -DCMAKE_CXX_FLAGS=$MAP" \
+CUDA_MAP=()
+[[ $VARIANT == cuda ]] && CUDA_MAP=("-DCMAKE_CUDA_FLAGS=-Xcompiler=$MAP")
+CMAKE_ARGS="$FLAGS -DCMAKE_C_FLAGS=$MAP -DCMAKE_CXX_FLAGS=$MAP ${CUDA_MAP[*]}" \
   "$PY" -m pip wheel --quiet --no-deps "$SRC" -w "$WORK/dist" \
   --config-settings=build-dir="$BLD" >&2
 mkdir -p "$OUT"

@@ -15,7 +15,10 @@ from pathlib import Path
 import llama_cpp.llama_cpp as C
 import numpy as np
 
-__all__ = ["LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams", "backend_init"]
+__all__ = [
+    "LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams",
+    "backend_init", "backend_ready", "backend_devices",
+]
 
 log = logging.getLogger("appliance.llama")
 
@@ -35,13 +38,106 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 
 
 def backend_init() -> None:
-    """Initialise llama.cpp once per process (in the worker, never in the pre-fork master)."""
+    """Initialise llama.cpp once per process (in the worker, never in the pre-fork master).
+
+    Our libllama is built with ggml's backends as loadable modules (GGML_BACKEND_DL): one CPU module
+    per x86 instruction-set level, plus ggml-cuda in the CUDA variant. ggml scores each against this
+    CPU (and driver) and loads the best; a module whose dependencies are missing (ggml-cuda without
+    the NVIDIA driver) is skipped, so the CPU always remains.
+    """
     global _backend_ready
     with _backend_lock:
         if not _backend_ready:
             C.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            lib_dir = _lib_dir()
+            if any(lib_dir.glob("libggml-cpu-*.so")):
+                ggml = _ggml()
+                ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
+                if not backend_devices():
+                    raise RuntimeError(f"ggml loaded no backend from {lib_dir}: this CPU fits none of its builds")
             C.llama_backend_init()
             _backend_ready = True
+            log.info("llama.cpp backends: %s", ", ".join(f"{d['name']} ({d['module']})" for d in backend_devices()))
+
+
+def backend_ready() -> bool:
+    return _backend_ready
+
+
+def _lib_dir() -> Path:
+    return Path(C._base_path)
+
+
+_ggml_lib = None
+
+
+def _ggml() -> ctypes.CDLL:
+    """libggml: the very object libllama links, or backends would register in a second copy.
+
+    By soname: libllama's DT_NEEDED names libggml.so.0 and dlopen returns the loaded object of that
+    name (the wheel holds libggml.so and libggml.so.0 as separate copies, so a path could differ).
+    """
+    global _ggml_lib
+    if _ggml_lib is None:
+        _ = C._lib  # libllama, and with it its libggml, is loaded
+        lib = ctypes.CDLL("libggml.so.0")
+        lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        lib.ggml_backend_load_all_from_path.restype = None
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+        for fn in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+            getattr(lib, fn).argtypes = [ctypes.c_void_p]
+            getattr(lib, fn).restype = ctypes.c_char_p
+        lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_dev_type.restype = ctypes.c_int
+        _ggml_lib = lib
+    return _ggml_lib
+
+
+_DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+def backend_devices() -> list[dict]:
+    """The devices ggml can use now, each with the backend module that provides it.
+
+    `module` is the loaded library's variant tag (libggml-cpu-zen4.so -> "cpu-zen4"), or "builtin"
+    for a build without loadable backends.
+    """
+    ggml = _ggml()
+    modules = _loaded_backend_modules()
+    out = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        kind = _DEV_TYPES.get(ggml.ggml_backend_dev_type(dev), "other")
+        name = (ggml.ggml_backend_dev_name(dev) or b"").decode("utf-8", "replace")
+        family = "cpu" if kind == "cpu" else name.rstrip("0123456789").lower()
+        module = next((m for m in modules if m == family or m.startswith(family + "-")), "builtin")
+        out.append(
+            {
+                "name": name,
+                "type": kind,
+                "description": (ggml.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
+                "module": module,
+            }
+        )
+    return out
+
+
+def _loaded_backend_modules() -> list[str]:
+    """Tags of the ggml backend modules mapped into this process, from /proc/self/maps."""
+    found: list[str] = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                name = line.rsplit("/", 1)[-1].strip()
+                if name.startswith("libggml-") and name.endswith(".so"):
+                    tag = name[len("libggml-") : -len(".so")]
+                    if tag != "base" and tag not in found:
+                        found.append(tag)
+    except OSError:
+        pass
+    return found
 
 
 class LlamaModel:

@@ -92,6 +92,12 @@ class ModelRegistry:
             raise ModelNotFound(name)
         return rec
 
+    def devices(self) -> list[dict]:
+        """The compute devices llama.cpp uses (after the first load), with the backend module of each."""
+        from .llama import backend_devices, backend_ready
+
+        return backend_devices() if backend_ready() else []
+
     def ready(self) -> bool:
         ready = [r for r in self._records.values() if r.state == "ready"]
         return bool(ready) and all(r.engine.healthy for r in ready)

@@ -417,6 +417,9 @@ class FakeRegistry:
     def records(self) -> list[ModelRecord]:
         return list(self._records.values())
 
+    def devices(self) -> list[dict]:
+        return [{"name": "CPU", "type": "cpu", "description": "fake CPU", "module": "cpu-haswell"}]
+
     def get(self, name: str) -> FakeEngine:
         rec = self._records.get(name)
         if rec is None or rec.state == "failed":

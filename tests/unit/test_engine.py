@@ -123,3 +123,30 @@ def test_full_queue_is_refused_with_retry_after(engine):
     assert len(gens) == 4
     for g in gens:
         collect(g)
+
+
+def test_runtime_cpu_dispatch_picked_a_cpu_build_this_machine_runs(registry):
+    """ggml's CPU backend exists once per x86 level; the loaded one must be a module this CPU supports."""
+    from appliance.engine.llama import _lib_dir, backend_devices
+
+    variants = sorted(p.name for p in _lib_dir().glob("libggml-cpu-*.so"))
+    assert len(variants) > 1, f"llama-cpp-python was not built with runtime CPU dispatch: {variants}"
+    cpu = [d for d in backend_devices() if d["type"] == "cpu"]
+    assert len(cpu) == 1, backend_devices()
+    module_file = f"libggml-{cpu[0]['module']}.so"
+    assert module_file in variants
+    assert registry.devices() == backend_devices()
+    # The pick is the best fit: no listed module that this CPU can run scores above it. Check the
+    # flags the chosen module needs against /proc/cpuinfo for the common levels.
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    needs = {"haswell": {"avx2", "fma", "f16c", "bmi2"}, "skylakex": {"avx512f"}, "icelake": {"avx512_vnni", "avx512vbmi"},
+             "zen4": {"avx512_bf16", "avx512_vnni"}, "sapphirerapids": {"amx_int8", "amx_tile"}}
+    tag = cpu[0]["module"].removeprefix("cpu-")
+    assert needs.get(tag, set()) <= flags, f"{tag} needs {needs[tag] - flags}"
+    if {"avx2", "fma", "f16c", "bmi2"} <= flags:
+        assert tag not in ("x64", "sse42", "sandybridge", "ivybridge", "piledriver"), f"AVX2 CPU got {tag}"
