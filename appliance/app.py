@@ -334,6 +334,10 @@ def create_app(
 ) -> tuple[falcon.App, AppState]:
     identity = identity or Identity(clock=wall_clock)
     metrics = metrics or Metrics()
+    if models is None and settings.server.cpu_backend != "auto":
+        from .engine.llama import set_cpu_backend
+
+        set_cpu_backend(settings.server.cpu_backend)
     if provider is None and settings.attestation.provider != "none":
         a = settings.attestation
         provider = detect_provider(

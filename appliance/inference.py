@@ -30,7 +30,7 @@ from .errors import ApiError, BadRequest, InternalError
 from .schemas import ChatRequest, CompletionRequest, parse
 from .settings import LimitsSettings
 
-__all__ = ["Inference", "sse_event", "SSE_DONE"]
+__all__ = ["Inference", "sse_event", "text_chunk_encoder", "SSE_DONE"]
 
 log = logging.getLogger("appliance.http")
 
@@ -39,6 +39,24 @@ _TOKENIZE_INLINE_CHARS = 4096  # longer prompts are tokenized in the thread pool
 
 def sse_event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def text_chunk_encoder(base: dict, *, chat: bool) -> Callable[[str], bytes]:
+    """f(text) -> the SSE event of a token chunk without logprobs, byte for byte what sse_event gives
+    for the whole object, from a template: only the text is encoded per token (the event loop's turn
+    for each token sits on the decode's critical path)."""
+    marker = "\x00appliance-text\x00"
+    choice = (
+        {"index": 0, "delta": {"content": marker}, "logprobs": None, "finish_reason": None}
+        if chat
+        else {"index": 0, "text": marker, "logprobs": None, "finish_reason": None}
+    )
+    head, tail = sse_event({**base, "choices": [choice]}).split(json.dumps(marker).encode())
+
+    def encode(text: str) -> bytes:
+        return head + json.dumps(text, ensure_ascii=False).encode() + tail
+
+    return encode
 
 
 @dataclass
@@ -232,6 +250,11 @@ class Inference:
                  "system_fingerprint": None, "choices": choices, **extra}
             )
 
+        text_chunk = text_chunk_encoder(
+            {"id": job.id, "object": obj, "created": job.created, "model": job.model, "system_fingerprint": None},
+            chat=chat,
+        )
+
         # OpenAI counts text_offset from the start of the prompt, across chunks.
         offset = len(job.body.prompt) if not chat and isinstance(job.body.prompt, str) else 0
         if chat:
@@ -241,8 +264,10 @@ class Inference:
                 if isinstance(ev, Delta):
                     if not ev.text and not ev.logprobs:
                         continue
-                    if chat:
-                        lp = {"content": [_chat_logprob(x) for x in ev.logprobs]} if want_lp else None
+                    if not want_lp:
+                        yield text_chunk(ev.text)
+                    elif chat:
+                        lp = {"content": [_chat_logprob(x) for x in ev.logprobs]}
                         yield chunk([{"index": 0, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
                     else:
                         lp = _completion_logprobs(list(ev.logprobs), offset) if want_lp else None

@@ -74,6 +74,17 @@ class ModelSettings(ModelDefaults):
     path: Path
 
 
+def cpu_backends() -> list[str]:
+    """The CPU backend builds next to libllama (libggml-cpu-<level>.so), found without loading it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    lib = Path(spec.submodule_search_locations[0]) / "lib"
+    return sorted(p.name[len("libggml-cpu-") : -len(".so")] for p in lib.glob("libggml-cpu-*.so"))
+
+
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 3000
@@ -88,6 +99,20 @@ class ServerSettings(_Strict):
     """Origins allowed by CORS; empty (the default) sends no CORS headers at all."""
     tls: Literal["off", "attested"] = "off"
     """attested: HTTPS with a key and certificate made in memory at boot, its public key in the claims."""
+    cpu_backend: Annotated[str, Field(pattern=r"^[a-z0-9_.]+$", max_length=32)] = "auto"
+    """Which build of llama.cpp's CPU backend to load: auto (the best this CPU runs) or a level such
+    as haswell (x86-64-v3), skylakex, icelake, zen4, sapphirerapids: to pin one across a fleet
+    whose CPUs differ (results can differ in the last bits between builds) or to compare them."""
+
+    @field_validator("cpu_backend")
+    @classmethod
+    def _known_cpu_backend(cls, v: str) -> str:
+        if v == "auto":
+            return v
+        available = cpu_backends()
+        if available and v not in available:
+            raise ValueError(f"no CPU backend build '{v}'; this build has: auto, {', '.join(available)}")
+        return v
 
     @property
     def loopback(self) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = [
     "LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams",
-    "backend_init", "backend_ready", "backend_devices",
+    "backend_init", "backend_ready", "backend_devices", "set_cpu_backend",
 ]
 
 log = logging.getLogger("appliance.llama")
@@ -52,12 +52,33 @@ def backend_init() -> None:
             lib_dir = _lib_dir()
             if any(lib_dir.glob("libggml-cpu-*.so")):
                 ggml = _ggml()
-                ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
-                if not backend_devices():
-                    raise RuntimeError(f"ggml loaded no backend from {lib_dir}: this CPU fits none of its builds")
+                if _cpu_preference == "auto":
+                    ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
+                else:  # one named CPU build, plus every non-CPU backend module (ggml-cuda)
+                    for module in sorted(lib_dir.glob("libggml-*.so")):
+                        tag = module.name[len("libggml-") : -len(".so")]
+                        if tag == f"cpu-{_cpu_preference}" or not tag.startswith(("cpu", "base")):
+                            if not ggml.ggml_backend_load(str(module).encode()) and tag.startswith("cpu"):
+                                log.error("server.cpu_backend: this CPU cannot run llama.cpp's %s build", tag)
+                                raise RuntimeError(f"this CPU cannot run llama.cpp's {tag} build")
+                if not any(d["type"] == "cpu" for d in backend_devices()):
+                    log.error("llama.cpp: no CPU backend build in %s fits this CPU", lib_dir)
+                    raise RuntimeError(f"ggml loaded no CPU backend from {lib_dir}: this CPU fits none of its builds")
             C.llama_backend_init()
             _backend_ready = True
             log.info("llama.cpp backends: %s", ", ".join(f"{d['name']} ({d['module']})" for d in backend_devices()))
+
+
+_cpu_preference = "auto"
+
+
+def set_cpu_backend(level: str) -> None:
+    """Load this CPU backend build (e.g. "haswell") instead of the best one; before the first model."""
+    global _cpu_preference
+    with _backend_lock:
+        if _backend_ready and level != _cpu_preference:
+            raise RuntimeError("the CPU backend is chosen when the first model loads")
+        _cpu_preference = level
 
 
 def backend_ready() -> bool:
@@ -83,6 +104,8 @@ def _ggml() -> ctypes.CDLL:
         lib = ctypes.CDLL("libggml.so.0")
         lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
         lib.ggml_backend_load_all_from_path.restype = None
+        lib.ggml_backend_load.argtypes = [ctypes.c_char_p]
+        lib.ggml_backend_load.restype = ctypes.c_void_p
         lib.ggml_backend_dev_count.restype = ctypes.c_size_t
         lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
         lib.ggml_backend_dev_get.restype = ctypes.c_void_p

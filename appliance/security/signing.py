@@ -124,7 +124,10 @@ class SignedStream:
             while b"\n\n" in self._buf:
                 event, self._buf = self._buf.split(b"\n\n", 1)
                 self._event(event + b"\n\n")
-        return self._pending.pop(0)
+        # Everything ready goes out in one write (an event and its checkpoint line: one send, not two).
+        out = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending.clear()
+        return out
 
     def _event(self, event: bytes) -> None:
         if self._finished:
@@ -141,6 +144,14 @@ class SignedStream:
     def _observe(self, event: bytes) -> None:
         # What the final checkpoint attests besides the chain: how generation ended, and usage.
         if not event.startswith(b"data: "):
+            return
+        # Most events are token deltas: every finish_reason null, no usage, no error. Skip parsing those
+        # (a JSON string value cannot hold an unescaped '"', so text never fakes these byte patterns).
+        if (
+            b'"usage"' not in event
+            and b'"error"' not in event
+            and event.count(b'"finish_reason"') == event.count(b'"finish_reason":null')
+        ):
             return
         try:
             obj = json.loads(event[6:])

@@ -79,3 +79,18 @@ def test_runtime_model_settings_take_defaults():
     s = Settings.model_validate({"model_defaults": {"n_ctx": 1024}})
     m = s.model_settings("x", "/x.gguf", parallel=8)
     assert (m.n_ctx, m.parallel, m.name) == (1024, 8, "x")
+
+
+def test_cpu_backend_auto_or_a_build_that_exists(tmp_path):
+    from appliance.settings import cpu_backends
+
+    builds = cpu_backends()
+    assert "haswell" in builds and len(builds) > 1, builds  # the wheel has runtime CPU dispatch
+    assert Settings().server.cpu_backend == "auto"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\ncpu_backend = "haswell"\n')
+    assert load_settings(cfg).server.cpu_backend == "haswell"
+    for bad in ('"pentium4"', '"../../evil"', '"Haswell"', "1"):
+        cfg.write_text(f"[server]\ncpu_backend = {bad}\n")
+        with pytest.raises(ConfigError, match="server.cpu_backend"):
+            load_settings(cfg)

@@ -95,3 +95,19 @@ def test_union_type_tags_do_not_leak_into_errors():
         parse(CompletionRequest, {"model": "m", "prompt": [1, "a"]})
     assert "[" not in e.value.message.split(":")[0] and not e.value.message.startswith("prompt.str")
     assert e.value.param == "prompt"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize(
+    "text", ["", "Hello", ' "quoted" \\ back', "é ü 日本 😀", "\x00\x1f\u2028 ctrl", '"finish_reason":"stop"', "\x00appliance-text\x00"]
+)
+def test_token_chunk_template_gives_the_same_bytes_as_the_whole_object(chat, text):
+    from appliance.inference import sse_event, text_chunk_encoder
+
+    base = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m\"odel é", "system_fingerprint": None}
+    choice = (
+        {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+        if chat
+        else {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+    )
+    assert text_chunk_encoder(base, chat=chat)(text) == sse_event({**base, "choices": [choice]})
