@@ -92,11 +92,15 @@ class Server:
 
     def cpu_backend(self) -> str:
         """The ggml CPU module this server loaded at startup (runtime dispatch), e.g. cpu-zen4."""
-        if self.ready_path == "/readiness":  # ours: /status lists the devices with their modules
-            devices = requests.get(self.url + "/status", timeout=5).json().get("devices", [])
-            return next((d["module"] for d in devices if d["type"] == "cpu"), "unknown")
-        m = re.search(r"loaded CPU backend from \S*lib(ggml-cpu[\w-]*)\.so", self.log.read_text(errors="replace"))
-        return m.group(1).removeprefix("ggml-") if m else "builtin"
+        for pid in [self.proc.pid] + _children(self.proc.pid):
+            try:
+                maps = Path(f"/proc/{pid}/maps").read_text()
+            except OSError:
+                continue
+            m = re.search(r"/libggml-(cpu-[\w]+)\.so", maps)
+            if m:
+                return m.group(1)
+        return "builtin"
 
     def peak_rss_mb(self) -> float:
         """VmHWM summed over the server's process tree (ours: gunicorn master + worker)."""
@@ -123,9 +127,12 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def ours(model: Path, port: int, *, threads: int | None, parallel: int | None, n_ctx: int | None) -> Server:
+def ours(
+    model: Path, port: int, *, threads: int | None, parallel: int | None, n_ctx: int | None, cpu_backend: str = "auto"
+) -> Server:
     cfg = RESULTS / f"ours-{port}.toml"
-    lines = ["[server]", "log_level = \"warning\"", "access_log = false", "[limits]", "max_tokens = 100000",
+    lines = ["[server]", "log_level = \"warning\"", "access_log = false", f'cpu_backend = "{cpu_backend}"',
+             "[limits]", "max_tokens = 100000",
              "[attestation]", "rate_per_minute = 0", "[[models]]", 'name = "bench"', f'path = "{model}"']
     if threads:
         lines.append(f"n_threads = {threads}")
@@ -397,16 +404,47 @@ def update_readme(text: str) -> None:
         readme.write_text(s)
 
 
+def cpu_dispatch(model: Path, args, rng: random.Random) -> None:
+    """Our server with the x86-64-v3 build pinned vs the build runtime dispatch picks, alternating."""
+    equal = dict(threads=args.threads, parallel=args.slots, n_ctx=args.n_ctx)
+    pair = [ours(model, free_port(), **equal, cpu_backend="haswell"), ours(model, free_port(), **equal)]
+    pair[0].name, pair[1].name = "haswell", "auto"
+    try:
+        for s in pair:
+            s.start()
+            stream_completion(s.url, "warm up", 8, 1)
+        picked = pair[1].cpu_backend()
+        rows = measure(pair, args, rng, "dispatch: ")
+        pp = {s.name: [] for s in pair}
+        for _ in range(args.reps):
+            for s in pair:
+                pp[s.name].append(ttfts(s.url, 700, 2, rng)["prompt_tokens_per_s"])
+        rows.append(Row("dispatch: prompt processing", statistics.median(pp["auto"]), statistics.median(pp["haswell"]), unit="tok/s"))
+    finally:
+        for s in pair:
+            s.stop()
+    for r in rows[:-1]:  # measure() puts pair[0] first: report auto / haswell like every other ratio
+        r.ours, r.theirs = r.theirs, r.ours
+        r.__post_init__()
+    md = (f"Runtime CPU dispatch: the appliance with the build it picks here ({picked}) vs pinned to "
+          f"cpu_backend = \"haswell\" (x86-64-v3), {args.threads} threads, {args.slots} slots, {args.reps} "
+          f"alternating runs (median).\n\n" + table(rows).replace("| appliance | llama-server |", f"| {picked} | cpu-haswell |"))
+    print(md)
+    (RESULTS / "cpu-dispatch.md").write_text(md + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--ttft-reps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--skip-defaults", action="store_true", help="skip the run with each server's default settings")
+    ap.add_argument("--cpu-dispatch", action="store_true",
+                    help="instead: ours with the CPU build runtime dispatch picks vs the x86-64-v3 build")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -414,6 +452,9 @@ def main() -> None:
     if not model.exists():
         model.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "appliance.modelgen", str(model), "--preset", "bench"], check=True)
+    if args.cpu_dispatch:
+        cpu_dispatch(model, args, random.Random(1234))
+        return
     llama_server = subprocess.run(["bash", str(ROOT / "scripts/llama-server.sh")], check=True, capture_output=True, text=True).stdout.strip()
     rng = random.Random(1234)
 
