@@ -428,7 +428,7 @@ def cpu_dispatch(model: Path, args, rng: random.Random) -> None:
         r.__post_init__()
     md = (f"Runtime CPU dispatch: the appliance with the build it picks here ({picked}) vs pinned to "
           f"cpu_backend = \"haswell\" (x86-64-v3), {args.threads} threads, {args.slots} slots, {args.reps} "
-          f"alternating runs (median).\n\n" + table(rows).replace("| appliance | llama-server |", f"| {picked} | cpu-haswell |"))
+          f"alternating runs (median).\n\n" + table(rows).replace("| appliance | llama-server | ours/theirs |", f"| {picked} | cpu-haswell | ratio |"))
     print(md)
     (RESULTS / "cpu-dispatch.md").write_text(md + "\n")
 
