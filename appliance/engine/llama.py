@@ -66,7 +66,11 @@ def backend_init() -> None:
                     raise RuntimeError(f"ggml loaded no CPU backend from {lib_dir}: this CPU fits none of its builds")
             C.llama_backend_init()
             _backend_ready = True
-            log.info("llama.cpp backends: %s", ", ".join(f"{d['name']} ({d['module']})" for d in backend_devices()))
+            devices = backend_devices()
+            log.info("llama.cpp backends: %s", ", ".join(f"{d['name']} ({d['module']})" for d in devices))
+            gpu_module = next(iter(sorted(lib_dir.glob("libggml-cuda*.so"))), None)
+            if gpu_module is not None and not any(d["type"] == "gpu" for d in devices):
+                log.warning("CUDA build without a usable GPU, serving on the CPU: %s", _why_not_loaded(gpu_module))
 
 
 _cpu_preference = "auto"
@@ -79,6 +83,15 @@ def set_cpu_backend(level: str) -> None:
         if _backend_ready and level != _cpu_preference:
             raise RuntimeError("the CPU backend is chosen when the first model loads")
         _cpu_preference = level
+
+
+def _why_not_loaded(module: Path) -> str:
+    """Why ggml skipped a backend module: the loader's own error (a missing driver or runtime library)."""
+    try:
+        ctypes.CDLL(str(module))
+    except OSError as e:
+        return f"{e} (the NVIDIA driver and the CUDA 13 runtime must be on the loader path)"
+    return "the CUDA backend loaded but found no GPU"
 
 
 def backend_ready() -> bool:
