@@ -87,10 +87,13 @@ def set_cpu_backend(level: str) -> None:
 
 def _why_not_loaded(module: Path) -> str:
     """Why ggml skipped a backend module: the loader's own error (a missing driver or runtime library)."""
-    try:
-        ctypes.CDLL(str(module))
-    except OSError as e:
-        return f"{e} (the NVIDIA driver and the CUDA 13 runtime must be on the loader path)"
+    # dlopen directly: PyInstaller's ctypes hook replaces OSError's text with a guess about freezing.
+    libc = ctypes.CDLL(None)
+    libc.dlopen.argtypes, libc.dlopen.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.c_void_p
+    libc.dlerror.argtypes, libc.dlerror.restype = [], ctypes.c_char_p
+    if not libc.dlopen(str(module).encode(), 2):  # RTLD_NOW
+        err = (libc.dlerror() or b"unknown error").decode("utf-8", "replace")
+        return f"{err} (the NVIDIA driver and the CUDA 13 runtime must be on the loader path)"
     return "the CUDA backend loaded but found no GPU"
 
 
