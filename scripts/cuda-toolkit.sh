@@ -7,10 +7,9 @@
 #
 # Why not the host's toolkit: a third party must be able to rebuild the CUDA binary byte for byte,
 # which needs the same compiler and headers, and the wheels are what any machine with PyPI can fetch.
-# The toolkit has no GPU driver; CMake's FindCUDAToolkit wants libcuda.so to link ggml-cuda against
-# (its virtual-memory pool calls the driver API), so a link-only stub with the driver's soname
-# (libcuda.so.1) goes in lib/stubs, as NVIDIA's own toolkit ships one: at run time the host's real
-# driver library is loaded instead, and the stub is never packaged.
+# The toolkit has no GPU driver; ggml-cuda links the driver API (its virtual-memory pool), so a
+# link-only stub with the driver's soname (libcuda.so.1) goes in lib/stubs, as NVIDIA's own toolkit
+# ships one: at run time the host's real driver library is loaded instead; the stub is never packaged.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,7 +20,34 @@ PY=${PYTHON:-python3}
 KEY=$(sha256sum "$LOCK" | cut -c1-12)
 OUT=$CACHE/cuda-toolkit/$KEY
 TK=$OUT/nvidia/cu13
-if [[ -x $TK/bin/nvcc && -f $TK/lib/stubs/libcuda.so && -f $TK/include/cublas_v2.h ]]; then
+STUB_VERSION=2
+
+# Link-only driver stub: every driver API function that cuda.h declares (after its macros pick the
+# versioned names, e.g. cuMemAlloc_v2), as an empty function, in a library with the driver's soname.
+# The symbols matter: this gcc links with --as-needed, so a stub without them is dropped from
+# libggml-cuda.so's DT_NEEDED, the cu* references stay unbound and dlopen fails on a GPU host too
+# ("undefined symbol: cuMemCreate"). With them, libggml-cuda.so needs libcuda.so.1 and binds the
+# host driver's real functions when it loads.
+make_stub() {
+  local dir=$TK/lib/stubs tmp
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/appliance-cuda-stub.XXXXXX")
+  mkdir -p "$dir"
+  printf '#include <cuda.h>\n' >"$tmp/h.c"
+  cc -E -P -I"$TK/include" "$tmp/h.c" | "$PY" -c '
+import re, sys
+names = sorted(set(re.findall(r"\bCUresult\s+(cu[A-Za-z0-9_]+)\s*\(", sys.stdin.read())))
+if "cuMemCreate" not in names or len(names) < 100:
+    sys.exit("cuda-toolkit: cannot list the driver API from cuda.h")
+print("/* link-only stub (scripts/cuda-toolkit.sh): the real libcuda.so.1 comes from the host driver */")
+print("\n".join(f"int {n}(void) {{ return 999; }}" for n in names))
+' >"$tmp/stub.c"
+  cc -shared -fPIC -O0 -Wl,-soname,libcuda.so.1 -Wl,--build-id=none -o "$dir/libcuda.so" "$tmp/stub.c"
+  echo "$STUB_VERSION" >"$dir/STUB_VERSION"
+  rm -rf "$tmp"
+}
+
+if [[ -x $TK/bin/nvcc && -f $TK/include/cublas_v2.h ]]; then
+  [[ $(cat "$TK/lib/stubs/STUB_VERSION" 2>/dev/null) == "$STUB_VERSION" ]] || make_stub
   echo "$TK"
   exit 0
 fi
@@ -45,12 +71,7 @@ for so in "$TK"/lib/lib*.so.[0-9]*; do
   [[ -e $base ]] || ln -s "$(basename "$so")" "$base"
 done
 
-# Link-only driver stub: no symbols, just the soname. ggml-cuda's driver calls stay undefined in
-# libggml-cuda.so (allowed for a shared library) and bind to the host's libcuda.so.1 when it loads.
-mkdir -p "$TK/lib/stubs"
-printf '/* link-only stub: the real libcuda.so.1 comes from the host NVIDIA driver */\n' >"$WORK/stub.c"
-cc -shared -fPIC -nostdlib -Wl,-soname,libcuda.so.1 -o "$TK/lib/stubs/libcuda.so" "$WORK/stub.c"
-
+make_stub
 "$TK/bin/nvcc" --version | grep -q 'release 13\.0' || { echo "cuda-toolkit: unexpected nvcc in $TK" >&2; exit 1; }
 [[ -f $TK/include/cublas_v2.h ]] || { echo "cuda-toolkit: no cuBLAS headers in $TK" >&2; exit 1; }
 echo "$TK"

@@ -35,7 +35,8 @@ case "$VARIANT" in
       export CUDACXX=$TK/bin/nvcc CUDAToolkit_ROOT=$TK
     fi
     FLAGS="$COMMON_FLAGS -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-80-real;86-real;89-real;90-real;90-virtual}"
-    TOOLKIT=$("$CUDACXX" --version | tail -1)
+    # The toolkit's identity in the cache key: nvcc's build, and the driver stub it links against.
+    TOOLKIT="$("$CUDACXX" --version | tail -1) $(cat "${CUDAToolkit_ROOT:-/nonexistent}/lib/stubs/STUB_VERSION" 2>/dev/null || echo host)"
     ;;
   *) echo "usage: $0 [cpu|cuda]" >&2; exit 2 ;;
 esac
