@@ -45,7 +45,7 @@ def backend_init() -> None:
     CPU (and driver) and loads the best; a module whose dependencies are missing (ggml-cuda without
     the NVIDIA driver) is skipped, so the CPU always remains.
     """
-    global _backend_ready
+    global _backend_ready, _devices
     with _backend_lock:
         if not _backend_ready:
             C.llama_log_set(_log_callback, ctypes.c_void_p(0))
@@ -65,8 +65,8 @@ def backend_init() -> None:
                     log.error("llama.cpp: no CPU backend build in %s fits this CPU", lib_dir)
                     raise RuntimeError(f"ggml loaded no CPU backend from {lib_dir}: this CPU fits none of its builds")
             C.llama_backend_init()
+            _devices = devices = _scan_devices()
             _backend_ready = True
-            devices = backend_devices()
             log.info("llama.cpp backends: %s", ", ".join(f"{d['name']} ({d['module']})" for d in devices))
             gpu_module = next(iter(sorted(lib_dir.glob("libggml-cuda*.so"))), None)
             if gpu_module is not None and not any(d["type"] == "gpu" for d in devices):
@@ -137,12 +137,21 @@ def _ggml() -> ctypes.CDLL:
 _DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 
 
+_devices: list[dict] | None = None  # fixed once the backends are loaded (backend_init)
+
+
 def backend_devices() -> list[dict]:
-    """The devices ggml can use now, each with the backend module that provides it.
+    """The devices ggml can use, each with the backend module that provides it.
 
     `module` is the loaded library's variant tag (libggml-cpu-zen4.so -> "cpu-zen4"), or "builtin"
-    for a build without loadable backends.
+    for a build without loadable backends. Scanned once after loading; /status reads the copy.
     """
+    if _devices is not None:
+        return [dict(d) for d in _devices]
+    return _scan_devices()
+
+
+def _scan_devices() -> list[dict]:
     ggml = _ggml()
     modules = _loaded_backend_modules()
     out = []
