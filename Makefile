@@ -18,7 +18,7 @@ run: setup $(DEMO_MODEL)
 setup: $(STAMP)
 
 # The llama-cpp-python wheel is compiled once from its pinned sdist and cached in $(APPLIANCE_CACHE).
-$(STAMP): pyproject.toml requirements.lock scripts/llama-wheel.sh
+$(STAMP): pyproject.toml requirements.lock scripts/llama-wheel.sh scripts/llama-sdist.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --require-hashes --no-deps -r requirements.lock 2> >(grep -v 'is ignored' >&2)
 	wheel=$$(PYTHON=$(BIN)/python scripts/llama-wheel.sh cpu) && $(PIP) install --no-deps --force-reinstall "$$wheel" 2> >(grep -v 'is ignored' >&2)

@@ -4,14 +4,13 @@
 # Prints the binary's path. Used by `make bench` to compare side by side.
 set -euo pipefail
 
-VERSION=0.3.36
-SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
-CACHE=${APPLIANCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance}
+source "$(dirname "$0")/llama-sdist.sh"
+VERSION=$LLAMA_VERSION
 PY=${PYTHON:-python3}
 # The same CPU build as scripts/llama-wheel.sh cpu, so the comparison is like for like: ggml's CPU
 # backend once per x86 instruction-set level as loadable modules, the best one loaded at startup
 # (llama-server loads them from its own directory). Shared libraries, found through RUNPATH=$ORIGIN.
-FLAGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DBUILD_SHARED_LIBS=ON \
+FLAGS="$LLAMA_CPU_FLAGS -DBUILD_SHARED_LIBS=ON \
 -DCMAKE_BUILD_RPATH=\$ORIGIN -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH=\$ORIGIN \
 -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
 -DLLAMA_BUILD_SERVER=ON -DCMAKE_BUILD_TYPE=Release"
@@ -22,12 +21,7 @@ if [[ -x $OUT/llama-server ]]; then
   exit 0
 fi
 
-mkdir -p "$CACHE/sdist"
-SDIST="$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz"
-if [[ ! -f $SDIST ]]; then
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$CACHE/sdist" >&2
-fi
-echo "$SDIST_SHA256  $SDIST" | sha256sum --check --quiet - >&2
+SDIST=$(PYTHON="$PY" llama_sdist)
 
 WORK=/tmp/appliance-llama-server-$KEY
 rm -rf "$WORK"

@@ -10,9 +10,8 @@
 set -euo pipefail
 
 VARIANT=${1:-cpu}
-VERSION=0.3.36
-SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
-CACHE=${APPLIANCE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance}
+source "$(dirname "$0")/llama-sdist.sh"
+VERSION=$LLAMA_VERSION
 PY=${PYTHON:-python3}
 
 # Portable, with runtime CPU dispatch: no -march=native; ggml's CPU backend is built once per x86
@@ -23,7 +22,7 @@ PY=${PYTHON:-python3}
 # driver it does not load and the same binary runs on the CPU. GGML_BACKEND_DIR is typed STRING so
 # CMake keeps it relative (a PATH given on the command line is made absolute against the working
 # directory): the modules install into the wheel's llama_cpp/lib, and no build path is compiled in.
-COMMON_FLAGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DGGML_BACKEND_DIR:STRING=llama_cpp/lib \
+COMMON_FLAGS="$LLAMA_CPU_FLAGS -DGGML_BACKEND_DIR:STRING=llama_cpp/lib \
 -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
 -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF"
 case "$VARIANT" in
@@ -50,12 +49,7 @@ if compgen -G "$OUT/llama_cpp_python-*.whl" >/dev/null; then
   exit 0
 fi
 
-mkdir -p "$CACHE/sdist"
-SDIST="$CACHE/sdist/llama_cpp_python-$VERSION.tar.gz"
-if [[ ! -f $SDIST ]]; then
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$CACHE/sdist" >&2
-fi
-echo "$SDIST_SHA256  $SDIST" | sha256sum --check --quiet - >&2
+SDIST=$(PYTHON="$PY" llama_sdist)
 
 # Fixed paths: the prefix maps below make the compiled bytes independent of them anyway.
 WORK=/tmp/appliance-llama-$VARIANT-$KEY
