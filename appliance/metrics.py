@@ -33,16 +33,25 @@ class Metrics:
         self.prompt = Counter("appliance_prompt_tokens_processed_total", "Prompt tokens decoded (cache hits excluded)", ["model"], registry=r)
         self.auth_failures = Counter("appliance_auth_failures_total", "Requests refused by authentication", ["reason"], registry=r)
         self._models = None
+        self._children: dict = {}
 
     # EngineObserver, called from scheduler threads (prometheus_client is thread-safe)
+    # The labelled children are looked up once per model: the scheduler reports after every decode
+    # step, and labels() (validation, a lock, a dict) is most of an update's cost there.
     def first_token(self, model: str, seconds: float) -> None:
-        self.ttft.labels(model).observe(seconds)
+        self._child(self.ttft, model).observe(seconds)
 
     def tokens_generated(self, model: str, n: int) -> None:
-        self.generated.labels(model).inc(n)
+        self._child(self.generated, model).inc(n)
 
     def prompt_tokens(self, model: str, n: int) -> None:
-        self.prompt.labels(model).inc(n)
+        self._child(self.prompt, model).inc(n)
+
+    def _child(self, metric, model: str):
+        child = self._children.get((metric, model))
+        if child is None:
+            child = self._children[(metric, model)] = metric.labels(model)
+        return child
 
     def watch_models(self, models) -> None:
         """Expose queue depth, busy slots and loaded models, read from the registry at scrape time."""

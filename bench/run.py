@@ -187,7 +187,9 @@ def stream_completion(url: str, prompt: str, max_tokens: int, seed: int, model: 
                 res.tokens = chunk["usage"]["completion_tokens"]
                 res.prompt_tokens = chunk["usage"]["prompt_tokens"]
             choices = chunk.get("choices") or []
-            if choices and choices[0].get("text") and not res.ttft:
+            # The first token's chunk; a lone token that is half a UTF-8 character can arrive with
+            # empty text and its finish_reason, so that counts too.
+            if choices and (choices[0].get("text") or choices[0].get("finish_reason")) and not res.ttft:
                 res.ttft = time.perf_counter() - t0
     res.total = time.perf_counter() - t0
     return res
@@ -322,10 +324,20 @@ class Row:
     theirs: float
     higher_is_better: bool = True
     unit: str = ""
+    paired: list[float] = field(default_factory=list)
+    """ours/theirs of each alternating pair of runs: their spread is the host's noise, made visible."""
     ratio: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.ratio = self.ours / self.theirs if self.theirs else float("nan")
+
+    @classmethod
+    def of_runs(cls, metric: str, ours: list[float], theirs: list[float], higher_is_better: bool = True, unit: str = "") -> "Row":
+        paired = [a / b for a, b in zip(ours, theirs) if b]
+        return cls(metric, statistics.median(ours), statistics.median(theirs), higher_is_better, unit, paired)
+
+    def swapped(self) -> "Row":
+        return Row(self.metric, self.theirs, self.ours, self.higher_is_better, self.unit, [1 / x for x in self.paired if x])
 
 
 def measure(pair: list[Server], args, rng: random.Random, label: str) -> list[Row]:
@@ -337,39 +349,40 @@ def measure(pair: list[Server], args, rng: random.Random, label: str) -> list[Ro
         return vals
 
     rows: list[Row] = []
-
-    def med(vals, key=None):
-        xs = [v[key] if key else v for v in vals]
-        return statistics.median(xs)
-
     o, t = pair[0].name, pair[1].name
-    v = both(lambda url: single_stream(url, args.tokens, rng))
-    rows.append(Row(f"{label}single-stream generation", med(v[o]), med(v[t]), unit="tok/s"))
+
+    def row(metric: str, v: dict, key: str | None = None, higher_is_better: bool = True, unit: str = "") -> Row:
+        pick = (lambda x: x[key]) if key else (lambda x: x)
+        return Row.of_runs(metric, [pick(x) for x in v[o]], [pick(x) for x in v[t]], higher_is_better, unit)
+
+    v = both(lambda url: single_stream(url, args.single_tokens, rng))
+    rows.append(row(f"{label}single-stream generation", v, unit="tok/s"))
     for c in args.clients:
         v = both(lambda url, c=c: concurrent(url, c, args.tokens // 2 if c > 1 else args.tokens, rng))
-        rows.append(Row(f"{label}aggregate, {c} stream(s)", med(v[o], "tokens_per_s"), med(v[t], "tokens_per_s"), unit="tok/s"))
+        rows.append(row(f"{label}aggregate, {c} stream(s)", v, "tokens_per_s", unit="tok/s"))
     if label:
         return rows
     for words, name in ((12, "short"), (700, "long")):
         v = both(lambda url, w=words: ttfts(url, w, args.ttft_reps, rng))
-        rows.append(Row(f"TTFT median, {name} prompt", med(v[o], "median_ms"), med(v[t], "median_ms"), False, "ms"))
-        rows.append(Row(f"TTFT p95, {name} prompt", med(v[o], "p95_ms"), med(v[t], "p95_ms"), False, "ms"))
+        rows.append(row(f"TTFT median, {name} prompt", v, "median_ms", False, "ms"))
+        rows.append(row(f"TTFT p95, {name} prompt", v, "p95_ms", False, "ms"))
         if name == "long":
-            rows.append(Row("prompt processing", med(v[o], "prompt_tokens_per_s"), med(v[t], "prompt_tokens_per_s"), unit="tok/s"))
+            rows.append(row("prompt processing", v, "prompt_tokens_per_s", unit="tok/s"))
     v = both(lambda url: health_under_load(url, 8, args.tokens // 2, rng))
-    rows.append(Row("/health p99 during 8 streams", med(v[o], "p99_ms"), med(v[t], "p99_ms"), False, "ms"))
+    rows.append(row("/health p99 during 8 streams", v, "p99_ms", False, "ms"))
     v = both(lambda url: multi_turn(url, rng))
-    rows.append(Row("multi-turn chat TTFT, 2nd turn (cached prefix)", med(v[o], "warm_ttft_ms"), med(v[t], "warm_ttft_ms"), False, "ms"))
-    rows.append(Row("multi-turn chat TTFT, cold equal-length prompt", med(v[o], "cold_ttft_ms"), med(v[t], "cold_ttft_ms"), False, "ms"))
+    rows.append(row("multi-turn chat TTFT, 2nd turn (cached prefix)", v, "warm_ttft_ms", False, "ms"))
+    rows.append(row("multi-turn chat TTFT, cold equal-length prompt", v, "cold_ttft_ms", False, "ms"))
     rows.append(Row("peak RSS", pair[0].peak_rss_mb(), pair[1].peak_rss_mb(), False, "MiB"))
     return rows
 
 
 def table(rows: list[Row]) -> str:
-    out = ["| metric | appliance | llama-server | ours/theirs |", "| --- | ---: | ---: | ---: |"]
+    out = ["| metric | appliance | llama-server | ours/theirs | each pair of runs |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         better = "" if (r.ratio >= 1) == r.higher_is_better else " (worse)"
-        out.append(f"| {r.metric} ({r.unit}) | {r.ours:.1f} | {r.theirs:.1f} | {r.ratio:.2f}x{better} |")
+        spread = f"{min(r.paired):.2f}-{max(r.paired):.2f}x" if r.paired else ""
+        out.append(f"| {r.metric} ({r.unit}) | {r.ours:.1f} | {r.theirs:.1f} | {r.ratio:.2f}x{better} | {spread} |")
     return "\n".join(out)
 
 
@@ -419,13 +432,12 @@ def cpu_dispatch(model: Path, args, rng: random.Random) -> None:
         for _ in range(args.reps):
             for s in pair:
                 pp[s.name].append(ttfts(s.url, 700, 2, rng)["prompt_tokens_per_s"])
-        rows.append(Row("dispatch: prompt processing", statistics.median(pp["auto"]), statistics.median(pp["haswell"]), unit="tok/s"))
+        rows.append(Row.of_runs("dispatch: prompt processing", pp["auto"], pp["haswell"], unit="tok/s"))
     finally:
         for s in pair:
             s.stop()
-    for r in rows[:-1]:  # measure() puts pair[0] first: report auto / haswell like every other ratio
-        r.ours, r.theirs = r.theirs, r.ours
-        r.__post_init__()
+    # measure() puts pair[0] (haswell) first: report auto / haswell like every other ratio
+    rows = [r.swapped() for r in rows[:-1]] + rows[-1:]
     md = (f"Runtime CPU dispatch: the appliance with the build it picks here ({picked}) vs pinned to "
           f"cpu_backend = \"haswell\" (x86-64-v3), {args.threads} threads, {args.slots} slots, {args.reps} "
           f"alternating runs (median).\n\n" + table(rows).replace("| appliance | llama-server | ours/theirs |", f"| {picked} | cpu-haswell | ratio |"))
@@ -435,9 +447,11 @@ def cpu_dispatch(model: Path, args, rng: random.Random) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--tokens", type=int, default=96, help="tokens per aggregate run (half per stream above one)")
+    ap.add_argument("--single-tokens", type=int, default=256,
+                    help="tokens of the single-stream run: long enough to average the host's sub-second noise")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--ttft-reps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--slots", type=int, default=8)
@@ -495,8 +509,9 @@ def main() -> None:
                 f"llama-server {single.theirs:.1f} ({single.ours / limit:.0%} of the limit).")
     settings = (f"Equal settings: {args.threads} threads, {args.slots} slots, {args.n_ctx} tokens of context per slot, "
                 f"OpenMP wait policy: {os.environ.get('OMP_WAIT_POLICY') or 'libgomp default'} for both, "
-                f"{args.tokens} generated tokens per single stream ({args.tokens // 2} per concurrent stream), "
-                f"ignore_eos, {args.reps} alternating runs each (median). Model: {model.name}, "
+                f"{args.single_tokens} generated tokens per single stream, {args.tokens} in the 1-stream aggregate run "
+                f"({args.tokens // 2} per stream above one), ignore_eos, {args.reps} alternating runs each: the median of "
+                f"each server's runs, and the range of ours/theirs over the pairs of runs. Model: {model.name}, "
                 f"{model.stat().st_size / 1e6:.0f} MB. Machine: {os.cpu_count()} CPUs. Both built from the same "
                 f"llama.cpp tree with runtime CPU dispatch; CPU backend loaded: "
                 + ", ".join(f"{k} {v}" for k, v in backends.items()) + ".")

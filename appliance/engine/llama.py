@@ -208,8 +208,8 @@ class LlamaModel:
         self.bos = C.llama_vocab_bos(self.vocab)
         self.eos = C.llama_vocab_eos(self.vocab)
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
-        self._pieces: dict[int, bytes] = {}
-        self._pieces_lock = threading.Lock()
+        self._tokens: dict[int, tuple[bytes, bool]] = {}
+        self._tokens_lock = threading.Lock()
         desc = ctypes.create_string_buffer(256)
         C.llama_model_desc(self._ptr, desc, len(desc))
         self.description = desc.value.decode("utf-8", "replace")
@@ -243,9 +243,10 @@ class LlamaModel:
                 raise ValueError("tokenization failed")
         return list(buf[:n])
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a token adds to the text (control tokens add nothing). Cached per token."""
-        cached = self._pieces.get(token)
+    def token_info(self, token: int) -> tuple[bytes, bool]:
+        """(the bytes a token adds to the text, whether it ends generation). Cached per token: the
+        scheduler asks once per generated token, right after a decode has flushed the CPU caches."""
+        cached = self._tokens.get(token)
         if cached is not None:
             return cached
         buf = ctypes.create_string_buffer(64)
@@ -253,13 +254,17 @@ class LlamaModel:
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        out = buf.raw[: max(n, 0)]
-        with self._pieces_lock:
-            self._pieces[token] = out
-        return out
+        info = (buf.raw[: max(n, 0)], bool(C.llama_vocab_is_eog(self.vocab, token)))
+        with self._tokens_lock:
+            self._tokens[token] = info
+        return info
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token adds to the text (control tokens add nothing)."""
+        return self.token_info(token)[0]
 
     def is_eog(self, token: int) -> bool:
-        return bool(C.llama_vocab_is_eog(self.vocab, token))
+        return self.token_info(token)[1]
 
     def close(self) -> None:
         if self._ptr:
@@ -354,9 +359,26 @@ class Batch:
         self.struct.seq_id = self._seq_ptrs
         self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
         self.n = 0
+        # Plain memoryviews over the same buffers, for add_one: a numpy slice assignment touches far
+        # more code, which runs cache-cold right after a decode has streamed the weights through.
+        self._token_mv = memoryview(self.token).cast("B").cast("i")
+        self._pos_mv = memoryview(self.pos).cast("B").cast("i")
+        self._seq_mv = memoryview(self.seq).cast("B").cast("i")
+        self._logits_mv = memoryview(self.logits).cast("B").cast("b")
 
     def clear(self) -> None:
         self.n = 0
+
+    def add_one(self, token: int, pos: int, seq: int) -> int:
+        """Append one token that wants logits (a generating sequence's next token); its batch index."""
+        i = self.n
+        self._token_mv[i] = token
+        self._pos_mv[i] = pos
+        self._seq_mv[i] = seq
+        self._logits_mv[i] = 1
+        self.n = i + 1
+        self.struct.n_tokens = i + 1
+        return i
 
     def add(self, tokens, start_pos: int, seq: int, want_last_logits: bool) -> int:
         """Append tokens of one sequence; returns the batch index of the last one."""

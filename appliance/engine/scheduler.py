@@ -286,6 +286,8 @@ class ModelEngine:
         self.n_ctx = self._ctx.n_ctx_seq
         self._batch = Batch(self._ctx.n_batch)
         self._slots = [_Slot(seq=i) for i in range(parallel)]
+        self._active: list[_Slot] = []
+        """Slots serving a request, in slot order (the only ones a step has to look at)."""
         self._queue: deque[tuple[Generation, float]] = deque()
 
     # -- called from greenlets ---------------------------------------------------------------
@@ -355,27 +357,26 @@ class ModelEngine:
             self._exited.release()
 
     def _loop(self) -> None:
+        # Between two decodes this loop runs cache-cold (the decode has just streamed the weights
+        # through every cache), so each line costs microseconds: keep the per-step path short.
         stopping = False
+        inbox = self._inbox
         while True:
-            active = any(s.gen is not None for s in self._slots)
-            if not active and not self._queue:
+            if not self._active and not self._queue:
                 if stopping:
                     return
-                item = self._inbox.get()  # idle: block this OS thread until work arrives
-                stopping |= self._take(item)
-            while True:  # drain whatever else arrived, without blocking
-                try:
-                    item = self._inbox.get_nowait()
-                except Exception:  # _queue.Empty
-                    break
-                stopping |= self._take(item)
+                stopping |= self._take(inbox.get())  # idle: block this OS thread until work arrives
+            while not inbox.empty():  # drain whatever else arrived, without blocking
+                stopping |= self._take(inbox.get_nowait())
             out: list[tuple[Generation, Event]] = []
             self._reap_cancelled()
-            self._admit(out)
-            if any(s.gen is not None for s in self._slots):
+            if self._queue:
+                self._admit(out)
+            if self._active:
                 self._wait_for_hub()
                 self._step(out)
-            self._deliver(out)
+            if out:
+                self._deliver(out)
 
     def _take(self, item) -> bool:
         if item is _STOP:
@@ -384,18 +385,19 @@ class ModelEngine:
         return False
 
     def _deliver(self, out: list[tuple[Generation, Event]]) -> None:
-        woken: dict[int, Generation] = {}
+        woken: list[Generation] = []
         for gen, ev in out:
-            gen._push(ev)
-            woken[id(gen)] = gen
+            gen._items.append(ev)
+            if not woken or woken[-1] is not gen:  # one generation's events of a step are adjacent
+                woken.append(gen)
         with self._lock:
-            for gen in woken.values():
+            for gen in woken:
                 if not gen._unconsumed:
                     gen._unconsumed = True
                     self._unconsumed += 1
             if self._unconsumed and not self._hub_busy.locked():
                 self._hub_busy.acquire()
-        for gen in woken.values():
+        for gen in woken:
             gen._wake()
 
     def _consumed(self) -> None:  # on the event loop, from Generation._consumed
@@ -441,6 +443,8 @@ class ModelEngine:
     def _release(self, s: _Slot) -> None:
         if s.sampler:
             s.sampler.close()
+        if s.gen is not None:
+            self._active.remove(s)
         s.sampler = None
         s.gen = None
         s.req = None
@@ -450,10 +454,9 @@ class ModelEngine:
             self._busy -= 1
 
     def _reap_cancelled(self) -> None:
-        for s in self._slots:
-            if s.gen is not None and s.gen.cancelled:
-                self._release(s)
-        if any(gen.cancelled for gen, _ in self._queue):  # gone before a slot freed: stop counting them
+        for s in [s for s in self._active if s.gen.cancelled]:
+            self._release(s)
+        if self._queue and any(gen.cancelled for gen, _ in self._queue):  # gone before a slot freed: stop counting them
             kept = deque(item for item in self._queue if not item[0].cancelled)
             for _ in range(len(self._queue) - len(kept)):
                 self._dec_waiting()
@@ -495,6 +498,8 @@ class ModelEngine:
                 self._waiting -= 1
                 self._busy += 1
             s.gen, s.req, s.sampler = gen, req, sampler
+            self._active.append(s)
+            self._active.sort(key=lambda a: a.seq)
             s.pending = prompt[keep:]
             s.cached = keep
             s.limit = min(self.n_ctx, req.n_ctx or self.n_ctx)
@@ -507,32 +512,41 @@ class ModelEngine:
     def _step(self, out: list) -> None:
         batch = self._batch
         batch.clear()
-        budget = batch.capacity
         in_batch: list[_Slot] = []
+        prefilling: list[_Slot] | None = None
         threads_hint = 0
         # Generating sequences first: one token each, so streams never stall behind a long prompt.
-        for s in self._slots:
-            if s.gen is not None and not s.pending:
-                s.batch_index = batch.add([s.last_token], len(s.kv), s.seq, True)
+        for s in self._active:
+            if s.pending:
+                if prefilling is None:
+                    prefilling = []
+                prefilling.append(s)
+            else:
+                s.batch_index = batch.add_one(s.last_token, len(s.kv), s.seq)
                 s.n_batch_tokens = 1
                 in_batch.append(s)
-                budget -= 1
-        for s in sorted((s for s in self._slots if s.gen is not None and s.pending), key=lambda s: s.t_admitted):
-            if budget <= 0:
-                break
-            chunk = s.pending[:budget]
-            last = len(chunk) == len(s.pending)
-            idx = batch.add(chunk, len(s.kv), s.seq, last)
-            s.batch_index = idx if last else -1
-            s.n_batch_tokens = len(chunk)
-            budget -= len(chunk)
-            in_batch.append(s)
-        for s in in_batch:
             if s.req.n_threads:
                 threads_hint = max(threads_hint, s.req.n_threads)
-        n_threads = min(threads_hint, self.n_threads) if threads_hint else self.n_threads
-        n_threads_batch = min(threads_hint, self.n_threads_batch) if threads_hint else self.n_threads_batch
-        self._ctx.set_threads(n_threads, n_threads_batch)
+        if prefilling is not None:
+            budget = batch.capacity - batch.n
+            prefilling.sort(key=lambda s: s.t_admitted)
+            for s in prefilling:
+                if budget <= 0:
+                    break
+                chunk = s.pending[:budget]
+                last = len(chunk) == len(s.pending)
+                idx = batch.add(chunk, len(s.kv), s.seq, last)
+                s.batch_index = idx if last else -1
+                s.n_batch_tokens = len(chunk)
+                budget -= len(chunk)
+                in_batch.append(s)
+        if threads_hint:  # a step runs with the largest hint among its sequences, capped by the model's
+            hinted = [s for s in in_batch if s.req.n_threads]
+            threads_hint = max(s.req.n_threads for s in hinted) if hinted else 0
+        if threads_hint:
+            self._ctx.set_threads(min(threads_hint, self.n_threads), min(threads_hint, self.n_threads_batch))
+        else:
+            self._ctx.set_threads(self.n_threads, self.n_threads_batch)
 
         rc = self._ctx.decode(batch)
         if rc != 0:
@@ -574,11 +588,12 @@ class ModelEngine:
         req = s.req
         lp = self._logprob(s, token) if req.logprobs is not None else None
         finish: str | None = None
-        if self.model.is_eog(token) and not req.ignore_eos:
+        piece, eog = self.model.token_info(token)
+        if eog and not req.ignore_eos:
             finish = "stop"
         else:
             s.last_token = token
-            s.text += s.decoder.decode(self.model.piece(token))
+            s.text += s.decoder.decode(piece)
             if lp is not None:
                 s.held_logprobs.append(lp)
             safe = len(s.text)
@@ -593,9 +608,10 @@ class ModelEngine:
                     finish = "length"
                     safe = len(s.text)
             if finish is None and safe > s.emitted:
-                out.append((s.gen, Delta(s.text[s.emitted : safe], 1, tuple(s.held_logprobs))))
+                out.append((s.gen, Delta(s.text[s.emitted : safe], 1, tuple(s.held_logprobs) if s.held_logprobs else ())))
                 s.emitted = safe
-                s.held_logprobs = []
+                if s.held_logprobs:
+                    s.held_logprobs = []
         if finish is None:
             return
         if finish == "length":

@@ -150,3 +150,47 @@ def test_runtime_cpu_dispatch_picked_a_cpu_build_this_machine_runs(registry):
     assert needs.get(tag, set()) <= flags, f"{tag} needs {needs[tag] - flags}"
     if {"avx2", "fma", "f16c", "bmi2"} <= flags:
         assert tag not in ("x64", "sse42", "sandybridge", "ivybridge", "piledriver"), f"AVX2 CPU got {tag}"
+
+
+def test_batch_add_one_fills_the_batch_like_add():
+    from appliance.engine.llama import Batch
+
+    a, b = Batch(8), Batch(8)
+    a.add([11, 12, 13], 0, 1, False)
+    b.add([11, 12, 13], 0, 1, False)
+    assert a.add_one(42, 7, 3) == b.add([42], 7, 3, True) == 3
+    assert a.add_one(43, 9, 0) == b.add([43], 9, 0, True) == 4
+    for name in ("token", "pos", "seq", "logits", "n_seq_id"):
+        assert getattr(a, name)[: a.n].tolist() == getattr(b, name)[: b.n].tolist(), name
+    assert a.struct.n_tokens == b.struct.n_tokens == 5
+
+
+def test_token_info_matches_llama_cpp(engine):
+    import llama_cpp.llama_cpp as C
+
+    model = engine.model
+    for token in (model.eos, model.bos, *model.tokenize("Hello, world!", add_special=False)):
+        piece, eog = model.token_info(token)
+        assert eog == bool(C.llama_vocab_is_eog(model.vocab, token)) == model.is_eog(token)
+        assert piece == model.piece(token) and model.token_info(token) is model.token_info(token)
+    assert model.token_info(model.eos)[1] and not model.token_info(model.tokenize("Hello", add_special=False)[0])[1]
+
+
+def test_many_requests_in_and_out_of_the_slots_leave_the_engine_clean(engine):
+    # Requests finishing, cancelled while queued and cancelled mid-generation, interleaved: afterwards
+    # no slot is held and the next request is served normally.
+    gens = [engine.submit(request(engine, text=f"turn {i}", seed=i, n=6)) for i in range(4)]
+    gens[3].cancel()
+    jobs = [gevent.spawn(collect, g) for g in gens[:3]]
+    gevent.joinall(jobs, timeout=60, raise_error=True)
+    mid = engine.submit(request(engine, n=200))
+    for ev in mid.events():
+        mid.cancel()
+        break
+    for _ in range(100):  # the scheduler frees the slot at its next step
+        if engine.busy_slots == 0:
+            break
+        gevent.sleep(0.05)
+    assert engine.busy_slots == 0 and engine.queue_depth == 0 and not engine._active
+    text, done = collect(engine.submit(request(engine, n=5)))
+    assert done.usage.completion_tokens == 5
