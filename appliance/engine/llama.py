@@ -326,6 +326,10 @@ class LlamaContext:
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
         return bool(C.llama_memory_seq_rm(self.memory, seq, p0, p1))
 
+    def seq_cp(self, src: int, dst: int) -> None:
+        """Copy sequence src's whole KV stream over dst's (a split cache copies the buffer at the next decode)."""
+        C.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
     def logits(self, i: int) -> np.ndarray:
         ptr = C.llama_get_logits_ith(self._ptr, i)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))

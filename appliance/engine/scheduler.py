@@ -43,6 +43,9 @@ log = logging.getLogger("appliance.engine")
 
 _start_thread = monkey.get_original("_thread", "start_new_thread")
 _HUB_WAIT_S = 0.005
+_MIN_REUSE = 16
+"""Cached tokens worth keeping: a prefix this long is reused (and copied to another slot if need be);
+a shorter one only when the prompt continues the whole cached sequence."""
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
 
 
@@ -373,6 +376,8 @@ class ModelEngine:
             if self._queue:
                 self._admit(out)
             if self._active:
+                if self._active[-1].seq - self._active[0].seq >= len(self._active):
+                    self._compact()
                 self._wait_for_hub()
                 self._step(out)
             if out:
@@ -473,15 +478,18 @@ class ModelEngine:
                 continue
             req = gen.request
             prompt = list(req.prompt)
-            # Prefix reuse: the free slot whose cached tokens share the longest prefix with this prompt
-            # (the next turn of a chat, a common system prompt); the least recently used on a tie.
-            best, best_len = free[0], -1
-            for s in free:
-                n = _common_prefix(s.kv, prompt)
-                if n > best_len or (n == best_len and s.last_used < best.last_used):
-                    best, best_len = s, n
-            s = best
-            keep = min(best_len, len(prompt) - 1)  # at least one token must be decoded for logits
+            # Which slot: llama.cpp decodes a split KV cache's sequences together only while their ids
+            # are consecutive (each gap costs another pass over all the weights), so prefer the free
+            # slot that keeps the busy ones contiguous; among those, prefix reuse (the free slot whose
+            # cached tokens share the longest prefix with this prompt: the next turn of a chat, a common
+            # system prompt), then the least recently used. A much longer cached prefix elsewhere still
+            # wins: _compact() then copies it into place, which is cheaper than recomputing it.
+            busy = {a.seq for a in self._active}
+            prefix = {a.seq: _reusable(a.kv, prompt) for a in free}
+            contiguous = min(free, key=lambda a: (_runs(busy | {a.seq}), -prefix[a.seq], a.last_used))
+            reuse = min(free, key=lambda a: (-prefix[a.seq], a.last_used))
+            s = reuse if prefix[reuse.seq] >= prefix[contiguous.seq] + _MIN_REUSE else contiguous
+            keep = min(prefix[s.seq], len(prompt) - 1)  # at least one token must be decoded for logits
             if keep < len(s.kv):
                 if not self._ctx.seq_rm(s.seq, keep, -1):
                     self._ctx.seq_rm(s.seq, -1, -1)
@@ -508,6 +516,30 @@ class ModelEngine:
             s.text, s.emitted, s.held_logprobs = "", 0, []
             s.decoder = codecs.getincrementaldecoder("utf-8")("replace")
             s.t_queued, s.t_admitted, s.t_first = t_queued, self._clock(), 0.0
+
+    def _compact(self) -> None:
+        """Make the busy slots' sequence ids consecutive again (a request finished between others).
+
+        llama.cpp splits a batch wherever the sequence ids of a split KV cache jump, and each part
+        reads all the weights again: busy slots {0, 2, 3} cost two passes per step, {0, 1, 2} one.
+        So move the fewest sequences into the gaps: copy a sequence's KV stream to a free slot's
+        (applied by the next decode) and swap the two slots' ids; the stream left behind keeps its
+        tokens as that free slot's prefix cache. Each move costs one copy of a stream's KV, once.
+        """
+        n = len(self._active)
+        busy = {a.seq for a in self._active}
+        start = max(range(self.parallel - n + 1), key=lambda b: (len(busy & set(range(b, b + n))), -b))
+        window = range(start, start + n)
+        holes = [i for i in window if i not in busy]
+        movers = [a for a in self._active if a.seq not in window]
+        for mover, hole in zip(movers, holes):
+            free = self._slots[hole]
+            self._ctx.seq_cp(mover.seq, hole)
+            mover.seq, free.seq = hole, mover.seq
+            self._slots[mover.seq], self._slots[free.seq] = mover, free
+            free.kv = list(mover.kv)
+            free.last_used = self._clock()
+        self._active.sort(key=lambda a: a.seq)
 
     def _step(self, out: list) -> None:
         batch = self._batch
@@ -653,6 +685,21 @@ class ModelEngine:
 
     def _tok_str(self, token: int) -> str:
         return self.model.piece(token).decode("utf-8", "replace")
+
+
+def _runs(seqs: set[int]) -> int:
+    """How many runs of consecutive ids a set of sequence ids makes ({0, 1, 3} -> 2)."""
+    return sum(1 for i in seqs if i - 1 not in seqs)
+
+
+def _reusable(cached: list[int], prompt: list[int]) -> int:
+    """How many of a slot's cached tokens a prompt can reuse, 0 if not worth taking the slot for.
+
+    A short shared head (the BOS token, a chat template's opening) is common to unrelated prompts:
+    taking a slot for that would throw away its cache (another client's conversation) for nothing.
+    """
+    n = _common_prefix(cached, prompt)
+    return n if n >= _MIN_REUSE or (n and n in (len(cached), len(prompt))) else 0
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -194,3 +194,64 @@ def test_many_requests_in_and_out_of_the_slots_leave_the_engine_clean(engine):
     assert engine.busy_slots == 0 and engine.queue_depth == 0 and not engine._active
     text, done = collect(engine.submit(request(engine, n=5)))
     assert done.usage.completion_tokens == 5
+
+
+@pytest.fixture
+def engine4(model_path):
+    reg = ModelRegistry()
+    reg.load(Settings().model_settings("four", model_path, n_ctx=256, parallel=4, max_queue=4, n_threads=1))
+    yield reg.get("four")
+    reg.stop_all()
+
+
+def test_busy_slots_are_kept_contiguous_and_a_moved_sequence_decodes_alike(engine, engine4):
+    # llama.cpp decodes a split cache's sequences in one pass only while their ids are consecutive.
+    # On a fresh engine A, B and C start side by side in slots 0, 1 and 2; B finishes first, leaving
+    # {0, 2}: the scheduler copies C's KV stream into slot 1 and carries on there. A's and C's texts
+    # are the texts they give alone (computed on another engine).
+    a, b, c = (dict(text="the long one", seed=1, n=40), dict(text="the short one", seed=2, n=3),
+               dict(text="the moved one", seed=5, n=40))
+    alone_a, _ = collect(engine.submit(request(engine, **a)))
+    alone_c, _ = collect(engine.submit(request(engine, **c)))
+    copies: list[tuple[int, int]] = []
+    ctx = engine4._ctx
+    real_copy = ctx.seq_cp
+    ctx.seq_cp = lambda src, dst: (copies.append((src, dst)), real_copy(src, dst))
+    seen: list[list[int]] = []
+    real_step = engine4._step
+
+    def step(out):
+        seen.append([s.seq for s in engine4._active])
+        real_step(out)
+
+    engine4._step = step
+    gens = [engine4.submit(request(engine4, **kw)) for kw in (a, b, c)]
+    jobs = [gevent.spawn(collect, g) for g in gens]
+    gevent.joinall(jobs, timeout=120, raise_error=True)
+    assert [0, 1, 2] in seen, seen
+    assert copies == [(2, 1)], (copies, seen)
+    assert all(ids == list(range(ids[0], ids[0] + len(ids))) for ids in seen if ids), seen
+    assert jobs[0].value[0] == alone_a and jobs[2].value[0] == alone_c
+    assert jobs[2].value[1].usage.completion_tokens == 40
+
+
+def test_a_long_cached_prefix_is_copied_into_a_contiguous_slot(engine4):
+    copies: list[tuple[int, int]] = []
+    ctx = engine4._ctx
+    real_copy = ctx.seq_cp
+    ctx.seq_cp = lambda src, dst: (copies.append((src, dst)), real_copy(src, dst))
+    system = "You are a careful assistant. " * 12
+    # Slot 0 ends up holding the long prompt's cache; slot 1's request then keeps slot 0 busy.
+    first, _ = collect(engine4.submit(request(engine4, text=system + "First question?", n=4)))
+    hold = engine4.submit(request(engine4, text="something else entirely", seed=3, n=60))
+    it = hold.events()
+    next(it)  # admitted and generating
+    busy = [s.seq for s in engine4._active]
+    text, done = collect(engine4.submit(request(engine4, text=system + "Second question?", n=4)))
+    for _ in it:
+        pass
+    assert done.usage.cached_tokens >= 32  # the system prompt was not recomputed
+    ids = sorted(busy)
+    assert ids == list(range(ids[0], ids[0] + len(ids)))
+    if copies:  # the cached prefix sat outside the busy block: it was copied next to it
+        assert all(dst in {ids[0] - 1, ids[-1] + 1} for _, dst in copies), (copies, busy)
