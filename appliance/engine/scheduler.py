@@ -132,14 +132,11 @@ class Generation:
         self.request = request
         self.cancelled = False  # written by the greenlet, read by the scheduler thread (a plain bool)
         self.finished = False
-        self._items: deque = deque()
+        self._items: deque = deque()  # appended to by the scheduler thread (deque.append is atomic)
         self._ready = gevent.event.Event()
         self._watcher_lock = _allocate_lock()  # a real lock: close() and _wake() race across threads
         self._watcher = gevent.get_hub().loop.async_()
         self._watcher.start(self._ready.set)
-
-    def _push(self, event: "Event") -> None:  # scheduler thread
-        self._items.append(event)
 
     def _wake(self) -> None:  # scheduler thread
         with self._watcher_lock:
@@ -449,11 +446,13 @@ class ModelEngine:
             # system prompt), then the least recently used. A much longer cached prefix elsewhere still
             # wins: _compact() then copies it into place, which is cheaper than recomputing it.
             busy = {a.seq for a in self._active}
-            prefix = {a.seq: _reusable(a.kv, prompt) for a in free}
-            contiguous = min(free, key=lambda a: (_runs(busy | {a.seq}), -prefix[a.seq], a.last_used))
-            reuse = min(free, key=lambda a: (-prefix[a.seq], a.last_used))
-            s = reuse if prefix[reuse.seq] >= prefix[contiguous.seq] + _MIN_REUSE else contiguous
-            keep = min(prefix[s.seq], len(prompt) - 1)  # at least one token must be decoded for logits
+            shared = {a.seq: _common_prefix(a.kv, prompt) for a in free}
+            worth = {a.seq: _worth_taking(shared[a.seq], len(a.kv), len(prompt)) for a in free}
+            contiguous = min(free, key=lambda a: (_runs(busy | {a.seq}), -worth[a.seq], a.last_used))
+            reuse = min(free, key=lambda a: (-worth[a.seq], a.last_used))
+            s = reuse if worth[reuse.seq] >= worth[contiguous.seq] + _MIN_REUSE else contiguous
+            # Whatever the slot, what it shares is reused (a BOS token is a prompt token less to decode).
+            keep = min(shared[s.seq], len(prompt) - 1)  # at least one token must be decoded for logits
             if keep < len(s.kv):
                 if not self._ctx.seq_rm(s.seq, keep, -1):
                     self._ctx.seq_rm(s.seq, -1, -1)
@@ -510,7 +509,7 @@ class ModelEngine:
         batch.clear()
         in_batch: list[_Slot] = []
         prefilling: list[_Slot] | None = None
-        threads_hint = 0
+        hinted = False
         # Generating sequences first: one token each, so streams never stall behind a long prompt.
         for s in self._active:
             if s.pending:
@@ -521,8 +520,7 @@ class ModelEngine:
                 s.batch_index = batch.add_one(s.last_token, len(s.kv), s.seq)
                 s.n_batch_tokens = 1
                 in_batch.append(s)
-            if s.req.n_threads:
-                threads_hint = max(threads_hint, s.req.n_threads)
+            hinted = hinted or bool(s.req.n_threads)
         if prefilling is not None:
             budget = batch.capacity - batch.n
             prefilling.sort(key=lambda s: s.t_admitted)
@@ -536,9 +534,8 @@ class ModelEngine:
                 s.n_batch_tokens = len(chunk)
                 budget -= len(chunk)
                 in_batch.append(s)
-        if threads_hint:  # a step runs with the largest hint among its sequences, capped by the model's
-            hinted = [s for s in in_batch if s.req.n_threads]
-            threads_hint = max(s.req.n_threads for s in hinted) if hinted else 0
+        # A step runs with the largest n_threads hint among its sequences, capped by the model's.
+        threads_hint = max((s.req.n_threads or 0 for s in in_batch), default=0) if hinted else 0
         if threads_hint:
             self._ctx.set_threads(min(threads_hint, self.n_threads), min(threads_hint, self.n_threads_batch))
         else:
@@ -656,14 +653,13 @@ def _runs(seqs: set[int]) -> int:
     return sum(1 for i in seqs if i - 1 not in seqs)
 
 
-def _reusable(cached: list[int], prompt: list[int]) -> int:
-    """How many of a slot's cached tokens a prompt can reuse, 0 if not worth taking the slot for.
+def _worth_taking(shared: int, n_cached: int, n_prompt: int) -> int:
+    """A slot's shared prefix as a reason to take that slot: 0 when it is only a short shared head.
 
-    A short shared head (the BOS token, a chat template's opening) is common to unrelated prompts:
-    taking a slot for that would throw away its cache (another client's conversation) for nothing.
+    The BOS token or a chat template's opening is common to unrelated prompts: taking a slot for
+    that would throw away its cache (another client's conversation) for nothing.
     """
-    n = _common_prefix(cached, prompt)
-    return n if n >= _MIN_REUSE or (n and n in (len(cached), len(prompt))) else 0
+    return shared if shared >= _MIN_REUSE or (shared and shared in (n_cached, n_prompt)) else 0
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -255,3 +255,16 @@ def test_a_long_cached_prefix_is_copied_into_a_contiguous_slot(engine4):
     assert ids == list(range(ids[0], ids[0] + len(ids)))
     if copies:  # the cached prefix sat outside the busy block: it was copied next to it
         assert all(dst in {ids[0] - 1, ids[-1] + 1} for _, dst in copies), (copies, busy)
+
+
+def test_an_unrelated_prompt_leaves_a_cached_conversation_alone_but_reuses_its_bos(engine4):
+    fillers = [gevent.spawn(collect, engine4.submit(request(engine4, text=f"filler {i}", n=2))) for i in range(4)]
+    gevent.joinall(fillers, timeout=60, raise_error=True)  # every slot now holds some cached tokens
+    system = "You are a careful assistant. " * 12
+    collect(engine4.submit(request(engine4, text=system + "First question?", n=4)))
+    _, other = collect(engine4.submit(request(engine4, text="something else entirely", seed=3, n=4)))
+    # It shares only the BOS token with the conversation: it takes another slot, and still does not
+    # decode the BOS that slot already holds (a prompt token less, ~2 ms on a small CPU prompt).
+    assert other.usage.cached_tokens == (1 if engine4.model.add_bos else 0)
+    _, second = collect(engine4.submit(request(engine4, text=system + "Second question?", n=4)))
+    assert second.usage.cached_tokens >= len(engine4.model.tokenize(system)) - 1
