@@ -336,9 +336,6 @@ class Row:
         paired = [a / b for a, b in zip(ours, theirs) if b]
         return cls(metric, statistics.median(ours), statistics.median(theirs), higher_is_better, unit, paired)
 
-    def swapped(self) -> "Row":
-        return Row(self.metric, self.theirs, self.ours, self.higher_is_better, self.unit, [1 / x for x in self.paired if x])
-
 
 def measure(pair: list[Server], args, rng: random.Random, label: str) -> list[Row]:
     def both(fn, *a):
@@ -420,13 +417,13 @@ def update_readme(text: str) -> None:
 def cpu_dispatch(model: Path, args, rng: random.Random) -> None:
     """Our server with the x86-64-v3 build pinned vs the build runtime dispatch picks, alternating."""
     equal = dict(threads=args.threads, parallel=args.slots, n_ctx=args.n_ctx)
-    pair = [ours(model, free_port(), **equal, cpu_backend="haswell"), ours(model, free_port(), **equal)]
-    pair[0].name, pair[1].name = "haswell", "auto"
+    pair = [ours(model, free_port(), **equal), ours(model, free_port(), **equal, cpu_backend="haswell")]
+    pair[0].name, pair[1].name = "auto", "haswell"  # measure() reports pair[0] / pair[1]
     try:
         for s in pair:
             s.start()
             stream_completion(s.url, "warm up", 8, 1)
-        picked = pair[1].cpu_backend()
+        picked = pair[0].cpu_backend()
         rows = measure(pair, args, rng, "dispatch: ")
         pp = {s.name: [] for s in pair}
         for _ in range(args.reps):
@@ -436,8 +433,6 @@ def cpu_dispatch(model: Path, args, rng: random.Random) -> None:
     finally:
         for s in pair:
             s.stop()
-    # measure() puts pair[0] (haswell) first: report auto / haswell like every other ratio
-    rows = [r.swapped() for r in rows[:-1]] + rows[-1:]
     md = (f"Runtime CPU dispatch: the appliance with the build it picks here ({picked}) vs pinned to "
           f"cpu_backend = \"haswell\" (x86-64-v3), {args.threads} threads, {args.slots} slots, {args.reps} "
           f"alternating runs (median).\n\n" + table(rows).replace("| appliance | llama-server | ours/theirs |", f"| {picked} | cpu-haswell | ratio |"))

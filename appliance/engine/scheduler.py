@@ -359,7 +359,7 @@ class ModelEngine:
             if self._queue:
                 self._admit(out)
             if self._active:
-                if self._active[-1].seq - self._active[0].seq >= len(self._active):
+                if self._active[-1].seq - self._active[0].seq >= len(self._active):  # a gap in the busy ids
                     self._compact()
                 self._step(out)
             if out:
@@ -508,20 +508,18 @@ class ModelEngine:
         batch = self._batch
         batch.clear()
         in_batch: list[_Slot] = []
-        prefilling: list[_Slot] | None = None
+        prefilling: list[_Slot] = []
         hinted = False
         # Generating sequences first: one token each, so streams never stall behind a long prompt.
         for s in self._active:
             if s.pending:
-                if prefilling is None:
-                    prefilling = []
                 prefilling.append(s)
             else:
                 s.batch_index = batch.add_one(s.last_token, len(s.kv), s.seq)
                 s.n_batch_tokens = 1
                 in_batch.append(s)
             hinted = hinted or bool(s.req.n_threads)
-        if prefilling is not None:
+        if prefilling:
             budget = batch.capacity - batch.n
             prefilling.sort(key=lambda s: s.t_admitted)
             for s in prefilling:

@@ -204,6 +204,14 @@ def engine4(model_path):
     reg.stop_all()
 
 
+def _record_stream_copies(engine) -> list[tuple[int, int]]:
+    """The (source, destination) of every KV stream copy the engine makes from now on."""
+    copies: list[tuple[int, int]] = []
+    real_copy = engine._ctx.seq_cp
+    engine._ctx.seq_cp = lambda src, dst: (copies.append((src, dst)), real_copy(src, dst))
+    return copies
+
+
 def test_busy_slots_are_kept_contiguous_and_a_moved_sequence_decodes_alike(engine, engine4):
     # llama.cpp decodes a split cache's sequences in one pass only while their ids are consecutive.
     # On a fresh engine A, B and C start side by side in slots 0, 1 and 2; B finishes first, leaving
@@ -213,10 +221,7 @@ def test_busy_slots_are_kept_contiguous_and_a_moved_sequence_decodes_alike(engin
                dict(text="the moved one", seed=5, n=40))
     alone_a, _ = collect(engine.submit(request(engine, **a)))
     alone_c, _ = collect(engine.submit(request(engine, **c)))
-    copies: list[tuple[int, int]] = []
-    ctx = engine4._ctx
-    real_copy = ctx.seq_cp
-    ctx.seq_cp = lambda src, dst: (copies.append((src, dst)), real_copy(src, dst))
+    copies = _record_stream_copies(engine4)
     seen: list[list[int]] = []
     real_step = engine4._step
 
@@ -236,10 +241,7 @@ def test_busy_slots_are_kept_contiguous_and_a_moved_sequence_decodes_alike(engin
 
 
 def test_a_long_cached_prefix_is_copied_into_a_contiguous_slot(engine4):
-    copies: list[tuple[int, int]] = []
-    ctx = engine4._ctx
-    real_copy = ctx.seq_cp
-    ctx.seq_cp = lambda src, dst: (copies.append((src, dst)), real_copy(src, dst))
+    copies = _record_stream_copies(engine4)
     system = "You are a careful assistant. " * 12
     # Slot 0 ends up holding the long prompt's cache; slot 1's request then keeps slot 0 busy.
     first, _ = collect(engine4.submit(request(engine4, text=system + "First question?", n=4)))
