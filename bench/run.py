@@ -314,6 +314,78 @@ def weights_read_per_token(model: Path) -> int:
     return sum(int(t.n_bytes) for t in r.tensors if t.name != "token_embd.weight")
 
 
+def engine_ceiling(model: Path, args) -> dict[str, float]:
+    """The bench's generation workloads run in-process straight on llama.cpp: no HTTP, no scheduler.
+
+    The same settings (threads, slots, context per slot, split KV cache), the same sampler chain, the
+    same prompt lengths and token counts; every stream's prompt is prefilled in one batch and every
+    step decodes all streams together, sequence ids consecutive: the best any server around this
+    llama.cpp build could do on this machine. Runs in a child process (so the bench holds no model
+    while the servers run); the median of a few runs per workload.
+    """
+    cmd = [sys.executable, __file__, "--engine-ceiling", "--threads", str(args.threads), "--slots", str(args.slots),
+           "--n-ctx", str(args.n_ctx), "--tokens", str(args.tokens), "--single-tokens", str(args.single_tokens),
+           "--clients", *map(str, args.clients)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _engine_ceiling_child(model: Path, args) -> None:
+    sys.path.insert(0, str(ROOT))
+    from appliance.engine.llama import Batch, LlamaContext, LlamaModel, SamplerChain, SamplingParams
+
+    m = LlamaModel(model)
+    ctx = LlamaContext(m, n_ctx_seq=args.n_ctx, n_seq=args.slots, n_batch=512, n_threads=args.threads,
+                       n_threads_batch=args.threads)
+    batch = Batch(512)
+    rng = random.Random(99)
+
+    def run(streams: int, words: int, max_tokens: int) -> tuple[float, float]:
+        """Wall seconds of the whole workload, and of its generation after every stream's first token."""
+        prompts = [m.tokenize(prompt_of(words, rng)) for _ in range(streams)]
+        samplers = [SamplerChain(m, SamplingParams(seed=1000 + i)) for i in range(streams)]
+        for seq in range(args.slots):
+            ctx.seq_rm(seq)
+        t0 = time.perf_counter()
+        batch.clear()
+        idx = [batch.add(p, 0, i, True) for i, p in enumerate(prompts)]
+        ctx.decode(batch)
+        tokens = [s.sample(ctx, i) for s, i in zip(samplers, idx)]
+        t_first = time.perf_counter()
+        for step in range(1, max_tokens):
+            batch.clear()
+            idx = [batch.add_one(t, len(p) + step - 1, i) for i, (t, p) in enumerate(zip(tokens, prompts))]
+            ctx.decode(batch)
+            tokens = [s.sample(ctx, i) for s, i in zip(samplers, idx)]
+        t_end = time.perf_counter()
+        for s in samplers:
+            s.close()
+        return t_end - t0, t_end - t_first
+
+    runs = 3
+    result: dict[str, float] = {}
+    single = [run(1, 16, args.single_tokens)[1] for _ in range(runs)]
+    result["single-stream generation"] = (args.single_tokens - 1) / statistics.median(single)
+    for c in args.clients:
+        n = args.tokens // 2 if c > 1 else args.tokens
+        walls = [run(c, 24, n)[0] for _ in range(runs)]
+        result[f"aggregate, {c} stream(s)"] = c * n / statistics.median(walls)
+    ctx.close()
+    m.close()
+    print(json.dumps(result))
+
+
+def ceiling_table(rows: list[Row], ceiling: dict[str, float]) -> str:
+    out = ["| workload (tok/s) | engine only | appliance | llama-server | highest ours/theirs possible |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r.metric in ceiling:
+            c = ceiling[r.metric]
+            out.append(f"| {r.metric} | {c:.1f} | {r.ours:.1f} ({r.ours / c:.0%}) | {r.theirs:.1f} ({r.theirs / c:.0%}) "
+                       f"| {c / r.theirs:.2f}x |")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -454,6 +526,7 @@ def main() -> None:
     ap.add_argument("--skip-defaults", action="store_true", help="skip the run with each server's default settings")
     ap.add_argument("--cpu-dispatch", action="store_true",
                     help="instead: ours with the CPU build runtime dispatch picks vs the x86-64-v3 build")
+    ap.add_argument("--engine-ceiling", action="store_true", help=argparse.SUPPRESS)  # the child of engine_ceiling()
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -461,6 +534,9 @@ def main() -> None:
     if not model.exists():
         model.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "appliance.modelgen", str(model), "--preset", "bench"], check=True)
+    if args.engine_ceiling:
+        _engine_ceiling_child(model, args)
+        return
     if args.cpu_dispatch:
         cpu_dispatch(model, args, random.Random(1234))
         return
@@ -481,6 +557,7 @@ def main() -> None:
     finally:
         for s in pair:
             s.stop()
+    ceiling = engine_ceiling(model, args)  # with no server running
     default_rows: list[Row] = []
     if not args.skip_defaults:
         pair = [ours(model, free_port(), threads=None, parallel=None, n_ctx=None),
@@ -510,7 +587,11 @@ def main() -> None:
                 f"{model.stat().st_size / 1e6:.0f} MB. Machine: {os.cpu_count()} CPUs. Both built from the same "
                 f"llama.cpp tree with runtime CPU dispatch; CPU backend loaded: "
                 + ", ".join(f"{k} {v}" for k, v in backends.items()) + ".")
-    md = "\n\n".join([settings, table(rows + default_rows), physical])
+    ceiling_md = ("Engine-only ceiling: the same generation workloads run in-process straight on llama.cpp "
+                  "(llama_decode and the same sampler chain; no HTTP, no scheduler; all prompts prefilled in one "
+                  "batch, all streams decoded together), equal settings; in brackets, what each server reaches of it:"
+                  "\n\n" + ceiling_table(rows, ceiling))
+    md = "\n\n".join([settings, table(rows + default_rows), ceiling_md, physical])
     print(md)
     result = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -520,6 +601,7 @@ def main() -> None:
         "memory_bandwidth_gbs": bw,
         "weights_bytes_per_token": per_token,
         "physical_limit_tokens_per_s": limit,
+        "engine_ceiling_tokens_per_s": ceiling,
     }
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=2))
     (RESULTS / "latest.md").write_text(md + "\n")
