@@ -165,15 +165,22 @@ def test_batch_add_one_fills_the_batch_like_add():
     assert a.struct.n_tokens == b.struct.n_tokens == 5
 
 
-def test_token_info_matches_llama_cpp(engine):
+def test_token_info_matches_llama_cpp_for_every_token(engine):
+    import ctypes
+
     import llama_cpp.llama_cpp as C
 
     model = engine.model
-    for token in (model.eos, model.bos, *model.tokenize("Hello, world!", add_special=False)):
+    buf = ctypes.create_string_buffer(1024)
+    for token in range(model.n_vocab):
+        n = C.llama_token_to_piece(model.vocab, token, buf, len(buf), 0, False)
         piece, eog = model.token_info(token)
-        assert eog == bool(C.llama_vocab_is_eog(model.vocab, token)) == model.is_eog(token)
-        assert piece == model.piece(token) and model.token_info(token) is model.token_info(token)
+        assert (piece, eog) == (buf.raw[:n], bool(C.llama_vocab_is_eog(model.vocab, token))), token
+        assert piece == model.piece(token) and eog == model.is_eog(token)
     assert model.token_info(model.eos)[1] and not model.token_info(model.tokenize("Hello", add_special=False)[0])[1]
+    for bad in (-1, model.n_vocab):
+        with pytest.raises(ValueError):
+            model.token_info(bad)
 
 
 def test_many_requests_in_and_out_of_the_slots_leave_the_engine_clean(engine):
