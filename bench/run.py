@@ -314,20 +314,40 @@ def weights_read_per_token(model: Path) -> int:
     return sum(int(t.n_bytes) for t in r.tensors if t.name != "token_embd.weight")
 
 
-def engine_ceiling(model: Path, args) -> dict[str, float]:
+class EngineCeiling:
     """The bench's generation workloads run in-process straight on llama.cpp: no HTTP, no scheduler.
 
-    The same settings (threads, slots, context per slot, split KV cache), the same sampler chain, the
-    same prompt lengths and token counts; every stream's prompt is prefilled in one batch and every
-    step decodes all streams together, sequence ids consecutive: the best any server around this
-    llama.cpp build could do on this machine. Runs in a child process (so the bench holds no model
-    while the servers run); the median of a few runs per workload.
+    A child process holds the model and a context with the servers' settings (threads, slots, context
+    per slot, split KV cache) and runs one workload per command with the same sampler chain, prompt
+    lengths and token counts; every stream's prompt is prefilled in one batch and every step decodes
+    all streams together, sequence ids consecutive: the best any server around this llama.cpp build
+    could do on this machine. measure() runs it in the same alternation as the two servers (ours,
+    theirs, ceiling, ours, ...), so all three see the same host; it idles while the servers run.
     """
-    cmd = [sys.executable, __file__, "--engine-ceiling", "--threads", str(args.threads), "--slots", str(args.slots),
-           "--n-ctx", str(args.n_ctx), "--tokens", str(args.tokens), "--single-tokens", str(args.single_tokens),
-           "--clients", *map(str, args.clients)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+
+    def __init__(self, args) -> None:
+        cmd = [sys.executable, __file__, "--engine-ceiling", "--threads", str(args.threads), "--slots", str(args.slots),
+               "--n-ctx", str(args.n_ctx)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, bufsize=1)
+        if self._read() != "ready":
+            raise SystemExit("the engine-ceiling child did not start")
+
+    def _read(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit("the engine-ceiling child exited")
+        return line.strip()
+
+    def run(self, streams: int, max_tokens: int) -> float:
+        """Generated tokens per second. streams=0: the single-stream workload, counted from its first
+        token on (as single_stream() does); otherwise that many streams, the whole workload counted."""
+        self.proc.stdin.write(f"{streams} {max_tokens}\n")
+        return float(self._read())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
 
 
 def _engine_ceiling_child(model: Path, args) -> None:
@@ -339,11 +359,13 @@ def _engine_ceiling_child(model: Path, args) -> None:
                        n_threads_batch=args.threads)
     batch = Batch(512)
     rng = random.Random(99)
-
-    def run(streams: int, words: int, max_tokens: int) -> tuple[float, float]:
-        """Wall seconds of the whole workload, and of its generation after every stream's first token."""
-        prompts = [m.tokenize(prompt_of(words, rng)) for _ in range(streams)]
-        samplers = [SamplerChain(m, SamplingParams(seed=1000 + i)) for i in range(streams)]
+    print("ready", flush=True)
+    for line in sys.stdin:
+        streams, max_tokens = map(int, line.split())
+        words = 16 if streams == 0 else 24  # 0: the single-stream workload
+        n = max(streams, 1)
+        prompts = [m.tokenize(prompt_of(words, rng)) for _ in range(n)]
+        samplers = [SamplerChain(m, SamplingParams(seed=1000 + i)) for i in range(n)]
         for seq in range(args.slots):
             ctx.seq_rm(seq)
         t0 = time.perf_counter()
@@ -360,19 +382,10 @@ def _engine_ceiling_child(model: Path, args) -> None:
         t_end = time.perf_counter()
         for s in samplers:
             s.close()
-        return t_end - t0, t_end - t_first
-
-    runs = 3
-    result: dict[str, float] = {}
-    single = [run(1, 16, args.single_tokens)[1] for _ in range(runs)]
-    result["single-stream generation"] = (args.single_tokens - 1) / statistics.median(single)
-    for c in args.clients:
-        n = args.tokens // 2 if c > 1 else args.tokens
-        walls = [run(c, 24, n)[0] for _ in range(runs)]
-        result[f"aggregate, {c} stream(s)"] = c * n / statistics.median(walls)
+        rate = (max_tokens - 1) / (t_end - t_first) if streams == 0 else n * max_tokens / (t_end - t0)
+        print(f"{rate:.6f}", flush=True)
     ctx.close()
     m.close()
-    print(json.dumps(result))
 
 
 def ceiling_table(rows: list[Row], ceiling: dict[str, float]) -> str:
@@ -409,12 +422,22 @@ class Row:
         return cls(metric, statistics.median(ours), statistics.median(theirs), higher_is_better, unit, paired)
 
 
-def measure(pair: list[Server], args, rng: random.Random, label: str) -> list[Row]:
-    def both(fn, *a):
+def measure(
+    pair: list[Server], args, rng: random.Random, label: str, ceiling: EngineCeiling | None = None
+) -> tuple[list[Row], dict[str, float]]:
+    """Rows of ours/theirs; and, given the engine ceiling, its median for each generation workload."""
+    ceilings: dict[str, float] = {}
+
+    def both(fn, *a, workload: tuple[str, int, int] | None = None):
         vals = {s.name: [] for s in pair}
+        ceil: list[float] = []
         for _ in range(args.reps):
             for s in pair:  # alternate: ours, theirs, ours, theirs, ...
                 vals[s.name].append(fn(s.url, *a))
+            if ceiling and workload:  # ... and the ceiling after each pair, on the same host
+                ceil.append(ceiling.run(*workload[1:]))
+        if ceil:
+            ceilings[workload[0]] = statistics.median(ceil)
         return vals
 
     rows: list[Row] = []
@@ -424,13 +447,16 @@ def measure(pair: list[Server], args, rng: random.Random, label: str) -> list[Ro
         pick = (lambda x: x[key]) if key else (lambda x: x)
         return Row.of_runs(metric, [pick(x) for x in v[o]], [pick(x) for x in v[t]], higher_is_better, unit)
 
-    v = both(lambda url: single_stream(url, args.single_tokens, rng))
-    rows.append(row(f"{label}single-stream generation", v, unit="tok/s"))
+    metric = f"{label}single-stream generation"
+    v = both(lambda url: single_stream(url, args.single_tokens, rng), workload=(metric, 0, args.single_tokens))
+    rows.append(row(metric, v, unit="tok/s"))
     for c in args.clients:
-        v = both(lambda url, c=c: concurrent(url, c, args.tokens // 2 if c > 1 else args.tokens, rng))
-        rows.append(row(f"{label}aggregate, {c} stream(s)", v, "tokens_per_s", unit="tok/s"))
+        n = args.tokens // 2 if c > 1 else args.tokens
+        metric = f"{label}aggregate, {c} stream(s)"
+        v = both(lambda url, c=c, n=n: concurrent(url, c, n, rng), workload=(metric, c, n))
+        rows.append(row(metric, v, "tokens_per_s", unit="tok/s"))
     if label:
-        return rows
+        return rows, ceilings
     for words, name in ((12, "short"), (700, "long")):
         v = both(lambda url, w=words: ttfts(url, w, args.ttft_reps, rng))
         rows.append(row(f"TTFT median, {name} prompt", v, "median_ms", False, "ms"))
@@ -443,7 +469,7 @@ def measure(pair: list[Server], args, rng: random.Random, label: str) -> list[Ro
     rows.append(row("multi-turn chat TTFT, 2nd turn (cached prefix)", v, "warm_ttft_ms", False, "ms"))
     rows.append(row("multi-turn chat TTFT, cold equal-length prompt", v, "cold_ttft_ms", False, "ms"))
     rows.append(Row("peak RSS", pair[0].peak_rss_mb(), pair[1].peak_rss_mb(), False, "MiB"))
-    return rows
+    return rows, ceilings
 
 
 def table(rows: list[Row]) -> str:
@@ -496,7 +522,7 @@ def cpu_dispatch(model: Path, args, rng: random.Random) -> None:
             s.start()
             stream_completion(s.url, "warm up", 8, 1)
         picked = pair[0].cpu_backend()
-        rows = measure(pair, args, rng, "dispatch: ")
+        rows, _ = measure(pair, args, rng, "dispatch: ")
         pp = {s.name: [] for s in pair}
         for _ in range(args.reps):
             for s in pair:
@@ -526,7 +552,7 @@ def main() -> None:
     ap.add_argument("--skip-defaults", action="store_true", help="skip the run with each server's default settings")
     ap.add_argument("--cpu-dispatch", action="store_true",
                     help="instead: ours with the CPU build runtime dispatch picks vs the x86-64-v3 build")
-    ap.add_argument("--engine-ceiling", action="store_true", help=argparse.SUPPRESS)  # the child of engine_ceiling()
+    ap.add_argument("--engine-ceiling", action="store_true", help=argparse.SUPPRESS)  # EngineCeiling's child
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -546,18 +572,22 @@ def main() -> None:
     equal = dict(threads=args.threads, parallel=args.slots, n_ctx=args.n_ctx)
     pair = [ours(model, free_port(), **equal), theirs(llama_server, model, free_port(), **equal)]
     rows: list[Row] = []
+    ceiling: dict[str, float] = {}
     backends: dict[str, str] = {}
+    engine = None
     try:
         for s in pair:
             s.start()
         for s in pair:  # warm-up
             stream_completion(s.url, "warm up", 8, 1)
         backends = {s.name: s.cpu_backend() for s in pair}
-        rows = measure(pair, args, rng, "")
+        engine = EngineCeiling(args)
+        rows, ceiling = measure(pair, args, rng, "", engine)
     finally:
+        if engine:
+            engine.close()
         for s in pair:
             s.stop()
-    ceiling = engine_ceiling(model, args)  # with no server running
     default_rows: list[Row] = []
     if not args.skip_defaults:
         pair = [ours(model, free_port(), threads=None, parallel=None, n_ctx=None),
@@ -567,7 +597,7 @@ def main() -> None:
                 s.start()
             for s in pair:
                 stream_completion(s.url, "warm up", 8, 1)
-            default_rows = measure(pair, args, rng, "defaults: ")
+            default_rows, _ = measure(pair, args, rng, "defaults: ")
         finally:
             for s in pair:
                 s.stop()
@@ -589,7 +619,8 @@ def main() -> None:
                 + ", ".join(f"{k} {v}" for k, v in backends.items()) + ".")
     ceiling_md = ("Engine-only ceiling: the same generation workloads run in-process straight on llama.cpp "
                   "(llama_decode and the same sampler chain; no HTTP, no scheduler; all prompts prefilled in one "
-                  "batch, all streams decoded together), equal settings; in brackets, what each server reaches of it:"
+                  "batch, all streams decoded together), equal settings, run after each pair of server runs (the "
+                  "median); in brackets, what each server reaches of it:"
                   "\n\n" + ceiling_table(rows, ceiling))
     md = "\n\n".join([settings, table(rows + default_rows), ceiling_md, physical])
     print(md)
