@@ -5,7 +5,7 @@ import pytest
 
 from appliance.engine.llama import SamplingParams
 from appliance.engine.registry import ModelRegistry
-from appliance.engine.scheduler import Delta, Done, Failed, GenerationRequest
+from appliance.engine.scheduler import Delta, Done, Failed, GenerationRequest, _PairCost
 from appliance.errors import ContextLengthExceeded, Overloaded
 from appliance.modelgen import ModelSpec, write_model
 from appliance.settings import Settings
@@ -217,6 +217,48 @@ def _record_stream_copies(engine) -> list[tuple[int, int]]:
     real_copy = engine._ctx.seq_cp
     engine._ctx.seq_cp = lambda src, dst: (copies.append((src, dst)), real_copy(src, dst))
     return copies
+
+
+def test_pair_cost_splits_a_pair_step_only_where_two_passes_are_clearly_cheaper():
+    pc = _PairCost()
+    pc.observe(1, 0.0103)
+    assert not pc.split()  # no pair pass timed yet: time one first
+    pc.observe(2, 0.0215)  # two 10.3 ms passes beat one 21.5 ms pass (this machine's CPU kernels)
+    picks = [pc.split() for _ in range(64)]
+    assert picks.count(False) == 2 and not picks[30] and not picks[62]  # every 32nd step probes the other way
+    pc = _PairCost()
+    pc.observe(2, 0.012)
+    assert not pc.split()  # no one-token pass timed yet
+    pc.observe(1, 0.0103)  # one pass for two tokens costs little more than for one (a GPU): never split
+    assert [pc.split() for _ in range(64)].count(True) == 2  # but probe
+    pc = _PairCost()
+    pc.observe(1, 0.010)
+    pc.observe(2, 0.0205)  # 2 x 10 ms is not clearly below 20.5 ms: keep one pass
+    assert not any(pc.split() for _ in range(30))
+    for _ in range(20):
+        pc.observe(2, 0.0215)  # the average follows what is measured
+    assert pc.split()
+
+
+def test_a_pair_decoded_in_two_passes_gives_each_request_its_text_alone(engine):
+    alone, _ = collect(engine.submit(request(engine, seed=99, n=24)))
+    sizes: list[int] = []
+
+    class Always(_PairCost):
+        def split(self) -> bool:
+            return True
+
+    real_decode, real_pairs = engine._ctx.decode, engine._pairs
+    engine._pairs = Always()
+    engine._ctx.decode = lambda b: (sizes.append(b.n), real_decode(b))[1]
+    try:
+        other = gevent.spawn(collect, engine.submit(request(engine, text="another prompt", seed=5, n=24)))
+        mine = gevent.spawn(collect, engine.submit(request(engine, seed=99, n=24)))
+        gevent.joinall([other, mine], timeout=120, raise_error=True)
+    finally:
+        engine._ctx.decode, engine._pairs = real_decode, real_pairs
+    assert mine.value[0] == alone and len(other.value[0]) > 0
+    assert sizes.count(1) >= 40, sizes  # ~22 steps with both generating, each as two one-token passes
 
 
 def test_busy_slots_are_kept_contiguous_and_a_moved_sequence_decodes_alike(engine, engine4):
