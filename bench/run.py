@@ -320,8 +320,8 @@ class EngineCeiling:
     A child process holds the model and a context with the servers' settings (threads, slots, context
     per slot, split KV cache) and runs one workload per command with the same sampler chain, prompt
     lengths and token counts; every stream's prompt is prefilled in one batch and every step decodes
-    all streams together, sequence ids consecutive: the best any server around this llama.cpp build
-    could do on this machine. measure() runs it in the same alternation as the two servers (ours,
+    all streams together, sequence ids consecutive: llama.cpp's own rate for these workloads on this
+    machine, with no server around it. measure() runs it in the same alternation as the two servers (ours,
     theirs, ceiling, ours, ...), so all three see the same host; it idles while the servers run.
     """
 

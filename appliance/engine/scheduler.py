@@ -306,8 +306,8 @@ class ModelEngine:
         self._batch = Batch(self._ctx.n_batch)
         self._slots = [_Slot(seq=i) for i in range(parallel)]
         self._active: list[_Slot] = []
-        self._pairs = _PairCost()
         """Slots serving a request, in slot order (the only ones a step has to look at)."""
+        self._pairs = _PairCost()
         self._queue: deque[tuple[Generation, float]] = deque()
 
     # -- called from greenlets ---------------------------------------------------------------
