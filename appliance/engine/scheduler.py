@@ -586,12 +586,13 @@ class ModelEngine:
         ):
             passes = [in_batch[:1], in_batch[1:]]
         sampled: list[int] = []
+        timed = not prefilling and len(in_batch) <= 2  # the steps _PairCost learns from
         for group in passes:
             if len(passes) > 1:
                 batch.clear()
                 s = group[0]
                 s.batch_index = batch.add_one(s.last_token, len(s.kv), s.seq)
-            t0 = self._clock()
+            t0 = self._clock() if timed else 0.0
             rc = self._ctx.decode(batch)
             if rc != 0:
                 log.error("llama_decode returned %d for model %s", rc, self.name)
@@ -602,7 +603,7 @@ class ModelEngine:
                     s.kv.clear()
                     self._release(s)
                 return
-            if not prefilling:
+            if timed:
                 self._pairs.observe(batch.n, self._clock() - t0)
             for s in group:
                 sampled.append(s.sampler.sample(self._ctx, s.batch_index) if s.batch_index >= 0 else -1)
