@@ -179,6 +179,7 @@ class Inference:
                 logprobs=logprobs,
                 n_threads=body.n_threads,
                 n_ctx=body.n_ctx,
+                stream=bool(body.stream),
             )
         )
         prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
@@ -300,7 +301,7 @@ class _Stream:
         self._on_close = on_close
 
     def __iter__(self):
-        return self
+        return iter(self._it)  # iterated directly: no extra Python frame per token
 
     def __next__(self) -> bytes:
         return next(self._it)

@@ -120,6 +120,9 @@ class SignedStream:
             except StopIteration:
                 self._finish()
                 continue
+            if not self._buf and chunk.find(b"\n\n") == len(chunk) - 2:  # one whole event: the usual chunk
+                self._event(chunk)
+                continue
             self._buf += chunk
             while b"\n\n" in self._buf:
                 event, self._buf = self._buf.split(b"\n\n", 1)

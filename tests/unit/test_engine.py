@@ -102,6 +102,95 @@ def test_cancel_frees_the_slot(engine):
     assert engine.busy_slots == 0
 
 
+def test_cancel_wakes_a_greenlet_waiting_for_its_first_event(engine):
+    # Both slots busy, so the third request waits in the queue and its greenlet waits for events
+    # that will not come; cancelling it from another greenlet must end that wait at once.
+    busy = [engine.submit(request(engine, n=150, ignore_eos=True, seed=i)) for i in (1, 2)]
+    waiting = engine.submit(request(engine, n=4))
+    got: list = []
+    job = gevent.spawn(lambda: got.extend(waiting.events()))
+    gevent.sleep(0.05)
+    assert not job.dead and not got
+    waiting.cancel()
+    job.join(timeout=2)
+    assert job.dead and got == []
+    for g in busy:
+        g.close()
+    for _ in range(100):
+        if engine.busy_slots == 0 and engine.queue_depth == 0:
+            break
+        gevent.sleep(0.02)
+    assert engine.busy_slots == 0 and engine.queue_depth == 0
+
+
+def test_a_non_streaming_request_is_woken_once_not_per_token(engine):
+    # A client that wants the whole answer gets the same text, with one wake-up of its greenlet at
+    # the end instead of one per token.
+    wakes, texts = {}, {}
+    for stream in (True, False):
+        gen = engine.submit(request(engine, n=20, ignore_eos=True, stream=stream))
+        calls: list[int] = []
+        real = gen._wake
+        gen._wake = lambda real=real, calls=calls: (calls.append(1), real())
+        texts[stream], done = collect(gen)
+        assert done.usage.completion_tokens == 20
+        wakes[stream] = len(calls)
+    assert texts[True] == texts[False]
+    assert wakes[False] == 1 and wakes[True] >= 19, wakes
+
+
+class _Counts:
+    def __init__(self, engine) -> None:
+        self.generated: list[int] = []
+        self.prompt: list[int] = []
+        self._engine = engine
+
+    def first_token(self, model, seconds) -> None:
+        pass
+
+    def tokens_generated(self, model, n) -> None:
+        self.generated.append(n)
+
+    def prompt_tokens(self, model, n) -> None:
+        self.prompt.append(n)
+
+
+@pytest.mark.parametrize("tick", [0.0, 0.1])
+def test_token_counts_reach_the_observer_in_batches_and_completely_by_the_end(model_path, tick):
+    # The scheduler reports token counts at most every 0.5 s (by its clock) and whenever a request
+    # ends, so that a scrape after a response always sees its tokens. With a frozen clock: one report
+    # per request; with a clock moving 0.1 s per reading: several during a request.
+    from appliance.engine.llama import LlamaModel
+    from appliance.engine.scheduler import ModelEngine
+
+    now = [1000.0]
+
+    def clock() -> float:
+        now[0] += tick
+        return now[0]
+
+    engine = ModelEngine("m", LlamaModel(model_path), n_ctx=256, parallel=1, n_batch=64, n_threads=1,
+                         n_threads_batch=1, max_queue=1, clock=clock)
+    counts = _Counts(engine)
+    engine._observer = counts
+    engine.start()
+    try:
+        for n in (30, 7):
+            req = request(engine, n=n, ignore_eos=True)
+            before = sum(counts.generated), sum(counts.prompt)
+            gen = engine.submit(req)
+            for ev in gen.events():
+                if isinstance(ev, Done):  # all counted by the time the client hears the end
+                    assert sum(counts.generated) - before[0] == n
+                    assert sum(counts.prompt) - before[1] == len(req.prompt) - ev.usage.cached_tokens
+        if tick:
+            assert len(counts.generated) > 2, counts.generated
+        else:
+            assert counts.generated == [30, 7]
+    finally:
+        engine.stop()
+
+
 def test_prompt_longer_than_context_is_refused(engine):
     with pytest.raises(ContextLengthExceeded):
         engine.submit(request(engine, text="word " * 400))
@@ -274,9 +363,9 @@ def test_busy_slots_are_kept_contiguous_and_a_moved_sequence_decodes_alike(engin
     seen: list[list[int]] = []
     real_step = engine4._step
 
-    def step(out):
+    def step():
         seen.append([s.seq for s in engine4._active])
-        real_step(out)
+        real_step()
 
     engine4._step = step
     gens = [engine4.submit(request(engine4, **kw)) for kw in (a, b, c)]
