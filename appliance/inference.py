@@ -303,9 +303,6 @@ class _Stream:
     def __iter__(self):
         return iter(self._it)  # iterated directly: no extra Python frame per token
 
-    def __next__(self) -> bytes:
-        return next(self._it)
-
     def close(self) -> None:
         try:
             close = getattr(self._it, "close", None)

@@ -325,7 +325,8 @@ class ModelEngine:
         self._queue: deque[tuple[Generation, float]] = deque()
         self._held: list[tuple[Generation, Event]] = []
         """Events not yet handed to their greenlets: they go just before the next decode (_hand_over)."""
-        self._unreported = [0, 0]  # generated and prompt tokens not yet given to the observer
+        self._unreported_generated = 0  # tokens not yet given to the observer (_report)
+        self._unreported_prompt = 0
         self._reported_at = clock()
 
     # -- called from greenlets ---------------------------------------------------------------
@@ -470,12 +471,12 @@ class ModelEngine:
         """Token counts go to the observer in batches: at most every _REPORT_EVERY_S, and whenever a
         request ends, so a scrape after a response sees all of its tokens. (A per-step update was a
         lock and some lookups, cache-cold, on the path between two decodes.)"""
-        generated, prompt = self._unreported
-        if generated:
-            self._observer.tokens_generated(self.name, generated)
-        if prompt:
-            self._observer.prompt_tokens(self.name, prompt)
-        self._unreported = [0, 0]
+        if self._unreported_generated:
+            self._observer.tokens_generated(self.name, self._unreported_generated)
+            self._unreported_generated = 0
+        if self._unreported_prompt:
+            self._observer.prompt_tokens(self.name, self._unreported_prompt)
+            self._unreported_prompt = 0
         self._reported_at = now
 
     def _release(self, s: _Slot) -> None:
@@ -651,13 +652,12 @@ class ModelEngine:
 
         now = self._clock()
         out = self._held
-        counts = self._unreported
         for s, token in zip(in_batch, sampled):
             if s.pending:
                 fed = s.pending[: s.n_batch_tokens]
                 s.kv.extend(fed)
                 del s.pending[: s.n_batch_tokens]
-                counts[1] += len(fed)
+                self._unreported_prompt += len(fed)
             else:
                 s.kv.append(s.last_token)
             if s.batch_index < 0:
@@ -666,7 +666,7 @@ class ModelEngine:
                 s.t_first = now
                 self._observer.first_token(self.name, now - s.t_queued)
             s.n_generated += 1
-            counts[0] += 1
+            self._unreported_generated += 1
             self._on_token(s, token, out)  # may end the request, which reports the counts so far
         if now - self._reported_at >= _REPORT_EVERY_S:
             self._report(now)

@@ -140,10 +140,9 @@ def test_a_non_streaming_request_is_woken_once_not_per_token(engine):
 
 
 class _Counts:
-    def __init__(self, engine) -> None:
+    def __init__(self) -> None:
         self.generated: list[int] = []
         self.prompt: list[int] = []
-        self._engine = engine
 
     def first_token(self, model, seconds) -> None:
         pass
@@ -171,7 +170,7 @@ def test_token_counts_reach_the_observer_in_batches_and_completely_by_the_end(mo
 
     engine = ModelEngine("m", LlamaModel(model_path), n_ctx=256, parallel=1, n_batch=64, n_threads=1,
                          n_threads_batch=1, max_queue=1, clock=clock)
-    counts = _Counts(engine)
+    counts = _Counts()
     engine._observer = counts
     engine.start()
     try:
