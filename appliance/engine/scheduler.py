@@ -42,10 +42,10 @@ __all__ = [
 log = logging.getLogger("appliance.engine")
 
 _start_thread = monkey.get_original("_thread", "start_new_thread")
+_allocate_lock = monkey.get_original("_thread", "allocate_lock")
 _MIN_REUSE = 16
 """Cached tokens worth keeping: a prefix this long is reused (and copied to another slot if need be);
 a shorter one only when the prompt continues the whole cached sequence."""
-_allocate_lock = monkey.get_original("_thread", "allocate_lock")
 
 
 # ---------------------------------------------------------------------------------------------
