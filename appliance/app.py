@@ -39,7 +39,7 @@ from .attest import AttestationResource, Attestor
 from .security.auth import Auth
 from .tee import detect_provider
 from .security.signing import ResponseSigning
-from .settings import Settings
+from .settings import Settings, default_threads
 
 __all__ = ["create_app", "AppState", "ROUTES"]
 
@@ -368,6 +368,9 @@ def create_app(
             settings.limits,
             wall_clock=wall_clock,
             default_seeds=lambda name: seeds.get(name, settings.model_defaults.seed),
+            stream_writes=settings.server.stream_writes,
+            cpus=default_threads(),
+            stream_written=lambda writer: metrics.streams.labels(writer).inc(),
         ),
         "models": Models(state),
         "admin": Admin(state),

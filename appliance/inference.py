@@ -80,9 +80,15 @@ class Inference:
         wall_clock: Callable[[], float] = time.time,
         random_seed: Callable[[], int] = lambda: secrets.randbits(32),
         default_seeds: Callable[[str], int | None] = lambda name: None,
+        stream_writes: str = "auto",
+        cpus: int = 1,
+        stream_written: Callable[[str], None] = lambda writer: None,
     ) -> None:
         self.models = models
         self.limits = limits
+        self._stream_writes = stream_writes
+        self._cpus = cpus
+        self._stream_written = stream_written
         self._wall_clock = wall_clock
         self._random_seed = random_seed
         self._default_seeds = default_seeds
@@ -189,12 +195,21 @@ class Inference:
             resp.content_type = "text/event-stream"
             resp.set_header("Cache-Control", "no-store")
             resp.set_header("X-Accel-Buffering", "no")
-            resp.stream = _Stream(self._sse(job), on_close=lambda: _finish(gen, watcher))
+            # Plain token chunks may be written by the scheduler thread (logprob chunks are built here).
+            direct = _DirectOut() if logprobs is None and self._writes_from_scheduler(engine) else None
+            resp.stream = _Stream(self._sse(job, direct), on_close=lambda: _finish(gen, watcher), direct=direct)
             return
         try:
             resp.media = self._collect(job)
         finally:
             _finish(gen, watcher)
+
+    def _writes_from_scheduler(self, engine) -> bool:
+        """Whether a streamed token should be written between two decodes rather than during one:
+        when the decode threads leave no CPU to the event loop (server.stream_writes = auto)."""
+        if self._stream_writes == "auto":
+            return engine.n_threads >= self._cpus
+        return self._stream_writes == "scheduler"
 
     def _collect(self, job: _Job) -> dict:
         text: list[str] = []
@@ -240,7 +255,7 @@ class Inference:
             "timings": _timings(done),
         }
 
-    def _sse(self, job: _Job) -> Iterator[bytes]:
+    def _sse(self, job: _Job, direct: "_DirectOut | None" = None) -> Iterator[bytes]:
         chat = job.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
         want_lp = job.gen.request.logprobs is not None
@@ -258,10 +273,19 @@ class Inference:
 
         # OpenAI counts text_offset from the start of the prompt, across chunks.
         offset = len(job.body.prompt) if not chat and isinstance(job.body.prompt, str) else 0
+        # Runs at the first next(), after the server has attached its writer (if it has one).
+        sink = None
+        if direct is not None and direct.write is not None:
+            write = direct.write
+
+            def sink(delta: Delta) -> bool:  # the scheduler thread, between two decodes
+                return write(text_chunk(delta.text)) if delta.text else True
+
+        self._stream_written("event_loop" if sink is None else "scheduler")
         if chat:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
         try:
-            for ev in job.gen.events():
+            for ev in job.gen.events(sink):
                 if isinstance(ev, Delta):
                     if not ev.text and not ev.logprobs:
                         continue
@@ -293,15 +317,29 @@ class Inference:
             yield sse_event(InternalError().body())
 
 
+class _DirectOut:
+    """Where a stream's token chunks go once the server attaches a direct writer (direct_writes)."""
+
+    write: Callable[[bytes], bool] | None = None
+
+
 class _Stream:
     """A WSGI response iterable whose close() (called by the server, also on disconnect) cancels."""
 
-    def __init__(self, it: Iterator[bytes], on_close: Callable[[], None]) -> None:
+    def __init__(self, it: Iterator[bytes], on_close: Callable[[], None], direct: _DirectOut | None = None) -> None:
         self._it = it
         self._on_close = on_close
+        self._direct = direct
 
     def __iter__(self):
         return iter(self._it)  # iterated directly: no extra Python frame per token
+
+    def attach_writer(self, write: Callable[[bytes], bool]) -> bool:
+        """Called before iteration starts; True if token chunks will go to `write`."""
+        if self._direct is None:
+            return False
+        self._direct.write = write
+        return True
 
     def close(self) -> None:
         try:

@@ -31,6 +31,10 @@ class Metrics:
         )
         self.generated = Counter("appliance_tokens_generated_total", "Tokens generated", ["model"], registry=r)
         self.prompt = Counter("appliance_prompt_tokens_processed_total", "Prompt tokens decoded (cache hits excluded)", ["model"], registry=r)
+        self.streams = Counter(
+            "appliance_streams_total", "Streamed responses, by who wrote their tokens: the event loop or the model's "
+            "scheduler thread (server.stream_writes)", ["writer"], registry=r,
+        )
         self.auth_failures = Counter("appliance_auth_failures_total", "Requests refused by authentication", ["reason"], registry=r)
         self._models = None
         self._children: dict = {}

@@ -17,6 +17,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.workers.ggevent import GeventWorker
 
+from .direct_writes import DirectWrites
 from .settings import Settings
 
 __all__ = ["ApplianceServer", "bind_address"]
@@ -84,6 +85,8 @@ class ApplianceServer(BaseApplication):
         app, self.state = self.app_factory(
             self.settings, self.identity, self.tls.spki_sha256 if self.tls is not None else None
         )
+        if self.tls is None:
+            return DirectWrites(app)  # streamed tokens may then be written by a scheduler thread
         return app
 
     def _post_worker_init(self, worker) -> None:

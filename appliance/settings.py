@@ -99,6 +99,11 @@ class ServerSettings(_Strict):
     """Origins allowed by CORS; empty (the default) sends no CORS headers at all."""
     tls: Literal["off", "attested"] = "off"
     """attested: HTTPS with a key and certificate made in memory at boot, its public key in the claims."""
+    stream_writes: Literal["auto", "scheduler", "event_loop"] = "auto"
+    """Who writes a streamed token to the client: the event loop, while the next decode runs, or the
+    model's scheduler thread, between two decodes (no turn of the event loop per token). auto: the
+    scheduler thread when a model's decode threads take every CPU this process may use. Plain HTTP
+    only: with tls = "attested" the event loop writes."""
     cpu_backend: Annotated[str, Field(pattern=r"^[a-z0-9_.]+$", max_length=32)] = "auto"
     """Which build of llama.cpp's CPU backend to load: auto (the best this CPU runs) or a level such
     as haswell (x86-64-v3), skylakex, icelake, zen4, sapphirerapids: to pin one across a fleet
@@ -113,6 +118,12 @@ class ServerSettings(_Strict):
         if available and v not in available:
             raise ValueError(f"no CPU backend build '{v}'; this build has: auto, {', '.join(available)}")
         return v
+
+    @model_validator(mode="after")
+    def _stream_writes_need_plain_http(self) -> "ServerSettings":
+        if self.stream_writes == "scheduler" and self.tls != "off":
+            raise ValueError('stream_writes: "scheduler" writes to plain sockets only; it needs tls = "off"')
+        return self
 
     @property
     def loopback(self) -> bool:

@@ -30,6 +30,7 @@ __all__ = [
     "GenerationRequest",
     "Generation",
     "Delta",
+    "DeltaSink",
     "Done",
     "Failed",
     "Usage",
@@ -121,6 +122,8 @@ class Failed:
 
 
 Event = Delta | Done | Failed
+DeltaSink = Callable[[Delta], bool]
+"""Takes a streamed delta on the scheduler thread; returns whether to go on (see Generation.events)."""
 
 
 class Generation:
@@ -131,6 +134,9 @@ class Generation:
     for the generation's life, so no wake-up is lost and the loop stays alive while we wait. Its
     callback, run by the hub, switches straight into the waiting greenlet (a gevent Event would
     schedule that switch for another turn of the loop: measurable per token).
+
+    A streaming consumer may instead have its deltas handed to a sink on the scheduler thread, between
+    two decodes (see `events(sink=...)`): then a streamed token costs no turn of the event loop at all.
     """
 
     def __init__(self, request: GenerationRequest) -> None:
@@ -142,6 +148,10 @@ class Generation:
         self._watcher_lock = _allocate_lock()  # a real lock: close() and _wake() race across threads
         self._watcher = gevent.get_hub().loop.async_()
         self._watcher.start(self._on_wake)
+        self._sink: DeltaSink | None = None
+        # A real lock over "is there a sink? else queue": setting a sink only while nothing is queued,
+        # atomically with the scheduler's choice, is what keeps the order of events.
+        self._sink_lock = _allocate_lock()
 
     def _on_wake(self) -> None:  # the hub, when the watcher fires
         waiter, self._waiter = self._waiter, None
@@ -153,7 +163,29 @@ class Generation:
             if self._watcher is not None:
                 self._watcher.send()
 
-    def events(self) -> Iterator["Event"]:
+    def _put_delta(self, delta: Delta) -> bool:
+        """Scheduler thread: a streamed delta to the sink, or else to the queue; True if queued."""
+        with self._sink_lock:
+            sink = self._sink
+            if sink is not None:
+                try:
+                    if not sink(delta):
+                        self._sink = None
+                    return False
+                except Exception:
+                    # A bug, not the client: the greenlet carries on from this delta (a signed stream's
+                    # client would see the mismatch, never silently wrong text).
+                    log.error("a stream's direct writer failed; its greenlet takes over", exc_info=True)
+                    self._sink = None
+            self._items.append(delta)
+            return True
+
+    def events(self, sink: DeltaSink | None = None) -> Iterator["Event"]:
+        """Yield the events in order. With `sink`, whenever this greenlet would wait with nothing
+        queued (so everything yielded so far has been consumed), the deltas that follow go to
+        `sink(delta)` on the scheduler thread instead: it takes the delta and returns whether to go
+        on; False hands the next ones back to this iterator (and the sink is offered again at the next
+        wait). Done and Failed always come through here. The sink must never block."""
         try:
             while not self.finished:
                 while self._items:
@@ -165,6 +197,12 @@ class Generation:
                         return
                 if self.cancelled:  # the client is gone: stop waiting, the scheduler frees the slot
                     return
+                if sink is not None and self._sink is None:  # only this greenlet sets it
+                    with self._sink_lock:
+                        if not self._items:
+                            self._sink = sink
+                    if self._items:
+                        continue  # events came first: yield those, then offer the sink again
                 # Nothing can arrive unseen in between: the hub (which runs _on_wake) is this thread,
                 # and a send() made before the waiter is set still fires once we switch to the hub.
                 self._waiter = Waiter()
@@ -181,6 +219,8 @@ class Generation:
     def close(self) -> None:
         if not self.finished:
             self.cancelled = True
+        with self._sink_lock:  # waits out a sink call under way (it never blocks): none runs after this
+            self._sink = None
         with self._watcher_lock:
             if self._watcher is not None:
                 self._watcher.close()
@@ -437,8 +477,14 @@ class ModelEngine:
     def _deliver(self, out: list[tuple[Generation, Event]]) -> None:
         woken: list[Generation] = []
         for gen, ev in out:
-            gen._items.append(ev)
-            if (not woken or woken[-1] is not gen) and (gen.request.stream or type(ev) is not Delta):
+            if type(ev) is not Delta:
+                gen._items.append(ev)
+            elif not gen.request.stream:
+                gen._items.append(ev)
+                continue  # woken once, by its Done or Failed
+            elif not gen._put_delta(ev):
+                continue  # written by the generation's sink: nobody to wake
+            if not woken or woken[-1] is not gen:
                 woken.append(gen)  # one generation's events of a step are adjacent
         for gen in woken:
             gen._wake()

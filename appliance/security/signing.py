@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Callable
 
 import falcon
 
@@ -120,13 +121,33 @@ class SignedStream:
             except StopIteration:
                 self._finish()
                 continue
-            if not self._buf and chunk.find(b"\n\n") == len(chunk) - 2:  # one whole event: the usual chunk
-                self._event(chunk)
-                continue
-            self._buf += chunk
-            while b"\n\n" in self._buf:
-                event, self._buf = self._buf.split(b"\n\n", 1)
-                self._event(event + b"\n\n")
+            self._take(chunk)
+        return self._ready()
+
+    def attach_writer(self, write: Callable[[bytes], bool]) -> bool:
+        """Pass a direct writer (appliance.direct_writes) on to the inner stream, each event chained
+        and checkpointed on its way. The inner stream calls it only while this stream's greenlet
+        waits for events (Generation.events), so never alongside __next__."""
+        attach = getattr(self._inner, "attach_writer", None)
+        if attach is None:
+            return False
+
+        def signed(chunk: bytes) -> bool:
+            self._take(chunk)
+            return write(self._ready()) if self._pending else True
+
+        return attach(signed)
+
+    def _take(self, chunk: bytes) -> None:
+        if not self._buf and chunk.find(b"\n\n") == len(chunk) - 2:  # one whole event: the usual chunk
+            self._event(chunk)
+            return
+        self._buf += chunk
+        while b"\n\n" in self._buf:
+            event, self._buf = self._buf.split(b"\n\n", 1)
+            self._event(event + b"\n\n")
+
+    def _ready(self) -> bytes:
         # Everything ready goes out in one write (an event and its checkpoint line: one send, not two).
         out = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending.clear()

@@ -322,7 +322,9 @@ class FakeGeneration:
         self.cancelled = False
         self.closed = False
 
-    def events(self):
+    def events(self, sink=None):
+        """Like Generation.events: with a sink, deltas go to it (here, on this thread) until it
+        declines one; it is offered again after the next delta yielded here."""
         req = self.request
         n = min(req.max_tokens, len(self._pieces))
         if self._fail_with is not None:
@@ -331,12 +333,17 @@ class FakeGeneration:
                 yield self._fail_with
                 return
             raise self._fail_with
+        sinking = sink is not None
         for piece in self._pieces[:n]:
             lps = ()
             if req.logprobs is not None:
                 top = tuple((f"alt{i}", tuple(f"alt{i}".encode()), -1.5 - i) for i in range(req.logprobs))
                 lps = (TokenLogprob(piece, tuple(piece.encode()), -0.25, top),)
+            if sinking:
+                sinking = sink(Delta(piece, 1, lps))
+                continue
             yield Delta(piece, 1, lps)
+            sinking = sink is not None
         finish = "length" if n < len(self._pieces) else "stop"
         cached = min(2, len(req.prompt) - 1)
         yield Done(

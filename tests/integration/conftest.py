@@ -282,8 +282,9 @@ def start_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def server(start_server, model_files: ModelFiles) -> Server:
-    """The shared server: model `m` with 4 slots (the default), nothing else."""
-    return start_server(models={"m": model_files.main}, name="shared")
+    """The shared server: model `m` with 4 slots (the default), streamed tokens written by its
+    scheduler thread whatever this machine's CPU count (test_stream_writes covers the event loop)."""
+    return start_server(models={"m": model_files.main}, config='[server]\nstream_writes = "scheduler"\n', name="shared")
 
 
 @pytest.fixture(scope="session")

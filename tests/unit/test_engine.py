@@ -139,6 +139,97 @@ def test_a_non_streaming_request_is_woken_once_not_per_token(engine):
     assert wakes[False] == 1 and wakes[True] >= 19, wakes
 
 
+def _sink_run(engine, sink_verdicts, n=48, seed=5):
+    """Stream with a sink answering `sink_verdicts` in turn (then True): [(path, thread, text, verdict)]
+    in arrival order, and the Done."""
+    import threading
+
+    gen = engine.submit(request(engine, n=n, ignore_eos=True, seed=seed))
+    order: list[tuple[str, int, str, object]] = []
+    verdicts = iter(sink_verdicts)
+
+    def sink(delta):
+        verdict = next(verdicts, True)
+        if isinstance(verdict, Exception):
+            raise verdict  # not taken: the delta comes through events()
+        order.append(("sink", threading.get_ident(), delta.text, verdict))
+        return verdict
+
+    done = None
+    for ev in gen.events(sink):
+        if isinstance(ev, Delta):
+            order.append(("events", threading.get_ident(), ev.text, None))
+        elif isinstance(ev, Done):
+            done = ev
+    return order, done
+
+
+def _reference(engine, n=48, seed=5) -> str:
+    return collect(engine.submit(request(engine, n=n, ignore_eos=True, seed=seed)))[0]
+
+
+def test_a_sink_takes_streamed_deltas_on_the_scheduler_thread_in_order(engine):
+    import threading
+
+    order, done = _sink_run(engine, [])
+    assert done is not None and done.usage.completion_tokens == 48
+    assert "".join(t for _, _, t, _ in order) == _reference(engine)
+    # Offered at the first wait, before any token exists: every delta went to the sink, none to this greenlet.
+    assert [p for p, _, _, _ in order] == ["sink"] * len(order) and len(order) >= 40
+    assert threading.get_ident() not in {th for _, th, _, _ in order}
+
+
+def test_a_sink_that_declines_hands_back_the_next_deltas_and_is_offered_again(engine):
+    order, done = _sink_run(engine, [False, True, True, False])
+    assert done is not None
+    assert "".join(t for _, _, t, _ in order) == _reference(engine)  # nothing lost, nothing reordered
+    paths = [p for p, _, _, _ in order]
+    assert paths[0] == "sink"
+    declined = [i for i, (_, _, _, v) in enumerate(order) if v is False]
+    assert len(declined) == 2, paths
+    for i in declined:  # the sink took the delta it declined after; the next one came through events()
+        assert paths[i + 1] == "events", paths
+    assert paths.count("sink") >= 5, paths  # offered again after each hand-back
+
+
+def test_a_sink_that_raises_leaves_the_delta_to_the_greenlet(engine, caplog):
+    order, done = _sink_run(engine, [True, RuntimeError("bug")])
+    assert done is not None
+    assert "".join(t for _, _, t, _ in order) == _reference(engine)
+    paths = [p for p, _, _, _ in order]
+    assert paths[:2] == ["sink", "events"] and "sink" in paths[2:], paths
+    assert "direct writer failed" in caplog.text
+
+
+def test_no_sink_call_after_the_generation_is_closed(engine):
+    gen = engine.submit(request(engine, n=200, ignore_eos=True))
+    calls: list[int] = []
+    closed: list[bool] = []
+
+    def sink(delta):
+        calls.append(1)
+        assert not closed, "sink called after close()"
+        return True
+
+    events = gen.events(sink)
+    job = gevent.spawn(lambda: list(events))
+    for _ in range(200):
+        if len(calls) >= 3:
+            break
+        gevent.sleep(0.01)
+    gen.close()
+    closed.append(True)
+    n = len(calls)
+    gevent.sleep(0.2)  # several decode steps
+    assert len(calls) == n >= 3
+    job.kill()
+    for _ in range(100):
+        if engine.busy_slots == 0:
+            break
+        gevent.sleep(0.02)
+    assert engine.busy_slots == 0
+
+
 class _Counts:
     def __init__(self) -> None:
         self.generated: list[int] = []
