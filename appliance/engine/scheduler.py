@@ -219,7 +219,10 @@ class Generation:
     def close(self) -> None:
         if not self.finished:
             self.cancelled = True
-        with self._sink_lock:  # waits out a sink call under way (it never blocks): none runs after this
+        # Waits out a sink call under way (it never blocks): none runs after this, which matters
+        # because the server closes the client's socket once the response is closed, and its fd
+        # number may then be reused by another connection.
+        with self._sink_lock:
             self._sink = None
         with self._watcher_lock:
             if self._watcher is not None:
