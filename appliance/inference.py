@@ -25,7 +25,7 @@ from attestation.signing import SSE_DONE
 from .engine.chat import render_chat
 from .engine.llama import SamplingParams
 from .engine.registry import ModelRegistry
-from .engine.scheduler import Delta, Done, Failed, Generation, GenerationRequest, TokenLogprob
+from .engine.scheduler import Delta, DeltaSink, Done, Failed, Generation, GenerationRequest, TokenLogprob
 from .errors import ApiError, BadRequest, InternalError
 from .schemas import ChatRequest, CompletionRequest, parse
 from .settings import LimitsSettings
@@ -274,13 +274,7 @@ class Inference:
         # OpenAI counts text_offset from the start of the prompt, across chunks.
         offset = len(job.body.prompt) if not chat and isinstance(job.body.prompt, str) else 0
         # Runs at the first next(), after the server has attached its writer (if it has one).
-        sink = None
-        if direct is not None and direct.write is not None:
-            write = direct.write
-
-            def sink(delta: Delta) -> bool:  # the scheduler thread, between two decodes
-                return write(text_chunk(delta.text)) if delta.text else True
-
+        sink = _text_sink(direct.write, text_chunk) if direct is not None and direct.write is not None else None
         self._stream_written("event_loop" if sink is None else "scheduler")
         if chat:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
@@ -315,6 +309,13 @@ class Inference:
         except Exception:
             log.exception("stream failed")
             yield sse_event(InternalError().body())
+
+
+def _text_sink(write: Callable[[bytes], bool], encode: Callable[[str], bytes]) -> DeltaSink:
+    def sink(delta: Delta) -> bool:  # the scheduler thread, between two decodes
+        return write(encode(delta.text)) if delta.text else True
+
+    return sink
 
 
 class _DirectOut:
