@@ -204,6 +204,45 @@ def test_signature_base_as_the_spec_writes_it():
     assert h["content-digest"] == f"sha-256=:{digest}:"
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("nonce", [None, "n-0123456789abcdef"])
+@pytest.mark.parametrize("client", [False, True])
+def test_response_signature_headers_are_what_the_library_writes(streaming, nonce, client):
+    """sign_response_headers formats Signature-Input and Signature itself (after the library's
+    prepare()); Ed25519 is deterministic, so they must equal the library's own sign() byte for byte."""
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    request = signing.RequestInfo("POST", "/v1/chat/completions?x=1", b'{"model":"m"}', nonce)
+    headers = {"content-type": "text/event-stream" if streaming else "application/json", "x-request-id": "r-1"}
+    if streaming:
+        headers[signing.STREAM_HEADER] = signing.STREAM_SCHEME
+    if client:
+        headers[signing.CLIENT_HEADER] = "client-1"
+    body = None if streaming else b'{"ok":true}'
+    created = datetime.datetime(2026, 11, 22, 9, 30, tzinfo=datetime.timezone.utc)
+    kid = signing.key_id(key.public_key().public_bytes_raw())
+    mine = signing.sign_response_headers(key, kid, request=request, status=200, headers=headers, body=body,
+                                         created=created, nonce="sig-nonce")
+
+    class Keys(HTTPSignatureKeyResolver):
+        def resolve_private_key(self, key_id):
+            return key
+
+    h = signing._Headers(headers)
+    if body is not None:
+        h["content-digest"] = mine["Content-Digest"]
+    msg = signing._Resp(200, h, request.message())
+    covered = signing.response_components(streaming=streaming, has_nonce=nonce is not None, has_client=client)
+    HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=Keys()).sign(
+        msg, key_id=kid, created=created, nonce="sig-nonce", label=signing.LABEL, tag=signing.TAG,
+        covered_component_ids=covered, use_existing_digest=body is not None,
+    )
+    assert mine["Signature-Input"] == h["signature-input"]
+    assert mine["Signature"] == h["signature"]
+    if body is not None:
+        signing.verify_response(key.public_key(), request=request, status=200, headers={**headers, **mine}, body=body,
+                                max_age=datetime.timedelta(days=1), now=created.timestamp())
+
+
 def test_keys_are_the_published_test_keys():
     keys = ALL["keys"]
     der = base64.b64decode(keys["appliance"]["private_key_pkcs8_b64"])
