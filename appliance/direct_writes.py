@@ -36,15 +36,17 @@ class SocketWriter:
         self._headers_sent = headers_sent
         self._send_headers = send_headers
         self._pending: list[bytes] = []
+        self._started = False  # the headers are out (they are never un-sent: asked until they are)
 
     def write(self, data: bytes) -> bool:
         """Put `data` on the wire or keep it for flush(); True if it went out and more may follow."""
         if not data:
             return True  # an empty chunk would end a chunked body
         frame = b"%X\r\n%b\r\n" % (len(data), data) if self._chunked else data
-        if self._pending or not self._headers_sent():
+        if self._pending or not (self._started or self._headers_sent()):
             self._pending.append(frame)
             return False
+        self._started = True
         try:
             n = os.write(self._fd, frame)
         except OSError:  # EAGAIN (the client reads slowly), or the client is gone: flush() meets it

@@ -132,9 +132,22 @@ class SignedStream:
         if attach is None:
             return False
 
+        chain, identity = self._chain, self._identity
+
         def signed(chunk: bytes) -> bool:
-            self._take(chunk)
-            return write(self._ready()) if self._pending else True
+            # The usual chunk, one token's event, straight through (this runs between two decodes,
+            # cache-cold: every call counts); anything else the way __next__ takes it.
+            if self._buf or self._finished or self._pending or chunk.find(b"\n\n") != len(chunk) - 2:
+                self._take(chunk)
+                return write(self._ready()) if self._pending else True
+            if chunk == SSE_DONE:
+                self._take(chunk)
+                return True
+            self._observe(chunk)
+            chain.add(chunk)
+            if checkpoint_due(chain.seq):
+                chunk += identity.stream_checkpoint(chain)
+            return write(chunk)
 
         return attach(signed)
 
