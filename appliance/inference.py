@@ -258,7 +258,7 @@ class Inference:
             "timings": _timings(done),
         }
 
-    def _sse(self, job: _Job, direct: "_DirectOut | None" = None) -> Iterator[bytes]:
+    def _sse(self, job: _Job, direct: _DirectOut | None = None) -> Iterator[bytes]:
         chat = job.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
         want_lp = job.gen.request.logprobs is not None

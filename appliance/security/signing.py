@@ -137,12 +137,12 @@ class SignedStream:
         def signed(chunk: bytes) -> bool:
             # The usual chunk, one token's event, straight through (this runs between two decodes,
             # cache-cold: every call counts); anything else the way __next__ takes it.
-            if self._buf or self._finished or self._pending or chunk.find(b"\n\n") != len(chunk) - 2:
+            if (
+                self._buf or self._finished or self._pending or chunk.find(b"\n\n") != len(chunk) - 2
+                or chunk == SSE_DONE
+            ):
                 self._take(chunk)
                 return write(self._ready()) if self._pending else True
-            if chunk == SSE_DONE:
-                self._take(chunk)
-                return True
             self._observe(chunk)
             chain.add(chunk)
             if checkpoint_due(chain.seq):
