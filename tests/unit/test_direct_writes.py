@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import base64
 import datetime
-import importlib.util
 import json
 import socket
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import falcon.testing
@@ -25,14 +22,8 @@ from attestation import signing
 from appliance.app import create_app
 from appliance.direct_writes import DirectWrites, SocketWriter
 from appliance.settings import Settings
+from contract_fakes import FakeRegistry
 
-_spec = importlib.util.spec_from_file_location(
-    "_contract_fakes", Path(__file__).resolve().parents[1] / "contract" / "conftest.py"
-)
-_fakes = sys.modules.setdefault("_contract_fakes", importlib.util.module_from_spec(_spec))
-if not hasattr(_fakes, "FakeRegistry"):
-    _spec.loader.exec_module(_fakes)
-FakeRegistry = _fakes.FakeRegistry
 
 EVENT = b'data: {"choices":[{"text":"w\xc3\xb6rld"}]}\n\n'
 

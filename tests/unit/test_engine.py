@@ -49,6 +49,14 @@ def collect(gen):
     return text, done
 
 
+def wait_idle(engine, timeout: float = 5.0) -> None:
+    """Poll until no slot is busy and nothing waits (the scheduler frees a slot at its next step)."""
+    for _ in range(int(timeout / 0.02)):
+        if engine.busy_slots == 0 and engine.queue_depth == 0:
+            return
+        gevent.sleep(0.02)
+
+
 def test_generates_exact_token_count(engine):
     text, done = collect(engine.submit(request(engine, n=12)))
     assert text and done.finish_reason == "length"
@@ -95,10 +103,7 @@ def test_cancel_frees_the_slot(engine):
     events = gen.events()
     next(events)
     gen.close()
-    for _ in range(100):
-        if engine.busy_slots == 0:
-            break
-        gevent.sleep(0.02)
+    wait_idle(engine)
     assert engine.busy_slots == 0
 
 
@@ -116,10 +121,7 @@ def test_cancel_wakes_a_greenlet_waiting_for_its_first_event(engine):
     assert job.dead and got == []
     for g in busy:
         g.close()
-    for _ in range(100):
-        if engine.busy_slots == 0 and engine.queue_depth == 0:
-            break
-        gevent.sleep(0.02)
+    wait_idle(engine)
     assert engine.busy_slots == 0 and engine.queue_depth == 0
 
 
@@ -223,10 +225,7 @@ def test_no_sink_call_after_the_generation_is_closed(engine):
     gevent.sleep(0.2)  # several decode steps
     assert len(calls) == n >= 3
     job.kill()
-    for _ in range(100):
-        if engine.busy_slots == 0:
-            break
-        gevent.sleep(0.02)
+    wait_idle(engine)
     assert engine.busy_slots == 0
 
 
@@ -373,10 +372,7 @@ def test_many_requests_in_and_out_of_the_slots_leave_the_engine_clean(engine):
     for ev in mid.events():
         mid.cancel()
         break
-    for _ in range(100):  # the scheduler frees the slot at its next step
-        if engine.busy_slots == 0:
-            break
-        gevent.sleep(0.05)
+    wait_idle(engine)
     assert engine.busy_slots == 0 and engine.queue_depth == 0 and not engine._active
     text, done = collect(engine.submit(request(engine, n=5)))
     assert done.usage.completion_tokens == 5

@@ -10,11 +10,8 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import falcon.testing
 import pytest
@@ -26,14 +23,8 @@ from appliance.engine.registry import ModelRegistry
 from appliance.security import auth as auth_module
 from appliance.security.auth import RateLimiter, ReplayCache, ReplayCacheFull
 from appliance.settings import Settings
+from contract_fakes import FakeRegistry
 
-_spec = importlib.util.spec_from_file_location(
-    "_contract_fakes", Path(__file__).resolve().parents[1] / "contract" / "conftest.py"
-)
-_fakes = sys.modules.setdefault("_contract_fakes", importlib.util.module_from_spec(_spec))
-if not hasattr(_fakes, "FakeRegistry"):
-    _spec.loader.exec_module(_fakes)
-FakeRegistry = _fakes.FakeRegistry
 
 T0 = 1_700_000_000.0
 INFER_KEY = "sk-infer-" + "a" * 32
