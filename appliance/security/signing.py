@@ -132,8 +132,6 @@ class SignedStream:
         if attach is None:
             return False
 
-        chain, identity = self._chain, self._identity
-
         def signed(chunk: bytes) -> bool:
             # The usual chunk, one token's event, straight through (this runs between two decodes,
             # cache-cold: every call counts); anything else the way __next__ takes it.
@@ -143,11 +141,7 @@ class SignedStream:
             ):
                 self._take(chunk)
                 return write(self._ready()) if self._pending else True
-            self._observe(chunk)
-            chain.add(chunk)
-            if checkpoint_due(chain.seq):
-                chunk += identity.stream_checkpoint(chain)
-            return write(chunk)
+            return write(self._chained(chunk))
 
         return attach(signed)
 
@@ -172,11 +166,15 @@ class SignedStream:
         if event == SSE_DONE:
             self._finish()
             return
+        self._pending.append(self._chained(event))
+
+    def _chained(self, event: bytes) -> bytes:
+        """The event as it goes out: chained, followed by a checkpoint line when one is due."""
         self._observe(event)
         self._chain.add(event)
-        self._pending.append(event)
         if checkpoint_due(self._chain.seq):
-            self._pending.append(self._identity.stream_checkpoint(self._chain))
+            return event + self._identity.stream_checkpoint(self._chain)
+        return event
 
     def _observe(self, event: bytes) -> None:
         # What the final checkpoint attests besides the chain: how generation ended, and usage.
