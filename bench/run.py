@@ -61,6 +61,8 @@ class Server:
     port: int = 0
     model: str = "bench"
     log: Path | None = None
+    config: Path | None = None
+    """A config file written for this run only: removed when the server stops."""
 
     @property
     def url(self) -> str:
@@ -89,6 +91,8 @@ class Server:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.config is not None:
+            self.config.unlink(missing_ok=True)
 
     def cpu_backend(self) -> str:
         """The ggml CPU module this server loaded at startup (runtime dispatch), e.g. cpu-zen4."""
@@ -142,7 +146,7 @@ def ours(
         lines.append(f"n_ctx = {n_ctx}")
     cfg.write_text("\n".join(lines) + "\n")
     cmd = [str(ROOT / ".venv/bin/appliance"), "-p", str(port), "--config", str(cfg)]
-    s = Server("appliance", cmd, dict(os.environ), "/readiness")
+    s = Server("appliance", cmd, dict(os.environ), "/readiness", config=cfg)
     s.port = port
     return s
 
