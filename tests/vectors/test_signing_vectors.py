@@ -204,13 +204,48 @@ def test_signature_base_as_the_spec_writes_it():
     assert h["content-digest"] == f"sha-256=:{digest}:"
 
 
+_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+_CREATED = datetime.datetime(2026, 11, 22, 9, 30, tzinfo=datetime.timezone.utc)
+
+
+def _both_ways(*, request, status=200, headers, body, sig_nonce="sig-nonce", kid=None):
+    """(sign_response_headers' headers, the library's sign() headers) for one response, or the
+    exception class each raised."""
+    kid = kid or signing.key_id(_KEY.public_key().public_bytes_raw())
+    try:
+        mine = signing.sign_response_headers(_KEY, kid, request=request, status=status, headers=headers, body=body,
+                                             created=_CREATED, nonce=sig_nonce)
+    except Exception as e:  # noqa: BLE001 - compared with what the library raises below
+        mine = type(e)
+
+    class Keys(HTTPSignatureKeyResolver):
+        def resolve_private_key(self, key_id):
+            return _KEY
+
+    h = signing._Headers(headers)
+    if body is not None:
+        h["content-digest"] = signing.content_digest(body)
+    covered = signing.response_components(streaming=body is None, has_nonce=request.nonce is not None,
+                                          has_client=signing.CLIENT_HEADER in h)
+    try:
+        HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=Keys()).sign(
+            signing._Resp(status, h, request.message()), key_id=kid, created=_CREATED, nonce=sig_nonce,
+            label=signing.LABEL, tag=signing.TAG, covered_component_ids=covered, use_existing_digest=body is not None,
+        )
+        theirs = {"Signature-Input": h["signature-input"], "Signature": h["signature"]}
+        if body is not None:
+            theirs["Content-Digest"] = h["content-digest"]
+    except Exception as e:  # noqa: BLE001
+        theirs = type(e)
+    return mine, theirs
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize("nonce", [None, "n-0123456789abcdef"])
 @pytest.mark.parametrize("client", [False, True])
 def test_response_signature_headers_are_what_the_library_writes(streaming, nonce, client):
-    """sign_response_headers formats Signature-Input and Signature itself (after the library's
-    prepare()); Ed25519 is deterministic, so they must equal the library's own sign() byte for byte."""
-    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    """sign_response_headers joins the signature base itself (component values from the library's
+    resolver); Ed25519 is deterministic, so its headers must equal the library's sign() byte for byte."""
     request = signing.RequestInfo("POST", "/v1/chat/completions?x=1", b'{"model":"m"}', nonce)
     headers = {"content-type": "text/event-stream" if streaming else "application/json", "x-request-id": "r-1"}
     if streaming:
@@ -218,29 +253,59 @@ def test_response_signature_headers_are_what_the_library_writes(streaming, nonce
     if client:
         headers[signing.CLIENT_HEADER] = "client-1"
     body = None if streaming else b'{"ok":true}'
-    created = datetime.datetime(2026, 11, 22, 9, 30, tzinfo=datetime.timezone.utc)
-    kid = signing.key_id(key.public_key().public_bytes_raw())
-    mine = signing.sign_response_headers(key, kid, request=request, status=200, headers=headers, body=body,
-                                         created=created, nonce="sig-nonce")
-
-    class Keys(HTTPSignatureKeyResolver):
-        def resolve_private_key(self, key_id):
-            return key
-
+    mine, theirs = _both_ways(request=request, headers=headers, body=body)
+    assert mine == theirs
+    covered = signing.response_components(streaming=streaming, has_nonce=nonce is not None, has_client=client)
     h = signing._Headers(headers)
     if body is not None:
         h["content-digest"] = mine["Content-Digest"]
-    msg = signing._Resp(200, h, request.message())
-    covered = signing.response_components(streaming=streaming, has_nonce=nonce is not None, has_client=client)
-    HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=Keys()).sign(
-        msg, key_id=kid, created=created, nonce="sig-nonce", label=signing.LABEL, tag=signing.TAG,
-        covered_component_ids=covered, use_existing_digest=body is not None,
-    )
-    assert mine["Signature-Input"] == h["signature-input"]
-    assert mine["Signature"] == h["signature"]
+    # The usual response takes the quick path (not the library's prepare()).
+    assert signing._plain_signature_base(signing._Resp(200, h, request.message()), tuple(covered),
+                                         int(_CREATED.timestamp()), "kid", "sig-nonce") is not None
     if body is not None:
-        signing.verify_response(key.public_key(), request=request, status=200, headers={**headers, **mine}, body=body,
-                                max_age=datetime.timedelta(days=1), now=created.timestamp())
+        signing.verify_response(_KEY.public_key(), request=request, status=200, headers={**headers, **mine}, body=body,
+                                max_age=datetime.timedelta(days=1), now=_CREATED.timestamp())
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"target": "/"},
+        {"target": "/v1/models?"},
+        {"target": "/a/b?q=1&r=%41%2f&s=a:b@c", "nonce": "x"},
+        {"target": "/a?q=|^"},  # characters uri_target percent-encodes
+        {"target": "/caf\u00e9?x=\u00fc"},
+        {"nonce": 'a "quoted" \\ nonce'},
+        {"nonce": " padded "},
+        {"nonce": ""},
+        {"status": 404},
+        {"status": 503, "body": b""},
+        {"headers": {"x-request-id": "r\t1"}},
+        {"headers": {"x-request-id": " r-1 "}},
+        {"headers": {"x-request-id": "r-\u00e9"}},
+        {"headers": {"x-request-id": "r-1\r\nx: y"}},
+        {"headers": {"x-request-id": ""}},
+        {"headers": {"content-type": "application/json; charset=utf-8", signing.CLIENT_HEADER: "c=\"1\""}},
+        {"sig_nonce": 'sig"quote'},
+        {"sig_nonce": "sig\\slash"},
+        {"sig_nonce": "sig\u00e9"},
+        {"kid": "kid with spaces"},
+        {"stream": True, "headers": {signing.STREAM_HEADER: "sha256-chain-v1 "}},
+    ],
+)
+def test_unusual_responses_sign_as_the_library_signs(case):
+    """Whatever the values, the same headers as the library's sign(), or the same exception: unusual
+    ones go to the library's prepare() instead of the quick path."""
+    headers = {"content-type": "application/json", "x-request-id": "r-1"}
+    if case.get("stream"):
+        headers["content-type"] = "text/event-stream"
+        headers[signing.STREAM_HEADER] = signing.STREAM_SCHEME
+    headers.update(case.get("headers", {}))
+    request = signing.RequestInfo("GET", case.get("target", "/v1/models"), b"", case.get("nonce"))
+    body = None if case.get("stream") else case.get("body", b'{"ok":true}')
+    mine, theirs = _both_ways(request=request, status=case.get("status", 200), headers=headers, body=body,
+                              sig_nonce=case.get("sig_nonce", "sig-nonce"), kid=case.get("kid"))
+    assert mine == theirs
 
 
 def test_keys_are_the_published_test_keys():
