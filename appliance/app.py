@@ -136,12 +136,16 @@ class JsonBody:
 
     def __init__(self, settings: Settings) -> None:
         self.limits = settings.limits
+        self._posts: dict[type, bool] = {}  # resource class -> has a POST responder
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
         req.context.json = None
         if req.method != "POST" or resource is None:
             return
-        if not any(n == "on_post" or n.startswith("on_post_") for n in dir(resource)):
+        posts = self._posts.get(type(resource))
+        if posts is None:
+            posts = self._posts[type(resource)] = any(n == "on_post" or n.startswith("on_post_") for n in dir(resource))
+        if not posts:
             return  # not a POST route: Falcon answers 405, the body is irrelevant
         ctype = (req.content_type or "").split(";", 1)[0].strip().lower()
         if ctype != "application/json":
