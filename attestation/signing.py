@@ -21,13 +21,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+import http_sf
 from cryptography.exceptions import InvalidSignature as _CryptoInvalid
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from http_message_signatures import HTTPMessageSigner, HTTPMessageVerifier, algorithms
 from http_message_signatures.digests import ContentDigest
 from http_message_signatures.exceptions import HTTPMessageSignaturesException
 from http_message_signatures.resolvers import HTTPSignatureComponentResolver, HTTPSignatureKeyResolver
-import http_sf
 from http_sf.compat import InnerList, Item
 
 __all__ = [
