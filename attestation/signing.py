@@ -264,6 +264,11 @@ def _plain(text: str) -> bool:
     return text.isascii() and text.isprintable() and text.strip(" ") == text
 
 
+def _bare(text: str) -> bool:
+    """A parameter that serialises as a Structured Field string without escapes: itself, quoted."""
+    return _plain(text) and '"' not in text and "\\" not in text
+
+
 def _plain_signature_base(msg: "_Resp", covered: tuple[str, ...], created: int, kid: str, nonce: str) -> tuple[bytes, str] | None:
     """The RFC 9421 signature base and serialised signature parameters of a response, or None when a
     value is unusual (a tab, a control or non-ASCII character, surrounding spaces, an out-of-range time).
@@ -274,9 +279,7 @@ def _plain_signature_base(msg: "_Resp", covered: tuple[str, ...], created: int, 
     http_sf, parsed and serialised once per list; only the lines and the parameters are joined here,
     for values that need no escaping. Anything else goes to prepare(). Tests compare the two.
     """
-    if not (_plain(kid) and _plain(nonce) and 0 <= created <= 999_999_999_999_999):
-        return None
-    if '"' in kid + nonce or "\\" in kid + nonce:
+    if not (_bare(kid) and _bare(nonce) and 0 <= created <= 999_999_999_999_999):
         return None
     items, keys, inner = _covered(covered)
     resolver = HTTPSignatureComponentResolver(msg)
