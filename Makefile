@@ -18,7 +18,7 @@ run: setup $(DEMO_MODEL)
 setup: $(STAMP)
 
 # The llama-cpp-python wheel is compiled once from its pinned sdist and cached in $(APPLIANCE_CACHE).
-$(STAMP): pyproject.toml requirements.lock scripts/llama-wheel.sh scripts/llama-sdist.sh
+$(STAMP): pyproject.toml requirements.lock scripts/llama-wheel.sh scripts/llama-sdist.sh $(wildcard scripts/patches/*.patch)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --require-hashes --no-deps -r requirements.lock 2> >(grep -v 'is ignored' >&2)
 	wheel=$$(PYTHON=$(BIN)/python scripts/llama-wheel.sh cpu) && $(PIP) install --no-deps --force-reinstall "$$wheel" 2> >(grep -v 'is ignored' >&2)
@@ -56,7 +56,7 @@ clean:
 MODEL ?= $(DEMO_MODEL)
 MODEL_NAME ?=
 BINARY_INPUTS := $(wildcard appliance/*.py appliance/*/*.py attestation/*.py attestation/*/*.py \
-  build/*.py build/*.sh build/*.spec build/*.lock) requirements.lock scripts/llama-wheel.sh
+  build/*.py build/*.sh build/*.spec build/*.lock scripts/patches/*.patch) requirements.lock scripts/llama-wheel.sh
 
 binary: $(MODEL)
 	MODEL="$(MODEL)" MODEL_NAME="$(MODEL_NAME)" PYTHON="$(PYTHON)" build/build.sh cpu

@@ -74,6 +74,7 @@ class Attestor:
             models=tuple(ModelClaim(r.name, r.sha256) for r in ready),
             tls_public_key_sha256=self.tls_public_key_sha256,
             runtime_measurements=tuple(self.event_log),
+            backend=_backend_claim(),
         )
 
     def measure_model(self, name: str, sha256_hex: str) -> None:
@@ -130,3 +131,13 @@ class AttestationResource:
             "aux_b64": base64.b64encode(ev.aux).decode() if ev.aux else None,
             "event_log": list(a.event_log),
         }
+
+
+def _backend_claim() -> dict | None:
+    """The CPU build llama.cpp really runs (after a probe, perhaps a fallback), once one is loaded."""
+    from .engine.llama import cpu_backend_choice
+
+    choice = cpu_backend_choice()
+    if choice is None:
+        return None
+    return {"cpu": choice.module, "extra_buffers": choice.extra_buffers, "fallback": choice.fell_back}

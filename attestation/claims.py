@@ -67,9 +67,12 @@ class Claims:
     models: tuple[ModelClaim, ...] = ()
     tls_public_key_sha256: str | None = None
     runtime_measurements: tuple[dict, ...] = field(default_factory=tuple)
+    # The llama.cpp CPU build that really runs ({"cpu": "cpu-zen4", "extra_buffers": true,
+    # "fallback": false}), once a model has loaded; omitted before.
+    backend: dict | None = None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "version": CLAIMS_VERSION,
             "appliance_version": self.appliance_version,
             "variant": self.variant,
@@ -83,6 +86,9 @@ class Claims:
             "tls_public_key_sha256": self.tls_public_key_sha256,
             "runtime_measurements": list(self.runtime_measurements),
         }
+        if self.backend is not None:
+            out["backend"] = dict(self.backend)
+        return out
 
     def encode(self) -> bytes:
         return canonical_json(self.to_dict())

@@ -23,3 +23,18 @@ llama_sdist() {
   echo "$LLAMA_SDIST_SHA256  $sdist" | sha256sum --check --quiet - >&2
   echo "$sdist"
 }
+
+# Fixes applied to the pinned source before either build (scripts/patches/*.patch, in name order; each
+# says why). Their bytes are part of both cache keys, so a changed patch rebuilds both.
+LLAMA_PATCHES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/patches"
+llama_patches_digest() {
+  cat "$LLAMA_PATCHES_DIR"/*.patch | sha256sum | cut -c1-64
+}
+# Applies the patches to an unpacked sdist (the directory holding vendor/llama.cpp; not inside a git
+# work tree, where git apply would take paths from the work tree's top).
+llama_patch() {
+  local p
+  for p in "$LLAMA_PATCHES_DIR"/*.patch; do
+    (cd "$1" && git apply -p1 --whitespace=nowarn "$p")
+  done
+}

@@ -14,7 +14,7 @@ FLAGS="$LLAMA_CPU_FLAGS -DBUILD_SHARED_LIBS=ON \
 -DCMAKE_BUILD_RPATH=\$ORIGIN -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH=\$ORIGIN \
 -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
 -DLLAMA_BUILD_SERVER=ON -DCMAKE_BUILD_TYPE=Release"
-KEY=$(printf '%s\n%s\n' "$VERSION" "$FLAGS" | sha256sum | cut -c1-12)
+KEY=$(printf '%s\n%s\n%s\n' "$VERSION" "$FLAGS" "$(llama_patches_digest)" | sha256sum | cut -c1-12)
 OUT="$CACHE/llama-server/$VERSION-$KEY"
 if [[ -x $OUT/llama-server ]]; then
   echo "$OUT/llama-server"
@@ -27,6 +27,7 @@ WORK=/tmp/appliance-llama-server-$KEY
 rm -rf "$WORK"
 mkdir -p "$WORK"
 tar -xzf "$SDIST" -C "$WORK" "llama_cpp_python-$VERSION/vendor/llama.cpp"
+llama_patch "$WORK/llama_cpp_python-$VERSION"
 SRC="$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp"
 echo "building llama-server (llama.cpp from llama-cpp-python $VERSION) once; cached in $OUT" >&2
 # shellcheck disable=SC2086

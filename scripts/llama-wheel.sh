@@ -40,7 +40,7 @@ case "$VARIANT" in
   *) echo "usage: $0 [cpu|cuda]" >&2; exit 2 ;;
 esac
 
-KEY_INPUT=$(printf '%s\n%s\n%s\n' "$VERSION" "$VARIANT" "$FLAGS")
+KEY_INPUT=$(printf '%s\n%s\n%s\n%s\n' "$VERSION" "$VARIANT" "$FLAGS" "$(llama_patches_digest)")
 if [[ -n ${TOOLKIT:-} ]]; then KEY_INPUT+=$'\n'"$TOOLKIT"; fi
 KEY=$(printf '%s\n' "$KEY_INPUT" | sha256sum | cut -c1-12)
 OUT="$CACHE/wheels/$VERSION-$VARIANT-$KEY"
@@ -59,6 +59,7 @@ rm -rf "$WORK"
 mkdir -p "$WORK"
 tar -xzf "$SDIST" -C "$WORK"
 mv "$WORK/llama_cpp_python-$VERSION" "$SRC"
+llama_patch "$SRC"
 
 # One map (no spaces): scikit-build-core splits CMAKE_ARGS on whitespace.
 MAP="-ffile-prefix-map=$WORK=/appliance-llama"

@@ -12,14 +12,18 @@ import threading
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import llama_cpp.llama_cpp as C
 import numpy as np
 
 __all__ = [
     "LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams",
-    "backend_init", "backend_ready", "backend_devices", "set_cpu_backend",
+    "backend_init", "backend_ready", "backend_devices", "set_cpu_backend", "cpu_backend_choice",
 ]
+
+if TYPE_CHECKING:
+    from .cpuprobe import BackendChoice
 
 log = logging.getLogger("appliance.llama")
 
@@ -42,36 +46,53 @@ def backend_init() -> None:
     """Initialise llama.cpp once per process (in the worker, never in the pre-fork master).
 
     Our libllama is built with ggml's backends as loadable modules (GGML_BACKEND_DL): one CPU module
-    per x86 instruction-set level, plus ggml-cuda in the CUDA variant. ggml scores each against this
-    CPU (and driver) and loads the best; a module whose dependencies are missing (ggml-cuda without
-    the NVIDIA driver) is skipped, so the CPU always remains.
+    per x86 instruction-set level, plus ggml-cuda in the CUDA variant. The CPU module is chosen by
+    `cpuprobe.choose_backend`: the best (or pinned) build whose kernels a throw-away child process has
+    run on this CPU without dying or computing garbage, else the next one; only that one is loaded
+    here. Non-CPU modules (ggml-cuda) load if their driver is there; the CPU always remains.
     """
-    global _backend_ready, _devices
+    global _backend_ready, _devices, _choice
     with _backend_lock:
         if not _backend_ready:
             C.llama_log_set(_log_callback, ctypes.c_void_p(0))
             lib_dir = _lib_dir()
             if any(lib_dir.glob("libggml-cpu-*.so")):
+                from ..settings import default_threads
+                from .cpuprobe import choose_backend
+
+                try:
+                    choice = choose_backend(lib_dir, _cpu_preference, n_threads=default_threads())
+                except RuntimeError as e:
+                    log.error("llama.cpp: %s", e)
+                    raise
+                if choice.fell_back:
+                    log.warning("llama.cpp CPU backend: %s", choice.reason)
                 ggml = _ggml()
-                if _cpu_preference == "auto":
-                    ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
-                else:  # one named CPU build, plus every non-CPU backend module (ggml-cuda)
-                    for module in sorted(lib_dir.glob("libggml-*.so")):
-                        tag = module.name[len("libggml-") : -len(".so")]
-                        if tag == f"cpu-{_cpu_preference}" or not tag.startswith(("cpu", "base")):
-                            if not ggml.ggml_backend_load(str(module).encode()) and tag.startswith("cpu"):
-                                log.error("server.cpu_backend: this CPU cannot run llama.cpp's %s build", tag)
-                                raise RuntimeError(f"this CPU cannot run llama.cpp's {tag} build")
-                if not any(d["type"] == "cpu" for d in backend_devices()):
-                    log.error("llama.cpp: no CPU backend build in %s fits this CPU", lib_dir)
-                    raise RuntimeError(f"ggml loaded no CPU backend from {lib_dir}: this CPU fits none of its builds")
+                for module in sorted(lib_dir.glob("libggml-*.so")):
+                    tag = module.name[len("libggml-") : -len(".so")]
+                    if tag == choice.module or not tag.startswith(("cpu", "base")):
+                        if not ggml.ggml_backend_load(str(module).encode()) and tag == choice.module:
+                            raise RuntimeError(f"llama.cpp's {tag} build passed its probe but did not load")
+                if not any(d["type"] == "cpu" for d in _scan_devices()):
+                    raise RuntimeError(f"ggml loaded no CPU backend from {lib_dir}")
+                _choice = choice
             C.llama_backend_init()
             _devices = devices = _scan_devices()
             _backend_ready = True
             log.info("llama.cpp backends: %s", ", ".join(f"{d['name']} ({d['module']})" for d in devices))
+            if _choice is not None and not _choice.fell_back:
+                log.info("llama.cpp CPU backend: %s (%s)", _choice.module, _choice.reason)
             gpu_module = next(iter(sorted(lib_dir.glob("libggml-cuda*.so"))), None)
             if gpu_module is not None and not any(d["type"] == "gpu" for d in devices):
                 log.warning("CUDA build without a usable GPU, serving on the CPU: %s", _why_not_loaded(gpu_module))
+
+
+_choice: "BackendChoice | None" = None  # the CPU build in use and why (backend_init)
+
+
+def cpu_backend_choice() -> "BackendChoice | None":
+    """The CPU build llama.cpp runs here and why, once the backends are loaded."""
+    return _choice
 
 
 _cpu_preference = "auto"
@@ -162,14 +183,19 @@ def _scan_devices() -> list[dict]:
         name = (ggml.ggml_backend_dev_name(dev) or b"").decode("utf-8", "replace")
         family = "cpu" if kind == "cpu" else name.rstrip("0123456789").lower()
         module = next((m for m in modules if m == family or m.startswith(family + "-")), "builtin")
-        out.append(
-            {
-                "name": name,
-                "type": kind,
-                "description": (ggml.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
-                "module": module,
-            }
-        )
+        device = {
+            "name": name,
+            "type": kind,
+            "description": (ggml.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
+            "module": module,
+        }
+        if kind == "cpu" and _choice is not None:
+            device.update(
+                extra_buffers=_choice.extra_buffers,
+                reason=_choice.reason,
+                probes=[p.to_dict() for p in _choice.probes],
+            )
+        out.append(device)
     return out
 
 
@@ -197,6 +223,8 @@ class LlamaModel:
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
         params.use_mmap = use_mmap
+        # Without AMX / repacked weight buffers when the CPU probe found them unsafe here.
+        params.use_extra_bufts = _choice.extra_buffers if _choice is not None else True
         self._ptr = C.llama_model_load_from_file(str(path).encode(), params)
         if not self._ptr:
             raise ValueError("llama.cpp could not load the model file")
