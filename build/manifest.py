@@ -109,6 +109,8 @@ def main() -> int:
             # random staging directory, so two compiles give byte-identical libraries in different wheels.
             "libraries": llama_libraries(),
             "cmake_flags": llama_flags,
+            # Fixes applied to the pinned source before compiling (scripts/patches; each says why).
+            "patches": {q.name: sha256(q) for q in sorted((ROOT / "scripts" / "patches").glob("*.patch"))},
             # Runtime CPU dispatch: ggml-cpu once per x86 level, the best this CPU runs loaded at start.
             "cpu_backends": sorted(
                 p.name[len("libggml-cpu-") : -len(".so")] for p in _llama_lib_dir().glob("libggml-cpu-*.so")

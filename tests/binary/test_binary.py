@@ -20,6 +20,7 @@ from appliance.modelfile import file_sha256 as sha256_file
 from attestation.policy import Policy, load_policy
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -39,6 +40,10 @@ def test_manifest_describes_the_binary(binary: Path, manifest: dict):
     for key in ("appliance", "variant", "source_commit", "python", "pyinstaller", "llama_cpp_python", "packages"):
         assert build.get(key), key
     assert "-DGGML_NATIVE=OFF" in build["llama_cpp_python"]["cmake_flags"]
+    # The source fixes compiled in, by digest (the AMX tile-configuration fix among them).
+    patches = build["llama_cpp_python"]["patches"]
+    assert set(patches) == {p.name for p in (ROOT / "scripts" / "patches").glob("*.patch")} >= {"ggml-amx-tile-config.patch"}
+    assert all(len(d) == 64 for d in patches.values())
     # The manifest is a policy source for verifiers, as attestation/policy.py documents.
     path = binary.with_name(binary.name + ".manifest.json")
     policy = load_policy(path)
