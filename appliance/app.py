@@ -20,13 +20,16 @@ from typing import Callable
 import falcon
 
 from . import __version__
+from .desired import DesiredModels, SharedState, StateFull
 from .engine.registry import ModelRegistry
 from .errors import (
     ApiError,
     BadRequest,
+    Conflict,
     Forbidden,
     InternalError,
     MethodNotAllowed,
+    ModelNotFound,
     NotFound,
     NotReady,
     UnsupportedMediaType,
@@ -71,6 +74,8 @@ class AppState:
     wall_clock: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
     attestor: object = None
+    desired: DesiredModels | None = None
+    """The models to serve, kept by the gunicorn master across worker restarts (None in-process)."""
 
 
 # (path, resource attribute, responder suffix or None): the routes this app serves, also checked
@@ -203,6 +208,14 @@ class Readiness:
         self.state = state
 
     def on_get(self, req, resp) -> None:
+        # Every desired model, not just one: after a worker restart the models come back one by one.
+        missing: list[str] = []
+        if self.state.desired is not None:
+            ready = {r.name for r in self.state.models.records() if r.state == "ready"}
+            missing = [n for n in self.state.desired.names() if n not in ready]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise NotReady(f"Waiting for {len(missing)} model(s): {shown}", headers={"Retry-After": "1"})
         if not self.state.models.ready():
             raise NotReady("No model is loaded and healthy yet", headers={"Retry-After": "1"})
         resp.media = {"status": "ready", "models": [r.name for r in self.state.models.records() if r.state == "ready"]}
@@ -262,7 +275,19 @@ class Admin:
         overrides = {k: v for k, v in body.model_dump().items() if k not in ("model_name", "model_path") and v is not None}
         path = self._confine(body.model_path)
         settings = self.state.settings.model_settings(body.model_name, path, **overrides)
+        desired = self.state.desired
+        if desired is not None:
+            try:
+                desired.check_room(settings)  # before the load: never serve a model a restart would lose
+            except StateFull as e:
+                raise Conflict(f"model_name: too many models to keep across a worker restart ({e})", param="model_name") from None
         rec = self.state.models.load(settings)
+        if desired is not None and rec.state == "ready":
+            try:
+                desired.add(settings)
+            except StateFull as e:  # another load took the room meanwhile
+                self.state.models.unload(rec.name, timeout=self.state.settings.server.graceful_timeout)
+                raise Conflict(f"model_name: too many models to keep across a worker restart ({e})", param="model_name") from None
         resp.media = {"status": "loaded", "model": rec.status()}
 
     def _confine(self, raw: str) -> Path:
@@ -285,7 +310,18 @@ class Admin:
 
     def on_post_unload(self, req, resp) -> None:
         body = parse(UnloadModelRequest, req.context.json)
-        rec = self.state.models.unload(body.model_name, timeout=self.state.settings.server.graceful_timeout)
+        desired = self.state.desired
+        try:
+            rec = self.state.models.unload(body.model_name, timeout=self.state.settings.server.graceful_timeout)
+        except ModelNotFound:
+            # A desired model that failed to load (or is still waiting for its turn after a restart):
+            # unloading it is how the operator stops /readiness from waiting for it.
+            if desired is not None and desired.remove(body.model_name):
+                resp.media = {"status": "unloaded", "model": {"name": body.model_name}}
+                return
+            raise
+        if desired is not None:
+            desired.remove(rec.name)
         resp.media = {"status": "unloaded", "model": {"name": rec.name}}
 
 
@@ -335,7 +371,10 @@ def create_app(
     provider=None,
     tls_public_key_sha256: str | None = None,
     extra_middleware: list | None = None,
+    shared: SharedState | None = None,
 ) -> tuple[falcon.App, AppState]:
+    """`shared`: the gunicorn master's memory (desired models, worker restarts, measurement log); None
+    in-process, where nothing outlives the app."""
     identity = identity or Identity(clock=wall_clock)
     metrics = metrics or Metrics()
     if models is None and settings.server.cpu_backend != "auto":
@@ -352,7 +391,14 @@ def create_app(
 
     def measured(name: str, sha256_hex: str) -> None:  # runs in the loading thread
         if attestor_box:
-            attestor_box[0].measure_model(name, sha256_hex)
+            attestor = attestor_box[0]
+            attestor.measure_model(name, sha256_hex)
+            if shared is not None and attestor.event_log:
+                try:
+                    shared.measurements.replace(lambda: list(attestor.event_log))
+                except StateFull as e:
+                    log.error("the runtime measurement log no longer fits its shared memory (%s): after a worker "
+                              "restart it would not replay to the register", e)
 
     models = models or ModelRegistry(
         observer=metrics,
@@ -361,8 +407,14 @@ def create_app(
         on_loaded=measured,
     )
     metrics.watch_models(models)
-    state = AppState(settings, models, metrics, identity, wall_clock, started=wall_clock())
+    if shared is not None:
+        metrics.watch_worker_restarts(shared.deaths)
+    state = AppState(settings, models, metrics, identity, wall_clock, started=wall_clock(),
+                     desired=shared.desired if shared is not None else None)
     attestor = Attestor(settings, identity, models, provider, clock=wall_clock, tls_public_key_sha256=tls_public_key_sha256)
+    if shared is not None:
+        # The register still holds what an earlier worker extended: the log a verifier replays must too.
+        attestor.event_log.extend(shared.measurements.events())
     attestor_box.append(attestor)
     state.attestor = attestor
     seeds = {m.name: m.seed for m in settings.models}

@@ -105,11 +105,11 @@ def _embedded_model() -> tuple[str, str] | None:
     return (found[0].stem, str(found[0])) if found else None
 
 
-def _factory(settings, identity, tls_public_key_sha256=None):
+def _factory(settings, identity, tls_public_key_sha256=None, shared=None):
     # Imported in the worker after the fork: llama.cpp (and OpenMP/CUDA) never load in the master.
     from .app import create_app
 
-    return create_app(settings, identity=identity, tls_public_key_sha256=tls_public_key_sha256)
+    return create_app(settings, identity=identity, tls_public_key_sha256=tls_public_key_sha256, shared=shared)
 
 
 def main(argv: list[str] | None = None) -> int:

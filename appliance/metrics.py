@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["Metrics"]
 
@@ -62,6 +62,11 @@ class Metrics:
         self._models = models
         self.registry.register(_ModelGauges(models))
 
+    def watch_worker_restarts(self, deaths) -> None:
+        """Expose the worker restarts the gunicorn master counted (`desired.WorkerDeaths`, shared memory):
+        a worker cannot count its own death, its successor exports it."""
+        self.registry.register(_WorkerRestarts(deaths))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -87,3 +92,25 @@ class _ModelGauges:
                 slots.add_metric([rec.name], rec.settings.parallel)
         loaded.add_metric([], n)
         yield from (queue, busy, slots, loaded)
+
+
+class _WorkerRestarts:
+    def __init__(self, deaths) -> None:
+        self._deaths = deaths
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        d = self._deaths.read()
+        total = CounterMetricFamily(
+            "appliance_worker_restarts", "Workers started again after the worker died (a signal, an exit, a timeout)"
+        )
+        total.add_metric([], d["restarts"])
+        by_cause = CounterMetricFamily(
+            "appliance_worker_restarts_by_cause", "Worker restarts by cause: the signal (SIGKILL, SIGSEGV, SIGILL...), "
+            "exit_<code>, or timeout", labels=["cause"],
+        )
+        for cause, n in sorted(d["causes"].items()):
+            by_cause.add_metric([cause], n)
+        yield from (total, by_cause)

@@ -5,19 +5,33 @@ One worker, on purpose: models live in the worker's memory and the appliance has
 model for llama.cpp. The app is built after the fork (no preload), so CUDA and OpenMP are never
 initialised in the master. SIGTERM stops accepting, lets in-flight requests finish (up to
 `graceful_timeout`), stops the engines and exits 0.
+
+A dead worker loses nothing: the master keeps the desired models (configured, plus loaded at run
+time, minus unloaded) in memory it maps before forking (`desired.SharedState`); when the worker dies
+(SIGILL or SIGSEGV in llama.cpp, the OOM killer), the master logs how, counts it, and forks a new
+worker that loads every desired model again. Its in-flight requests end with their connections,
+which only the dead worker held.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import resource
+import signal
+import sys
+import time
 from typing import Callable
 
 import gevent
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from gunicorn.glogging import Logger
 from gunicorn.workers.ggevent import GeventWorker
 
+from .desired import CONFIG, RUNTIME, SharedState
 from .direct_writes import DirectWrites
+from .errors import Conflict
 from .settings import Settings
 
 __all__ = ["ApplianceServer", "bind_address"]
@@ -36,6 +50,81 @@ class _QuietLogger(Logger):
         pass
 
 
+# Why a worker may have died, for the log line that names the signal.
+_SIGNAL_NOTES = {
+    signal.SIGKILL: "perhaps the OOM killer",
+    signal.SIGILL: "an illegal instruction in native code: a CPU backend this CPU cannot run? see server.cpu_backend",
+    signal.SIGSEGV: "a crash in native code",
+    signal.SIGBUS: "a bus error: a memory-mapped model file truncated while in use?",
+    signal.SIGFPE: "an arithmetic fault in native code",
+    signal.SIGABRT: "aborted by native code",
+}
+
+
+def describe_exit(code: int | None, sig: int | None, core_dumped: bool = False, *, notes: bool = True) -> tuple[str, str]:
+    """(cause label, sentence) for a worker's end: the signal that killed it or its exit code."""
+    if sig is not None:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal_{sig}"
+        note = _SIGNAL_NOTES.get(sig) if notes else None
+        return name, f"killed by {name}" + (f" ({note})" if note else "") + (", core dumped" if core_dumped else "")
+    if code is not None:
+        return f"exit_{code}", f"exited with code {code}"
+    return "unknown", "ended (its exit status was not seen)"
+
+
+class _Arbiter(Arbiter):
+    """gunicorn's master, told how each worker ended.
+
+    gunicorn's hooks (`child_exit`, `worker_exit`) get the worker but not its wait status, and
+    `reap_workers` keeps it to itself: so look at each worker's status first with WNOWAIT, which
+    leaves the child waitable, then let gunicorn reap it as always.
+    """
+
+    def __init__(self, app: "ApplianceServer") -> None:
+        super().__init__(app)
+        self._asked_to_exit: set[int] = set()
+
+    def kill_worker(self, pid: int, sig: int) -> None:
+        # The master's own signals (shutdown, reload, an extra worker) end a worker on purpose. A
+        # timeout's SIGABRT, and the SIGKILL after it, do not: a hung worker is a restart.
+        worker = self.WORKERS.get(pid)
+        if sig != signal.SIGABRT and not (worker is not None and worker.aborted):
+            self._asked_to_exit.add(pid)
+        super().kill_worker(pid, sig)
+
+    def reap_workers(self) -> None:
+        statuses = {}
+        for pid in list(self.WORKERS):
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                continue
+            if info is not None:
+                statuses[pid] = info
+        before = dict(self.WORKERS)
+        super().reap_workers()  # HaltServer (a worker that could not boot) propagates: nothing restarts
+        for pid, worker in before.items():
+            if pid in self.WORKERS:
+                continue
+            info = statuses.get(pid)
+            code = sig = None
+            if info is not None:
+                if info.si_code == os.CLD_EXITED:
+                    code = info.si_status
+                else:
+                    sig = info.si_status
+            expected = pid in self._asked_to_exit or not self.LISTENERS  # no listeners: the master is stopping
+            self._asked_to_exit.discard(pid)
+            self.app.worker_ended(
+                pid, code, sig,
+                core_dumped=info is not None and info.si_code == os.CLD_DUMPED,
+                timed_out=bool(worker.aborted), expected=expected,
+            )
+
+
 class ApplianceServer(BaseApplication):
     def __init__(self, settings: Settings, app_factory: Callable[..., tuple]) -> None:
         from .security.identity import Identity
@@ -43,8 +132,14 @@ class ApplianceServer(BaseApplication):
         self.settings = settings
         self.app_factory = app_factory
         self.state = None
+        # No core files: a crashing worker (SIGILL, SIGSEGV in native code) would write its memory,
+        # the signing key included, to a disk the trust model does not trust. Workers inherit this.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         # Made here, in the master, before the fork: a restarted worker keeps the same identity.
         self.identity = Identity()
+        # Also before the fork: the desired models and the restart count outlive every worker.
+        self.shared = SharedState(settings.models)
+        self._replacing: dict | None = None  # master: the death the next worker replaces
         self.tls = None
         if settings.server.tls == "attested":
             from .security.tls import make_attested_tls
@@ -72,6 +167,7 @@ class ApplianceServer(BaseApplication):
             "limit_request_line": 8190,
             "limit_request_fields": 100,
             "worker_exit": self._worker_exit,
+            "pre_fork": self._pre_fork,
             "post_worker_init": self._post_worker_init,
         }
         if self.tls is not None:
@@ -81,19 +177,79 @@ class ApplianceServer(BaseApplication):
             if key in self.cfg.settings:
                 self.cfg.set(key, value)
 
+    def run(self) -> None:
+        # BaseApplication.run, with the arbiter that learns how workers end.
+        try:
+            _Arbiter(self).run()
+        except RuntimeError as e:
+            print("\nError: %s\n" % e, file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(1)
+
+    def worker_ended(
+        self, pid: int, code: int | None, sig: int | None, *, core_dumped: bool, timed_out: bool, expected: bool
+    ) -> None:
+        """Master: a worker was reaped. Unless the master ended it, count the restart and say why."""
+        # After a timeout the master itself sent SIGABRT, then SIGKILL: no guessing at the OOM killer.
+        cause, detail = describe_exit(code, sig, core_dumped, notes=not timed_out)
+        if expected:
+            log.info("worker %d %s", pid, detail, extra={"pid": pid, "cause": cause})
+            return
+        if timed_out:
+            cause = "timeout"
+            detail = (f"hung (no heartbeat for server.worker_timeout = {self.settings.server.worker_timeout}s; "
+                      f"the master sent SIGABRT) and was then {detail}")
+        totals = self.shared.deaths.record(pid=pid, cause=cause, detail=detail, wall=time.time(), monotonic=time.monotonic())
+        self._replacing = totals["last"]
+        n = len(self.shared.desired.names())
+        log.error(
+            "worker %d %s; starting a new worker, which loads the %d desired model(s) again", pid, detail, n,
+            extra={"pid": pid, "cause": cause, "restarts": totals["restarts"], "desired_models": n},
+        )
+
     def load(self):
         app, self.state = self.app_factory(
-            self.settings, self.identity, self.tls.spki_sha256 if self.tls is not None else None
+            self.settings, self.identity, self.tls.spki_sha256 if self.tls is not None else None, shared=self.shared
         )
         if self.tls is None:
             return DirectWrites(app)  # streamed tokens may then be written by a scheduler thread
         return app
 
+    def _pre_fork(self, server, worker) -> None:
+        # Master, before the fork: tell the new worker whether it replaces a dead one (not a reload's).
+        worker.replaces, self._replacing = self._replacing, None
+
     def _post_worker_init(self, worker) -> None:
-        # Serve at once (/health answers while models load); load configured models in background.
-        loads = [gevent.spawn(self._load_model, ms) for ms in self.settings.models]
+        # Serve at once (/health answers while models load; /readiness says 503 until every desired
+        # model is back); load the desired models in the background.
+        restore = gevent.spawn(self._restore, getattr(worker, "replaces", None))
         if self.settings.attestation.seal_after_startup:
-            gevent.spawn(self._seal_after, loads)
+            gevent.spawn(self._seal_after, [restore])
+
+    def _restore(self, last: dict | None) -> None:
+        """Load the desired models: the configured ones together (as at first boot), then those loaded
+        at run time, one by one in the order they were loaded (the same order, the same memory)."""
+        desired = self.shared.desired.settings()
+        if last is not None:
+            log.info(
+                "worker restarted after its predecessor %s: loading %d desired model(s) again", last["detail"], len(desired),
+                extra={"desired_models": len(desired)},
+            )
+        gevent.joinall([gevent.spawn(self._load_model, ms, "configured") for origin, ms in desired if origin == CONFIG])
+        for origin, ms in desired:
+            if origin == RUNTIME and ms.name in self.shared.desired.names():  # not unloaded meanwhile
+                self._load_model(ms, "runtime-loaded")
+        if last is not None:
+            ready = {r.name for r in self.state.models.records() if r.state == "ready"}
+            missing = [n for n in self.shared.desired.names() if n not in ready]
+            seconds = round(time.monotonic() - last["monotonic"], 3)
+            if missing:
+                log.error("after the worker restart, %d desired model(s) did not load: %s", len(missing), ", ".join(missing))
+            else:
+                log.info(
+                    "all %d desired model(s) back %.2fs after the previous worker died", len(ready), seconds,
+                    extra={"seconds_since_death": seconds},
+                )
 
     def _seal_after(self, loads) -> None:
         gevent.joinall(loads)
@@ -105,11 +261,13 @@ class ApplianceServer(BaseApplication):
         sealed = gevent.get_hub().threadpool.apply(seal)
         log.info("runtime measurement register sealed: %s", bool(sealed))
 
-    def _load_model(self, ms) -> None:
+    def _load_model(self, ms, kind: str) -> None:
         try:
             self.state.models.load(ms)
+        except Conflict:  # loaded (or loading) again through POST /load_model meanwhile
+            log.info("%s model %s was loaded meanwhile", kind, ms.name)
         except Exception as e:  # the model is recorded as failed; /status and /readiness show it
-            log.error("configured model %s failed to load: %s", ms.name, getattr(e, "message", type(e).__name__))
+            log.error("%s model %s failed to load: %s", kind, ms.name, getattr(e, "message", type(e).__name__))
 
     def _worker_exit(self, server, worker) -> None:
         if self.state is not None:
