@@ -7,6 +7,7 @@ within one decode step, streaming or not.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from json.encoder import encode_basestring as _json_string  # the C encoder json.dumps uses for a str
@@ -120,12 +121,22 @@ class Inference:
         engine = self.models.get(body.model)
         model = engine.model
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
-        text = render_chat(
-            rec.chat_template,
+        template = rec.chat_template
+        render = functools.partial(
+            render_chat,
+            template,
             messages,
+            model_name=body.model,
             bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
             eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
         )
+        long_chat = sum(len(m["content"]) for m in messages) > _TOKENIZE_INLINE_CHARS
+        if template is not None and template.name is not None and long_chat:
+            # A built-in template is a llama.cpp call: a long chat renders in the thread pool, as a
+            # long prompt tokenizes.
+            text = gevent.get_hub().threadpool.apply(render)
+        else:
+            text = render()
         bos_text = model.token_text(model.bos) if model.bos >= 0 else None
         add_bos = not (bos_text and text.startswith(bos_text))
         prompt = self._tokenize(engine, text, add_special=add_bos, parse_special=True)

@@ -1,26 +1,182 @@
-"""Chat prompts from the model's own Jinja template (GGUF `tokenizer.chat_template`), sandboxed.
+"""Chat prompts: the model's own template, or the llama.cpp built-in one that fits it.
 
-The template comes from a file the operator chose, but it is still code: it runs in Jinja's immutable
-sandbox, and a template error becomes a 400 naming the template, never a traceback.
+Where a template comes from, first match wins:
+1. the model's `chat_template` setting: Jinja text, or the name of one of llama.cpp's built-in
+   templates ("gemma", "llama3", "chatml", ...);
+2. the GGUF's `tokenizer.chat_template` (or, lacking it, `tokenizer.chat_template.tool_use`; Jinja);
+3. a built-in llama.cpp template, when the GGUF has none: the one llama.cpp itself names for the
+   model (`llama_model_chat_template`), else the one whose turn markers the vocabulary holds as
+   special tokens, checked against the architecture first (`general.architecture`);
+4. none: chat requests get a 400 naming the `chat_template` setting (completions still work). A
+   format whose markers the model does not have is never used: it would only echo them as text.
+
+Jinja templates come from a file or a config the operator chose, but they are still code: they run in
+Jinja's immutable sandbox, and a template error becomes a 400, never a traceback. Built-in templates
+are rendered by llama.cpp itself (`llama_chat_apply_template`), so the bytes are the ones llama.cpp
+and its server would produce.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import json
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable, Collection, Literal
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import BadRequest
 
-__all__ = ["render_chat", "FALLBACK_TEMPLATE"]
+__all__ = [
+    "ChatTemplate",
+    "NoChatTemplate",
+    "builtin_templates",
+    "detect_builtin",
+    "model_chat_template",
+    "render_chat",
+]
 
-# ChatML, used when a model carries no template of its own.
-FALLBACK_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+# Built-in templates recognised from a model's vocabulary, most specific first: (llama.cpp's name,
+# the architectures it belongs to, the turn markers the vocabulary must hold as special tokens).
+# The markers are the ones llama.cpp's own llm_chat_detect_template looks for in template text.
+_BY_VOCABULARY: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
+    ("gemma", frozenset({"gemma", "gemma2", "gemma3", "gemma3n"}), ("<start_of_turn>", "<end_of_turn>")),
+    ("llama4", frozenset({"llama4"}), ("<|header_start|>", "<|header_end|>", "<|eot|>")),
+    ("llama3", frozenset({"llama"}), ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    ("gpt-oss", frozenset({"gpt-oss"}), ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")),
+    ("phi4", frozenset({"phi3"}), ("<|im_start|>", "<|im_sep|>", "<|im_end|>")),
+    ("chatml", frozenset({"qwen2", "qwen2moe", "qwen3", "qwen3moe"}), ("<|im_start|>", "<|im_end|>")),
+    ("mistral-v7", frozenset(), ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]")),
+    ("mistral-v3", frozenset(), ("[INST]", "[/INST]")),
+    ("phi3", frozenset({"phi3"}), ("<|user|>", "<|assistant|>", "<|end|>")),
+    ("command-r", frozenset({"command-r", "cohere2"}),
+     ("<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|END_OF_TURN_TOKEN|>")),
+    ("granite", frozenset({"granite", "granitemoe"}), ("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>")),
+    ("exaone3", frozenset({"exaone"}), ("[|system|]", "[|assistant|]", "[|endofturn|]")),
 )
+
+# llama.cpp's mistral templates differ in spacing with the Tekken tokenizer (`tokenizer.ggml.pre`).
+_TEKKEN = {"mistral-v7": "mistral-v7-tekken", "mistral-v3": "mistral-v3-tekken"}
+
+# OpenAI's "developer" role is the system prompt; llama.cpp's built-in templates only know "system".
+_BUILTIN_ROLES = {"developer": "system"}
+
+# llama.h's llama_token_attr: tokens that are markers, not text.
+_ATTR_CONTROL = 1 << 3
+_ATTR_USER_DEFINED = 1 << 4
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A model's chat format and where it came from. `name` is set for llama.cpp's built-in templates
+    (rendered by llama.cpp), `jinja` for Jinja text (rendered here, sandboxed)."""
+
+    source: Literal["gguf", "config", "builtin"]
+    name: str | None = None
+    jinja: str | None = None
+
+    @classmethod
+    def configured(cls, text: str) -> "ChatTemplate":
+        """The `chat_template` setting: a built-in template's name, or else Jinja text."""
+        name = text.strip()
+        if name in builtin_templates():
+            return cls("config", name=name)
+        return cls("config", jinja=text)
+
+    def status(self) -> dict:
+        return {"source": self.source, "name": self.name}
+
+    def describe(self) -> str:
+        what = f"llama.cpp's built-in '{self.name}' template" if self.name else "a Jinja template"
+        where = {"gguf": "from the GGUF metadata", "config": "from the chat_template setting"}
+        return f"{what}, {where.get(self.source, 'chosen for this model')}"
+
+
+class NoChatTemplate(BadRequest):
+    code = "no_chat_template"
+
+
+# -- choosing (at load, in the thread pool) -------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def builtin_templates() -> frozenset[str]:
+    """The names llama.cpp's `llama_chat_apply_template` accepts as built-in templates."""
+    import llama_cpp.llama_cpp as C
+
+    n = C.llama_chat_builtin_templates(None, 0)
+    names = (ctypes.c_char_p * n)()
+    C.llama_chat_builtin_templates(names, n)
+    return frozenset(name.decode() for name in names)
+
+
+def detect_builtin(
+    *,
+    architecture: str | None,
+    has_special: Callable[[str], bool],
+    tokenizer_pre: str | None = None,
+    available: Collection[str] | None = None,
+) -> str | None:
+    """The built-in template for a model without one, from its architecture and the special tokens
+    of its vocabulary (`has_special(marker)`); None when nothing fits. A template is only chosen when
+    the vocabulary holds every one of its markers: first among those of the model's architecture,
+    then in the table's order."""
+    available = builtin_templates() if available is None else available
+    fits = [name for name, _, markers in _BY_VOCABULARY if all(has_special(m) for m in markers)]
+    own = [name for name, archs, _ in _BY_VOCABULARY if architecture in archs and name in fits]
+    for name in own + fits:
+        if tokenizer_pre == "tekken":
+            name = _TEKKEN.get(name, name)
+        if name in available:
+            return name
+    return None
+
+
+def model_chat_template(model, configured: str | None) -> ChatTemplate | None:
+    """The chat template for a loaded model (`engine.llama.LlamaModel`); blocking C calls: run it in
+    the thread pool, not on the event loop."""
+    if configured:
+        return ChatTemplate.configured(configured)
+    # llama.cpp's server takes the named `tool_use` template when a file has only that one.
+    gguf = model.meta("tokenizer.chat_template") or model.meta("tokenizer.chat_template.tool_use")
+    if gguf:
+        return ChatTemplate("gguf", jinja=gguf)
+    architecture = model.meta("general.architecture")
+    if not architecture:  # llama.cpp loads no such file; nothing to go on
+        return None
+    # Without a template in the file, llama.cpp names a built-in one for a few popular models.
+    named = _llama_default_template(model)
+    if named and named in builtin_templates():
+        return ChatTemplate("builtin", name=named)
+    name = detect_builtin(
+        architecture=architecture,
+        has_special=lambda marker: _is_special_token(model, marker),
+        tokenizer_pre=model.meta("tokenizer.ggml.pre"),
+    )
+    return ChatTemplate("builtin", name=name) if name else None
+
+
+def _llama_default_template(model) -> str | None:
+    import llama_cpp.llama_cpp as C
+
+    raw = C.llama_model_chat_template(model.ptr, None)
+    return raw.decode("utf-8", "replace") if raw else None
+
+
+def _is_special_token(model, marker: str) -> bool:
+    """Whether the vocabulary holds `marker` as one control or user-defined token."""
+    import llama_cpp.llama_cpp as C
+
+    tokens = model.tokenize(marker, add_special=False, parse_special=True)
+    if len(tokens) != 1 or model.token_text(tokens[0]) != marker:
+        return False
+    return bool(C.llama_vocab_get_attr(model.vocab, tokens[0]) & (_ATTR_CONTROL | _ATTR_USER_DEFINED))
+
+
+# -- rendering (per request) ----------------------------------------------------------------------
 
 
 def _raise(message: str):
@@ -36,23 +192,34 @@ def _compile(source: str) -> jinja2.Template:
 
 
 def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
-    import json
-
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
 
 
 def render_chat(
-    template: str | None,
+    template: ChatTemplate | None,
     messages: list[dict],
     *,
+    model_name: str,
     bos_token: str,
     eos_token: str,
     now: datetime.datetime | None = None,
 ) -> str:
-    """Render messages into the prompt text the model was trained on, ready for generation."""
+    """Render messages into the prompt text the model was trained on, ready for generation.
+
+    A built-in template is rendered by llama.cpp (a short C call that releases the GIL)."""
+    if template is None:
+        raise NoChatTemplate(
+            f"The model '{model_name}' has no chat template and none of llama.cpp's built-in templates "
+            "fits its vocabulary, so it cannot serve chat requests (completions work). Set the model's "
+            "chat_template setting to a Jinja template or to a built-in template's name (e.g. gemma, "
+            "llama3, chatml).",
+            param="model",
+        )
+    if template.name is not None:
+        return _apply_builtin(template.name, messages)
     when = now or datetime.datetime.now(datetime.timezone.utc)
     try:
-        return _compile(template or FALLBACK_TEMPLATE).render(
+        return _compile(template.jinja).render(
             messages=messages,
             add_generation_prompt=True,
             bos_token=bos_token,
@@ -63,3 +230,25 @@ def render_chat(
         raise BadRequest(f"messages: the model's chat template rejected them: {e.message}", param="messages") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError):
         raise BadRequest("messages: the model's chat template could not render them", param="messages") from None
+
+
+def _apply_builtin(name: str, messages: list[dict]) -> str:
+    import llama_cpp.llama_cpp as C
+
+    encoded = []
+    for m in messages:
+        content = (m.get("content") or "").encode("utf-8")
+        if b"\0" in content:  # C strings: the rest of the message would silently vanish
+            raise BadRequest("messages: a message contains a NUL character", param="messages")
+        encoded.append((_BUILTIN_ROLES.get(m["role"], m["role"]).encode(), content))
+    chat = (C.llama_chat_message * len(encoded))(*(C.llama_chat_message(r, c) for r, c in encoded))
+    size = 2 * sum(len(c) for _, c in encoded) + 256
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        n = C.llama_chat_apply_template(name.encode(), chat, len(encoded), True, buf, size)
+        if n < 0:
+            raise BadRequest(f"messages: llama.cpp's '{name}' chat template could not render them", param="messages")
+        if n <= size:
+            return buf.raw[:n].decode("utf-8", "replace")
+        size = n
+    raise BadRequest(f"messages: llama.cpp's '{name}' chat template could not render them", param="messages")

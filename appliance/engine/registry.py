@@ -16,6 +16,7 @@ import gevent
 from ..errors import BadRequest, Conflict, Forbidden, ModelNotFound, NotReady
 from ..modelfile import check_gguf, file_sha256
 from ..settings import ModelSettings, default_threads
+from .chat import ChatTemplate, model_chat_template
 from .scheduler import EngineObserver, ModelEngine
 
 __all__ = ["ModelRecord", "ModelRegistry"]
@@ -33,7 +34,7 @@ class ModelRecord:
     n_ctx: int | None = None
     loaded_at: float | None = None
     load_seconds: float | None = None
-    chat_template: str | None = None
+    chat_template: ChatTemplate | None = None  # None: chat requests get a 400 naming the setting
     error: str | None = None
     engine: ModelEngine | None = None
 
@@ -53,6 +54,7 @@ class ModelRecord:
             "loaded_at": self.loaded_at,
             "load_seconds": self.load_seconds,
             "error": self.error,
+            "chat_template": self.chat_template.status() if self.chat_template else None,
         }
 
 
@@ -136,6 +138,14 @@ class ModelRegistry:
             rec.state = "ready"
             engine.start()
             log.info("model %s ready in %.2fs (sha256 %s)", settings.name, rec.load_seconds, sha[:16])
+            if template is not None:
+                log.info("model %s chat template: %s", settings.name, template.describe())
+            else:
+                log.warning(
+                    "model %s has no chat template and no llama.cpp built-in one fits it: chat requests get 400 "
+                    "until its chat_template setting names one",
+                    settings.name,
+                )
         return rec
 
     def _load_blocking(self, settings: ModelSettings):
@@ -143,7 +153,7 @@ class ModelRegistry:
         if self._allowed and sha not in self._allowed:
             raise Forbidden("model_path: this model file's sha256 is not allowed", param="model_path")
         engine = self._engine_factory(settings, self._observer)
-        template = settings.chat_template or engine.model.meta("tokenizer.chat_template")
+        template = model_chat_template(engine.model, settings.chat_template)
         if self._on_loaded is not None:
             # Runtime measurement (TDX RTMR3, Nitro PCR16) happens before the model can serve.
             self._on_loaded(settings.name, sha)

@@ -23,6 +23,7 @@ from referencing.jsonschema import DRAFT202012
 
 from appliance.app import create_app
 from attestation import signing
+from appliance.engine.chat import ChatTemplate
 from appliance.engine.registry import ModelRecord
 from appliance.engine.scheduler import Delta, Done, Failed, GenerationRequest, Timings, TokenLogprob, Usage
 from appliance.errors import BadRequest, Conflict, ContextLengthExceeded, ModelNotFound, NotReady
@@ -399,10 +400,12 @@ class FakeRegistry:
     def __init__(self) -> None:
         self._records: dict[str, ModelRecord] = {}
 
-    def add(self, name: str, *, state: str = "ready", n_ctx: int = 256, parallel: int = 2, chat_template: str | None = None) -> ModelRecord:
+    def add(self, name: str, *, state: str = "ready", n_ctx: int = 256, parallel: int = 2, chat_template: str | None = "chatml") -> ModelRecord:
+        """`chat_template` as the model setting gives it (a built-in name or Jinja); None: no template."""
         settings = ModelSettings(name=name, path=Path(f"/models/{name}.gguf"), n_ctx=n_ctx, parallel=parallel)
         engine = FakeEngine(name, n_ctx=n_ctx, parallel=parallel)
-        rec = ModelRecord(name, settings, state=state, chat_template=chat_template, engine=engine)
+        template = ChatTemplate.configured(chat_template) if chat_template is not None else None
+        rec = ModelRecord(name, settings, state=state, chat_template=template, engine=engine)
         if state == "ready":
             rec.sha256 = "ab" * 32
             rec.size_bytes = 4096

@@ -797,6 +797,27 @@ def test_chat_template_errors_are_400(api, registry):
     assert r.status == 400 and r.json["error"]["param"] == "messages"
 
 
+def test_chat_without_a_template_is_a_400_naming_the_setting(api, registry):
+    registry.add("bare", chat_template=None)
+    r = api.post("/v1/chat/completions", {**CHAT, "model": "bare"})
+    assert r.status == 400 and r.json["error"]["code"] == "no_chat_template" and r.json["error"]["param"] == "model"
+    assert "chat_template" in r.json["error"]["message"]
+    assert api.post("/v1/completions", {**COMPLETION, "model": "bare"}).status == 200
+    models = {m["name"]: m["chat_template"] for m in api.get("/status").json["models"]}
+    assert models["bare"] is None and models["tiny"] == {"source": "config", "name": "chatml"}
+
+
+def test_a_long_chat_renders_its_builtin_template_off_the_event_loop(registry, make_api):
+    app, state = create_app(Settings.model_validate({"limits": {"max_body_bytes": 65536}}), models=registry)
+    api = make_api(app, state.identity.public_raw)
+    registry.add("roomy", n_ctx=100_000)
+    content = "x" * 5000  # above the inline limit: llama.cpp renders it in the hub's thread pool
+    r = api.post("/v1/chat/completions", {**CHAT, "model": "roomy", "messages": [{"role": "user", "content": content}]})
+    assert r.status == 200
+    prompt = f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+    assert len(registry.engine("roomy").submitted[-1].prompt) == 1 + len(prompt)  # BOS + one token per character
+
+
 def test_engine_crash_is_a_generic_500(api, registry):
     registry.engine("tiny").raise_on_submit = RuntimeError("secret detail /etc/passwd")
     r = api.post("/v1/completions", COMPLETION)
