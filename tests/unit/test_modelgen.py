@@ -217,6 +217,11 @@ def test_real_vocab_metadata(real_model: Path, tmp_path: Path) -> None:
 
 def test_llama_cpp_loads_and_generates(real_model: Path) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
+    from appliance.engine.llama import backend_init
+
+    # Our libllama loads its CPU backend as a module (GGML_BACKEND_DL): register it first, as the
+    # server does, or this test passes only after another test happened to.
+    backend_init()
     llm = llama_cpp.Llama(model_path=str(real_model), n_ctx=256, n_threads=2, seed=0, verbose=False)
     try:
         assert llm.n_vocab() == 128256
