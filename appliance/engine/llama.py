@@ -222,7 +222,9 @@ class LlamaModel:
         backend_init()
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
-        params.use_mmap = use_mmap
+        # This llama.cpp has load_mode where older ones had use_mmap (a ctypes Structure would take
+        # `params.use_mmap = ...` as a plain attribute and silently ignore it).
+        params.load_mode = C.LLAMA_LOAD_MODE_MMAP if use_mmap else C.LLAMA_LOAD_MODE_NONE
         # Without AMX / repacked weight buffers when the CPU probe found them unsafe here.
         params.use_extra_bufts = _choice.extra_buffers if _choice is not None else True
         self._ptr = C.llama_model_load_from_file(str(path).encode(), params)

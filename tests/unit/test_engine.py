@@ -1,5 +1,7 @@
 """The scheduler with real llama.cpp and a generated model, in-process (no server, no sockets)."""
 
+from pathlib import Path
+
 import gevent
 import pytest
 
@@ -494,3 +496,23 @@ def test_an_unrelated_prompt_leaves_a_cached_conversation_alone_but_reuses_its_b
     assert other.usage.cached_tokens == (1 if engine4.model.add_bos else 0)
     _, second = collect(engine4.submit(request(engine4, text=system + "Second question?", n=4)))
     assert second.usage.cached_tokens >= len(engine4.model.tokenize(system)) - 1
+
+
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_use_mmap_decides_whether_the_file_stays_mapped(model_path, use_mmap, tmp_path):
+    # llama.cpp renamed use_mmap to load_mode: the setting must reach it, not be a silent no-op.
+    import shutil
+
+    from appliance.engine.llama import LlamaModel
+
+    path = Path(shutil.copy(model_path, tmp_path / "own.gguf"))  # a path no other test has mapped
+
+    def mapped() -> bool:
+        return str(path) in Path("/proc/self/maps").read_text()
+
+    assert not mapped()
+    m = LlamaModel(path, use_mmap=use_mmap)
+    try:
+        assert mapped() is use_mmap
+    finally:
+        m.close()
