@@ -405,6 +405,8 @@ def create_app(
         wall_clock=wall_clock,
         allowed_sha256=frozenset(settings.model_policy.allowed_sha256),
         on_loaded=measured,
+        # Map model files from disk only where no attestation provider (not even simulated) is active.
+        default_mmap=provider is None,
     )
     metrics.watch_models(models)
     if shared is not None:

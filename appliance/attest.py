@@ -71,7 +71,7 @@ class Attestor:
             nonce=nonce,
             timestamp=int(self.clock()),
             provider=self.provider_name,
-            models=tuple(ModelClaim(r.name, r.sha256) for r in ready),
+            models=tuple(ModelClaim(r.name, r.sha256, mmap=r.mmap) for r in ready),
             tls_public_key_sha256=self.tls_public_key_sha256,
             runtime_measurements=tuple(self.event_log),
             backend=_backend_claim(),

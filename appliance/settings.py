@@ -65,7 +65,11 @@ class ModelDefaults(_Strict):
     """Jinja chat template overriding the one in the GGUF metadata."""
     max_queue: Annotated[int, Field(ge=0, le=100_000)] = 64
     """Requests waiting for a slot before new ones get 503 with Retry-After."""
-    use_mmap: bool = True
+    use_mmap: bool | None = None
+    """Map the model file from disk (true: the operator vouches for the disk), or read it once into
+    sealed memory and load that copy (false). Unset: false whenever an attestation provider is active
+    (the default, `auto`, simulated included), true only with `[attestation] provider = "none"`.
+    /status and the claims report it; a verifier's default policy refuses a mapped model."""
     flash_attn: Literal["auto", "on", "off"] = "auto"
 
 

@@ -50,6 +50,13 @@ def report_data(claims_bytes: bytes) -> bytes:
 class ModelClaim:
     name: str
     sha256: str
+    mmap: bool | None = None  # mapped from the host's disk (true) or read once into sealed memory (false)
+
+    def to_dict(self) -> dict:
+        out: dict = {"name": self.name, "sha256": self.sha256}
+        if self.mmap is not None:
+            out["mmap"] = self.mmap
+        return out
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ class Claims:
             "nonce": self.nonce,
             "timestamp": self.timestamp,
             "provider": self.provider,
-            "models": [{"name": m.name, "sha256": m.sha256} for m in sorted(self.models, key=lambda m: m.name)],
+            "models": [m.to_dict() for m in sorted(self.models, key=lambda m: m.name)],
             "tls_public_key_sha256": self.tls_public_key_sha256,
             "runtime_measurements": list(self.runtime_measurements),
         }

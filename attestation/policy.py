@@ -6,6 +6,7 @@ factor, never silently passed. Example:
     allowed_providers = ["tdx", "sev-snp"]
     allow_simulated = false
     allow_debug = false
+    allow_mmap = false        # true: accept models mapped from the host's disk (a dm-verity volume, say)
     max_age_seconds = 300
     binary_sha256 = ["<sha256 of dist/appliance>"]
     model_sha256 = ["<sha256 of each allowed model file>"]
@@ -47,6 +48,8 @@ class Policy:
     allowed_providers: tuple[str, ...] = ALL_PROVIDERS
     allow_simulated: bool = False
     allow_debug: bool = False
+    allow_mmap: bool = False
+    """Accept models the appliance maps from its host's disk instead of reading them into sealed memory."""
     max_age_seconds: int | None = 300
     binary_sha256: tuple[str, ...] = ()
     model_sha256: tuple[str, ...] = ()
@@ -73,7 +76,7 @@ class Policy:
                 if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                     raise PolicyError(f"policy: {k} must be a list of strings")
                 v = tuple(x.lower() if k.endswith("sha256") else x for x in v)
-            elif k in ("allow_simulated", "allow_debug"):
+            elif k in ("allow_simulated", "allow_debug", "allow_mmap"):
                 if not isinstance(v, bool):
                     raise PolicyError(f"policy: {k} must be true or false")
             elif k == "max_age_seconds":

@@ -159,6 +159,17 @@ def verify_attestation(
         report.add("models", "pass", f"{len(digests)} model(s), all allowed")
     else:
         report.add("models", "skip", f"{len(digests)} model(s); no model_sha256 in the policy")
+    # A model mapped from the host's disk can change after it was hashed (spec/attestation.md §2.1).
+    mapped = [m["name"] for m in claims["models"] if m.get("mmap") is True]
+    unsaid = [m["name"] for m in claims["models"] if "mmap" not in m]
+    if mapped and not policy.allow_mmap:
+        report.add("models-in-memory", "fail", f"mapped from the host's disk, not read into sealed memory: {mapped}")
+    elif mapped:
+        report.add("models-in-memory", "pass", f"mapped from a disk the policy trusts (allow_mmap): {mapped}")
+    elif unsaid:
+        report.add("models-in-memory", "skip", f"the claims do not say how {unsaid} were loaded (an older appliance)")
+    else:
+        report.add("models-in-memory", "pass", f"{len(digests)} model(s) read once into sealed memory")
 
     # 3. Runtime measurements: replay the event log to the register the hardware reports.
     events = [e.get("event") for e in claims.get("runtime_measurements", []) if e.get("extended")]

@@ -104,7 +104,8 @@ def event_log(register: str = "none", *, sha256: str = MODEL_SHA256) -> list[dic
 
 
 def claims(nonce: str = NONCE, *, timestamp: int = TIMESTAMP, key: Ed25519PrivateKey | None = None,
-           provider: str = "simulated", log: list[dict] | None = None, model_sha256: str = MODEL_SHA256) -> Claims:
+           provider: str = "simulated", log: list[dict] | None = None, model_sha256: str = MODEL_SHA256,
+           mmap: bool = False) -> Claims:
     ident = identity(key or appliance_key(), "unused")
     return Claims(
         appliance_version=VERSION,
@@ -117,7 +118,7 @@ def claims(nonce: str = NONCE, *, timestamp: int = TIMESTAMP, key: Ed25519Privat
         nonce=nonce,
         timestamp=timestamp,
         provider=provider,
-        models=(ModelClaim(MODEL, model_sha256),),
+        models=(ModelClaim(MODEL, model_sha256, mmap=mmap),),
         tls_public_key_sha256=None,
         runtime_measurements=tuple(event_log() if log is None else log),
     )
@@ -173,6 +174,7 @@ VALID_FACTORS = {
     "freshness": "pass",
     "binary": "skip",
     "models": "skip",
+    "models-in-memory": "pass",
     "event-log": "skip",
     "signing-key": "pass",
     "response-signature": "pass",
@@ -287,6 +289,11 @@ def build_simulated() -> dict[str, dict]:
     add(vector(
         f"{PREFIX}model-missing", "A policy requiring a model the appliance does not serve.",
         good, policy={**SIMULATED_POLICY, "required_models": ["llama3-8b"]}, failed=["models"], error="missing ['llama3-8b']",
+    ))
+    add(vector(
+        f"{PREFIX}model-mapped", "The model is mapped from the host's disk (use_mmap), which can change it after it was "
+        "hashed: the default policy refuses it (allow_mmap = false).",
+        document(claims(mmap=True).encode()), failed=["models-in-memory"], error="mapped from the host's disk",
     ))
     # The response binding: the document is fine, the HTTP response around it is not.
     req2, resp2 = signed_response(good, NONCE, key=other_key(), rid="vec-attest-0002", sig_nonce="attestation-sig-nonce-0002")
@@ -455,7 +462,7 @@ def hardware_factors(kind: str) -> dict[str, str]:
         "evidence-format": "pass", "evidence-signature": "pass", "certificate-chain": "pass", "report-data": "pass",
         "debug": "pass", "measurements": "pass", "tcb-status": "skip",
         "provider": "pass", "claims": "pass", "nonce": "pass", "freshness": "pass",
-        "binary": "skip", "models": "skip", "event-log": "pass" if runtime else "skip", "signing-key": "pass",
+        "binary": "skip", "models": "skip", "models-in-memory": "pass", "event-log": "pass" if runtime else "skip", "signing-key": "pass",
     }
 
 

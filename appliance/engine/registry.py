@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import gevent
 
 from ..errors import BadRequest, Conflict, Forbidden, ModelNotFound, NotReady
-from ..modelfile import check_gguf, file_sha256
+from ..modelfile import SealedModel, check_gguf, file_sha256, read_sealed
 from ..settings import ModelSettings, default_threads
 from .chat import ChatTemplate, model_chat_template
 from .scheduler import EngineObserver, ModelEngine
@@ -37,6 +38,7 @@ class ModelRecord:
     chat_template: ChatTemplate | None = None  # None: chat requests get a 400 naming the setting
     error: str | None = None
     engine: ModelEngine | None = None
+    mmap: bool = False  # the weights are mapped from the file on disk (vouched for), not read into memory
 
     def status(self) -> dict:
         e = self.engine
@@ -55,6 +57,7 @@ class ModelRecord:
             "load_seconds": self.load_seconds,
             "error": self.error,
             "chat_template": self.chat_template.status() if self.chat_template else None,
+            "mmap": self.mmap,
         }
 
 
@@ -67,7 +70,14 @@ class ModelRegistry:
         engine_factory: Callable[..., object] | None = None,
         allowed_sha256: frozenset[str] = frozenset(),
         on_loaded: Callable[[str, str], None] | None = None,
+        default_mmap: bool = False,
+        after_read: Callable[[Path], None] | None = None,
     ) -> None:
+        """`default_mmap`: map model files from disk unless a model's use_mmap says otherwise (only
+        where no TEE provider is active). `after_read`: a test hook run between reading a model's
+        bytes and loading them."""
+        self._default_mmap = default_mmap
+        self._after_read = after_read
         self._allowed = allowed_sha256
         self._on_loaded = on_loaded
         self._records: dict[str, ModelRecord] = {}
@@ -112,7 +122,7 @@ class ModelRegistry:
         if existing is not None and existing.state != "failed":
             raise Conflict(f"A model named '{settings.name}' is already {existing.state}", param="model_name")
         check_gguf(settings.path)
-        rec = ModelRecord(settings.name, settings)
+        rec = ModelRecord(settings.name, settings, mmap=self.mmap_of(settings))
         self._records[settings.name] = rec
         t0 = time.perf_counter()
         try:
@@ -148,11 +158,30 @@ class ModelRegistry:
                 )
         return rec
 
+    def mmap_of(self, settings: ModelSettings) -> bool:
+        """Whether llama.cpp maps this model's file from disk (the operator vouches for the disk), or
+        loads the one copy read into sealed memory (the default wherever a TEE provider is active)."""
+        return self._default_mmap if settings.use_mmap is None else settings.use_mmap
+
     def _load_blocking(self, settings: ModelSettings):
-        sha = file_sha256(settings.path)
-        if self._allowed and sha not in self._allowed:
-            raise Forbidden("model_path: this model file's sha256 is not allowed", param="model_path")
-        engine = self._engine_factory(settings, self._observer)
+        sealed: SealedModel | None = None
+        if self.mmap_of(settings):
+            # The disk is trusted by configuration: hashed, then mapped (what the claims then say).
+            sha, source = file_sha256(settings.path), settings.path
+            if self._after_read is not None:
+                self._after_read(settings.path)  # the window between hashing and mapping, for tests
+        else:
+            # One read, one digest: llama.cpp loads the very bytes that were hashed, from memory no one
+            # else can change; the file is never opened again.
+            sealed = read_sealed(settings.path, after_read=self._after_read)
+            sha, source = sealed.sha256, sealed.path
+        try:
+            if self._allowed and sha not in self._allowed:
+                raise Forbidden("model_path: this model file's sha256 is not allowed", param="model_path")
+            engine = self._engine_factory(settings, self._observer, source)
+        finally:
+            if sealed is not None:
+                sealed.close()  # llama.cpp's mapping of the memfd keeps its memory until the model is freed
         template = model_chat_template(engine.model, settings.chat_template)
         if self._on_loaded is not None:
             # Runtime measurement (TDX RTMR3, Nitro PCR16) happens before the model can serve.
@@ -178,10 +207,12 @@ class ModelRegistry:
         self._records.clear()
 
 
-def _build_engine(settings: ModelSettings, observer: EngineObserver | None) -> ModelEngine:
+def _build_engine(settings: ModelSettings, observer: EngineObserver | None, source: Path) -> ModelEngine:
+    """`source`: the file llama.cpp opens, the model file itself or its sealed copy (/proc/self/fd/N),
+    mapped either way: a copy in memory is mapped, not copied again."""
     from .llama import LlamaModel
 
-    model = LlamaModel(settings.path, n_gpu_layers=settings.n_gpu_layers, use_mmap=settings.use_mmap)
+    model = LlamaModel(source, n_gpu_layers=settings.n_gpu_layers, use_mmap=True)
     try:
         threads = settings.n_threads or default_threads()
         return ModelEngine(

@@ -424,7 +424,7 @@ class _Models:
 
 def _attestor(nsm, models: dict[str, str], monkeypatch) -> Attestor:
     monkeypatch.setenv("APPLIANCE_VARIANT", "cpu")
-    recs = [types.SimpleNamespace(name=n, state="ready", sha256=d) for n, d in models.items()]
+    recs = [types.SimpleNamespace(name=n, state="ready", sha256=d, mmap=False) for n, d in models.items()]
     prov = NitroProvider("/dev/nsm", transport=nsm)
     a = Attestor(Settings(), Identity(), _Models(recs), prov, clock=lambda: N.NOW)
     for n, d in models.items():
@@ -492,7 +492,7 @@ def test_round_trip_model_loaded_after_sealing_is_not_measured(monkeypatch, poli
     nsm = N.FakeNsm()
     a = _attestor(nsm, {"llama": MODELS["llama"]}, monkeypatch)
     a.provider.seal()
-    a.models.recs.append(types.SimpleNamespace(name="qwen", state="ready", sha256=MODELS["qwen"]))
+    a.models.recs.append(types.SimpleNamespace(name="qwen", state="ready", sha256=MODELS["qwen"], mmap=False))
     a.measure_model("qwen", MODELS["qwen"])  # ReadOnlyIndex: logged as not extended
     assert a.event_log[-1]["extended"] is False
     nonce = "5a" * 32

@@ -585,7 +585,7 @@ class _StubModel:
 
 
 class _StubEngine:
-    def __init__(self, settings, observer):
+    def __init__(self, settings, observer, source):
         self.model = _StubModel()
         self.n_ctx = settings.n_ctx
         self.healthy = True
