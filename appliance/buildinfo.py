@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 
-__all__ = ["binary_digest", "variant", "VERSION"]
+__all__ = ["binary_digest", "variant", "verify_bundle", "VERSION"]
 
 VERSION = __version__
 
@@ -19,8 +19,12 @@ VERSION = __version__
 def binary_digest() -> tuple[str, str]:
     """("frozen", SHA-256 of the executable) or ("package", SHA-256 over the source files)."""
     if getattr(sys, "frozen", False):
+        # /proc/self/exe is the file this process was executed from, even if its path has since been
+        # renamed over or removed; and a file being executed cannot be written (ETXTBSY). So these are
+        # the bytes running, as long as this runs at startup (the server calls it in the master).
+        exe = "/proc/self/exe" if os.path.exists("/proc/self/exe") else sys.executable
         h = hashlib.sha256()
-        with open(sys.executable, "rb") as f:
+        with open(exe, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
         return "frozen", h.hexdigest()
@@ -45,3 +49,37 @@ def variant() -> str:
         return "cuda" if C.llama_supports_gpu_offload() else "cpu"
     except Exception:
         return "cpu"
+
+
+def verify_bundle(prefix: str = "") -> int:
+    """The frozen binary: check the files its bootloader extracted (under `prefix`) against the digests
+    recorded at build time (the `_appliance_bundle` module, inside the executable's own archive, never
+    extracted). Raises RuntimeError naming every file that differs or is missing; returns how many
+    were checked (0 for a source install, or a build without the table)."""
+    if not getattr(sys, "frozen", False):
+        return 0
+    try:
+        from _appliance_bundle import DIGESTS  # type: ignore[import-not-found]
+    except ImportError:
+        return 0
+    base = Path(getattr(sys, "_MEIPASS", ""))
+    bad: list[str] = []
+    checked = 0
+    for rel, digest in DIGESTS.items():
+        if not rel.startswith(prefix):
+            continue
+        checked += 1
+        h = hashlib.sha256()
+        try:
+            with open(base / rel, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError:
+            bad.append(f"{rel} (missing)")
+            continue
+        if h.hexdigest() != digest:
+            bad.append(rel)
+    if bad:
+        raise RuntimeError(f"extracted files differ from this binary's build: {', '.join(bad[:10])}"
+                           + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
+    return checked

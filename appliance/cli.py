@@ -7,6 +7,7 @@ an invalid configuration exits 2 with a message naming the key.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from . import __version__
 __all__ = ["main", "build_parser"]
 
 EXIT_CONFIG = 2
+EXIT_TAMPERED = 3  # the frozen binary's extracted files are not the ones it was built with
 
 
 def _model_arg(value: str) -> tuple[str, str]:
@@ -84,10 +86,20 @@ def _serve(args: argparse.Namespace) -> int:
     # (perf, single stream). One thread: no pool. Read when numpy loads, after the fork.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+    from .buildinfo import verify_bundle
     from .logs import configure_logging
     from .server import ApplianceServer
 
     configure_logging(settings.server.log_level)
+    try:
+        # The frozen binary: what its bootloader extracted to TMPDIR is what was built, before the
+        # worker loads any of it (llama.cpp's libraries load after the fork).
+        checked = verify_bundle()
+    except RuntimeError as e:
+        logging.getLogger("appliance").error("refusing to start: %s", e)
+        return EXIT_TAMPERED
+    if checked:
+        logging.getLogger("appliance").info("%d extracted files match this binary's build", checked)
     ApplianceServer(settings, _factory).run()
     return 0
 
@@ -95,8 +107,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _embedded_model() -> tuple[str, str] | None:
     """(name, path) of the model a frozen binary carries (build/appliance.spec), else None.
 
-    It is served like a `--model` (same digest in /status and the claims), from the onefile
-    extraction directory, memory-mapped when loaded; a configured model of the same name wins.
+    It is served like a `--model` (same digest in /status and the claims), read once from the onefile
+    extraction directory into sealed memory when it loads; a configured model of the same name wins.
     """
     root = getattr(sys, "_MEIPASS", None)
     if not getattr(sys, "frozen", False) or root is None:

@@ -29,6 +29,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.glogging import Logger
 from gunicorn.workers.ggevent import GeventWorker
 
+from .buildinfo import binary_digest
 from .desired import CONFIG, RUNTIME, SharedState
 from .direct_writes import DirectWrites
 from .errors import Conflict
@@ -137,6 +138,9 @@ class ApplianceServer(BaseApplication):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         # Made here, in the master, before the fork: a restarted worker keeps the same identity.
         self.identity = Identity()
+        # The digest the claims name, taken from the bytes this process runs, at startup (cached and
+        # inherited by every worker), not whenever the first attestation request comes.
+        binary_digest()
         # Also before the fork: the desired models and the restart count outlive every worker.
         self.shared = SharedState(settings.models)
         self._replacing: dict | None = None  # master: the death the next worker replaces

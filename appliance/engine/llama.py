@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import llama_cpp.llama_cpp as C
 import numpy as np
 
+from ..buildinfo import verify_bundle
+
 __all__ = [
     "LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams",
     "backend_init", "backend_ready", "backend_devices", "set_cpu_backend", "cpu_backend_choice",
@@ -67,6 +69,8 @@ def backend_init() -> None:
                     raise
                 if choice.fell_back:
                     log.warning("llama.cpp CPU backend: %s", choice.reason)
+                # The frozen binary: the backend modules about to load are still the ones it was built with.
+                verify_bundle("llama_cpp/lib/")
                 ggml = _ggml()
                 for module in sorted(lib_dir.glob("libggml-*.so")):
                     tag = module.name[len("libggml-") : -len(".so")]
