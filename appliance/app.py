@@ -59,7 +59,8 @@ _SECURITY_HEADERS = (
 )
 # What a browser client needs to read to verify a response (spec/signing.md) and to back off.
 _CORS_EXPOSE = [
-    "Signature", "Signature-Input", "Content-Digest", "Appliance-Stream", "Appliance-Client", "X-Request-Id", "Retry-After",
+    "Signature", "Signature-Input", "Content-Digest", "Appliance-Stream", "Appliance-Client", "Appliance-Request-Digest",
+    "X-Request-Id", "Retry-After",
 ]
 
 

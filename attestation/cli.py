@@ -6,9 +6,10 @@
 
 (`appliance verify-response` and `appliance verify` are the same commands.)
 
-A transcript is the JSON document spec/signing.md defines: the request as the client sent it and
-the response as it arrived (status, headers, body bytes in base64). Exit 0 when it verifies, 1 with
-the reason on stderr when it does not, 2 when the transcript cannot be read.
+A transcript is the JSON document spec/signing.md defines: the request as the client sent it (with
+its `Content-Digest`, if it sent one) and the response as it arrived (status, headers, body bytes in
+base64). Exit 0 when it verifies, 1 with the reason on stderr when it does not, 2 when the
+transcript cannot be read.
 
 `verify` attests the appliance at URL (spec/attestation.md): it prints the factor table and exits 0
 only when no required factor failed, 1 when one did (or, with `--complete`, when the answer does not
@@ -37,8 +38,11 @@ def load_transcript(path: Path) -> tuple[RequestInfo, int, dict[str, str], bytes
     try:
         doc = json.loads(Path(path).read_text())
         req, resp = doc["request"], doc["response"]
+        digest = req.get("content_digest")  # the request's Content-Digest, when it sent one
+        if digest is not None and not isinstance(digest, str):
+            raise TypeError("content_digest")
         info = RequestInfo(
-            req["method"], req["target"], base64.b64decode(req.get("body_b64", ""), validate=True), req.get("nonce")
+            req["method"], req["target"], base64.b64decode(req.get("body_b64", ""), validate=True), req.get("nonce"), digest
         )
         headers = {str(k): str(v) for k, v in resp["headers"].items()}
         return info, int(resp["status"]), headers, base64.b64decode(resp.get("body_b64", ""), validate=True)

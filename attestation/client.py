@@ -13,8 +13,10 @@ The flow (spec/attestation.md, "Client flow"):
    then verifies that very response's RFC 9421 signature with the signing key the claims name. The
    key is thereby bound to the TEE evidence and the evidence to this request.
 2. Every later request gets a fresh `appliance-nonce`; every response is verified against the
-   attested key and the exact request (method, raw path and query, body bytes, nonce) before the
-   caller sees any of it. JSON bodies are verified whole; SSE streams incrementally: events are held
+   attested key and the exact request (method, raw path and query, body bytes, nonce, and the
+   request's `Content-Digest` when the caller sent one) before the caller sees any of it: the
+   signed digest of the request body, whichever way it travels (spec/signing.md §2.3), must be that
+   of the bytes sent. JSON bodies are verified whole; SSE streams incrementally: events are held
    back until a signed checkpoint covering them has verified, and the end of the stream (the final
    checkpoint, `data: [DONE]`, nothing after) is verified before the last events are released.
 
@@ -619,7 +621,8 @@ def verified_request(
     hdrs = {k: v for k, v in (headers or {}).items() if k.lower() != NONCE_HEADER}
     hdrs[NONCE_HEADER] = nonce
     raw = client.open(method.upper(), appliance.base_url + path, hdrs, body)
-    info = RequestInfo(method.upper(), raw.target, body, nonce)
+    digest = next((v for k, v in hdrs.items() if k.lower() == "content-digest"), None)
+    info = RequestInfo(method.upper(), raw.target, body, nonce, digest)
     try:
         if _is_stream(raw.headers):
             verifier = StreamVerifier(appliance.signing_key, request=info, status=raw.status, headers=raw.headers)
@@ -717,7 +720,8 @@ class VerifyingTransport(_BaseTransport):
         body = request.read()
         nonce = new_nonce(self._random_bytes)
         request.headers[NONCE_HEADER] = nonce
-        info = RequestInfo(request.method, url.raw_path.decode("ascii"), body, nonce)
+        # A Content-Digest the caller added travels with the request; the response is then bound by it.
+        info = RequestInfo(request.method, url.raw_path.decode("ascii"), body, nonce, request.headers.get("content-digest"))
         response = self._inner.handle_request(request)
         headers = _header_map(response.headers.raw)
         try:

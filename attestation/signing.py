@@ -2,10 +2,13 @@
 (verifier). spec/signing.md describes these bytes; change both together, never one.
 
 JSON responses carry an RFC 9421 signature (Ed25519) over the status, content type, an RFC 9530
-`Content-Digest`, the request id, the authenticated client, and the request it answers (method, path,
-query, the request body's digest and the client's nonce, as `;req` components). Streams cannot
-carry a body digest in their headers, so their events are chained with SHA-256 and signed in-band
-in SSE comment lines, ending with a mandatory final checkpoint before `data: [DONE]`.
+`Content-Digest`, the request id, the authenticated client, and the request it answers: method, path,
+query and the client's nonce as `;req` components, and the request body's digest either as
+`"content-digest";req` (when the request carried a `Content-Digest` that matched its body) or as the
+response's own `Appliance-Request-Digest` field. Both are fields a generic RFC 9421 verifier finds in
+the messages it holds. Streams cannot carry a body digest in their headers, so their events are
+chained with SHA-256 and signed in-band in SSE comment lines, ending with a mandatory final
+checkpoint before `data: [DONE]`.
 
 Verification functions raise `VerificationError` naming what failed; they never return False.
 """
@@ -36,6 +39,7 @@ __all__ = [
     "TAG",
     "NONCE_HEADER",
     "CLIENT_HEADER",
+    "REQUEST_DIGEST_HEADER",
     "STREAM_HEADER",
     "STREAM_SCHEME",
     "CHECKPOINT_PREFIX",
@@ -44,6 +48,7 @@ __all__ = [
     "key_id",
     "public_key_from_b64",
     "content_digest",
+    "check_content_digest",
     "uri_target",
     "RequestInfo",
     "response_components",
@@ -65,6 +70,8 @@ TAG = "appliance-v1"
 NONCE_HEADER = "appliance-nonce"
 CLIENT_HEADER = "appliance-client"
 REQUEST_ID_HEADER = "x-request-id"
+# The digest of the request body received, in a response whose request carried no Content-Digest.
+REQUEST_DIGEST_HEADER = "appliance-request-digest"
 STREAM_HEADER = "appliance-stream"
 STREAM_SCHEME = "sha256-chain-v1"
 CHECKPOINT_PREFIX = b": appliance-checkpoint "
@@ -121,6 +128,16 @@ def content_digest(body: bytes) -> str:
     return ContentDigest.create(body)
 
 
+def check_content_digest(value: str, body: bytes) -> None:
+    """A request's RFC 9530 `Content-Digest` against its body: a Structured Field dictionary of
+    `sha-256` and/or `sha-512` members (no other algorithm), every one matching. Raises
+    VerificationError otherwise."""
+    try:
+        ContentDigest.verify(value, body)
+    except (HTTPMessageSignaturesException, ValueError, TypeError):
+        raise VerificationError("content-digest: the request's Content-Digest does not match its body") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Message adapters for http-message-signatures (duck-typed, requests-style)
 
@@ -151,18 +168,37 @@ class _Headers(dict):
 
 @dataclass(frozen=True)
 class RequestInfo:
-    """What a response is bound to: the request as the client sent it and the server received it."""
+    """What a response is bound to: the request as the client sent it and the server received it.
+
+    `content_digest` is the request's `Content-Digest` field value, as sent, or None when it carried
+    none. The response then binds the body through it (`"content-digest";req`); without one, through
+    `Appliance-Request-Digest`. The server sets it only when it matched the body received.
+    """
 
     method: str
     target: str  # path and query, e.g. "/v1/completions" or "/v1/attestation?nonce=..."
     body: bytes = b""
     nonce: str | None = None
+    content_digest: str | None = None
+
+    @functools.cached_property
+    def body_digest(self) -> str:
+        """`sha-256=:<b64>:` of the body (computed once: the header signature and the stream's final
+        checkpoint both use it)."""
+        return content_digest(self.body)
 
     def message(self) -> "_Req":
-        headers = _Headers({"content-digest": content_digest(self.body)})
+        headers = _Headers()
+        if self.content_digest is not None:
+            headers["content-digest"] = self.content_digest
         if self.nonce is not None:
             headers[NONCE_HEADER] = self.nonce
         return _Req(self.method.upper(), _AUTHORITY + uri_target(self.target), headers)
+
+    def without_body(self) -> "RequestInfo":
+        """What a 413 is bound to: the server refused the body unread, so the empty body, and no
+        Content-Digest (it could not be checked)."""
+        return RequestInfo(self.method, self.target, b"", self.nonce)
 
 
 @dataclass
@@ -198,12 +234,19 @@ class _Keys(HTTPSignatureKeyResolver):
         return self._public
 
 
-def response_components(*, streaming: bool, has_nonce: bool, has_client: bool) -> list[str]:
+def response_components(*, streaming: bool, has_nonce: bool, has_client: bool, request_content_digest: bool = False) -> list[str]:
+    """The covered components of spec/signing.md §2.2, in order. `request_content_digest`: the request
+    body is bound by the request's own `Content-Digest` (`"content-digest";req`); otherwise by the
+    response's `appliance-request-digest`. Exactly one of the two is covered."""
     covered = ["@status", "content-type", REQUEST_ID_HEADER]
     covered.append(STREAM_HEADER if streaming else "content-digest")
     if has_client:
         covered.append(CLIENT_HEADER)
-    covered += ['"@method";req', '"@path";req', '"@query";req', '"content-digest";req']
+    if not request_content_digest:
+        covered.append(REQUEST_DIGEST_HEADER)
+    covered += ['"@method";req', '"@path";req', '"@query";req']
+    if request_content_digest:
+        covered.append('"content-digest";req')
     if has_nonce:
         covered.append(f'"{NONCE_HEADER}";req')
     return covered
@@ -220,17 +263,25 @@ def sign_response_headers(
     created: datetime.datetime,
     nonce: str,
 ) -> dict[str, str]:
-    """Headers to add to a response: Content-Digest (not for streams), Signature-Input, Signature.
+    """Headers to add to a response: Content-Digest (not for streams), Appliance-Request-Digest (when
+    the request carried no Content-Digest), Signature-Input, Signature.
 
     `body=None` marks a stream: the headers must then carry `appliance-stream: sha256-chain-v1`.
+    `request.content_digest` must already have been checked against `request.body`.
     """
     h = _Headers(headers)
     out: dict[str, str] = {}
     if body is not None:
         out["Content-Digest"] = content_digest(body)
         h["content-digest"] = out["Content-Digest"]
+    if request.content_digest is None:
+        out["Appliance-Request-Digest"] = request.body_digest
+        h[REQUEST_DIGEST_HEADER] = request.body_digest
     msg = _Resp(status, h, request.message())
-    covered = response_components(streaming=body is None, has_nonce=request.nonce is not None, has_client=CLIENT_HEADER in h)
+    covered = response_components(
+        streaming=body is None, has_nonce=request.nonce is not None, has_client=CLIENT_HEADER in h,
+        request_content_digest=request.content_digest is not None,
+    )
     prepared = _plain_signature_base(msg, tuple(covered), int(created.timestamp()), kid, nonce)
     if prepared is None:  # something unusual: the library builds it (and raises what it rejects)
         signer = HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(private=private_key))
@@ -295,8 +346,10 @@ def _plain_signature_base(msg: "_Resp", covered: tuple[str, ...], created: int, 
 
 
 def request_digest(request: RequestInfo) -> str:
-    """SHA-256 over the request's method, target, body digest and nonce (the stream's final binding)."""
-    parts = [request.method.upper(), request.target, content_digest(request.body), request.nonce or ""]
+    """SHA-256 over the request's method, target, body digest and nonce (the stream's final binding).
+
+    The body digest is always sha-256 of the body, whichever way the header signature binds it."""
+    parts = [request.method.upper(), request.target, request.body_digest, request.nonce or ""]
     return b64(hashlib.sha256(_REQUEST_DOMAIN + "\n".join(parts).encode()).digest())
 
 
@@ -464,7 +517,13 @@ def _verify_headers(
     if "signature" not in h or "signature-input" not in h:
         raise VerificationError("signature: the response carries no Signature/Signature-Input")
     msg = _Resp(status, h, request.message())
-    required = response_components(streaming=streaming, has_nonce=request.nonce is not None, has_client=CLIENT_HEADER in h)
+    # The body travels one of two ways (spec/signing.md §2.3): the request's own Content-Digest, or,
+    # when the client sent none (or the server found it did not match), Appliance-Request-Digest.
+    by_field = request.content_digest is not None and REQUEST_DIGEST_HEADER not in h
+    required = response_components(
+        streaming=streaming, has_nonce=request.nonce is not None, has_client=CLIENT_HEADER in h,
+        request_content_digest=by_field,
+    )
     verifier = _Verifier(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(public=public_key))
     try:
         results = verifier.verify(msg, expect_tag=TAG, expect_label=LABEL, require_components=required, max_age=None)
@@ -481,6 +540,13 @@ def _verify_headers(
     created = result.parameters.get("created")
     if not isinstance(created, int):
         raise VerificationError("signature: created is required")
+    # The signed body binding must be the digest of the body this client sent.
+    if by_field:
+        check_content_digest(request.content_digest, request.body)
+    elif h.get(REQUEST_DIGEST_HEADER) != request.body_digest:
+        raise VerificationError(
+            f"{REQUEST_DIGEST_HEADER}: not the digest of the body sent (the response answers another request)"
+        )
     if max_age is not None:
         t = now if now is not None else datetime.datetime.now(datetime.timezone.utc).timestamp()
         if created > t + _SKEW or t - created > max_age.total_seconds():
@@ -515,8 +581,8 @@ def verify_response(
 
     A 413 is bound to the empty body: the server refused the body without reading it.
     """
-    if status == 413 and request.body:
-        request = RequestInfo(request.method, request.target, b"", request.nonce)
+    if status == 413 and (request.body or request.content_digest is not None):
+        request = request.without_body()
     result, h = _verify_headers(public_key, request, status, headers, streaming=False, max_age=max_age, now=now)
     try:
         ContentDigest.verify(h["content-digest"], body)

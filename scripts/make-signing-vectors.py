@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives.serialization import load_der_private_key  # noqa: E402
+
+from http_message_signatures import HTTPMessageSigner, algorithms  # noqa: E402
 
 from attestation import signing as s  # noqa: E402
 from appliance.security.identity import Identity  # noqa: E402
@@ -85,6 +88,8 @@ def request_doc(info: s.RequestInfo) -> dict:
     doc = {"method": info.method, "target": info.target, "body_b64": b64(info.body)}
     if info.nonce is not None:
         doc["nonce"] = info.nonce
+    if info.content_digest is not None:
+        doc["content_digest"] = info.content_digest
     return doc
 
 
@@ -96,11 +101,14 @@ def signature_base(covered: dict) -> str:
 # Responses
 
 
-def signed_response(info: s.RequestInfo, status: int, body: bytes, *, rid: str, sig_nonce: str, client: str | None = None):
+def signed_response(info: s.RequestInfo, status: int, body: bytes, *, rid: str, sig_nonce: str, client: str | None = None,
+                    bound: s.RequestInfo | None = None):
+    """The response as the server signs it; `bound` is what the server binds it to, when that is not
+    `info` (a Content-Digest that did not match the body is bound as if none had been sent)."""
     headers = {"X-Request-Id": rid, **SECURITY_HEADERS, "Content-Type": "application/json"}
     if client is not None:
         headers[s.CLIENT_HEADER] = client
-    bound = s.RequestInfo(info.method, info.target, b"", info.nonce) if status == 413 else info
+    bound = info.without_body() if status == 413 else (bound or info)
     lower = {k.lower(): v for k, v in headers.items()}
     signed = identity(sig_nonce).sign_response(bound, status, lower, body)
     headers["Content-Length"] = str(len(body))
@@ -108,9 +116,9 @@ def signed_response(info: s.RequestInfo, status: int, body: bytes, *, rid: str, 
     return {"status": status, "headers": headers, "body_b64": b64(body)}
 
 
-def completion_request(nonce: str | None = "client-chosen-nonce-0001") -> s.RequestInfo:
+def completion_request(nonce: str | None = "client-chosen-nonce-0001", *, client_digest: bool = False) -> s.RequestInfo:
     body = b'{"model": "appliance-test", "prompt": "Say hello", "max_tokens": 8, "seed": 42}'
-    return s.RequestInfo("POST", "/v1/completions", body, nonce)
+    return s.RequestInfo("POST", "/v1/completions", body, nonce, s.content_digest(body) if client_digest else None)
 
 
 def completion_body() -> bytes:
@@ -139,12 +147,16 @@ STREAM_WORDS = (
 )
 
 
-def chat_request(nonce: str | None = "client-chosen-nonce-0002") -> s.RequestInfo:
+def chat_request(nonce: str | None = "client-chosen-nonce-0002", *, client_digest: str | None = None) -> s.RequestInfo:
     body = (
         b'{"model": "appliance-test", "messages": [{"role": "user", "content": "Tell me about a fox."}], '
         b'"stream": true, "stream_options": {"include_usage": true}, "max_tokens": 20}'
     )
-    return s.RequestInfo("POST", "/v1/chat/completions", body, nonce)
+    return s.RequestInfo("POST", "/v1/chat/completions", body, nonce, client_digest)
+
+
+def sha512_digest(body: bytes) -> str:
+    return "sha-512=:" + b64(hashlib.sha512(body).digest()) + ":"
 
 
 def chat_chunks() -> list[bytes]:
@@ -262,7 +274,16 @@ def build() -> dict[str, dict]:
     ok = signed_response(req, 200, completion_body(), rid="vec-json-0001", sig_nonce="response-sig-nonce-0001")
     covered = s.verify_response(s.public_key_from_b64(appliance_pub), request=req, status=200, headers=ok["headers"],
                                 body=completion_body()).covered
-    response_vector("valid-json-response", "A completion (200), bound to a request that sent appliance-nonce.", req, ok,
+    response_vector("valid-json-response", "A completion (200), bound to a request that sent appliance-nonce and no "
+                    "Content-Digest: the body is bound by Appliance-Request-Digest.", req, ok,
+                    extra={"signature_base": signature_base(covered)})
+
+    dreq = completion_request("client-chosen-nonce-0008", client_digest=True)
+    dok = signed_response(dreq, 200, completion_body(), rid="vec-json-0004", sig_nonce="response-sig-nonce-0008")
+    covered = s.verify_response(s.public_key_from_b64(appliance_pub), request=dreq, status=200, headers=dok["headers"],
+                                body=completion_body()).covered
+    response_vector("valid-json-response-client-digest", "A completion for a request that sent its own Content-Digest: "
+                    "the body is bound by \"content-digest\";req, and no Appliance-Request-Digest is sent.", dreq, dok,
                     extra={"signature_base": signature_base(covered)})
 
     no_nonce_req = completion_request(nonce=None)
@@ -293,6 +314,19 @@ def build() -> dict[str, dict]:
     big_req = s.RequestInfo("POST", "/v1/completions", b'{"prompt": "' + b"A" * 2048 + b'"}', "client-chosen-nonce-0006")
     too_big = signed_response(big_req, 413, error_body("The request body exceeds 1024 bytes", "invalid_request_error"),
                               rid="vec-err-0003", sig_nonce="response-sig-nonce-0006")
+    bad_digest_req = s.RequestInfo("POST", "/v1/completions", b'{"model": "appliance-test", "prompt": "x"}',
+                                   "client-chosen-nonce-0009", s.content_digest(b'{"model": "appliance-test", "prompt": "y"}'))
+    bad_digest = signed_response(
+        bad_digest_req, 400,
+        error_body("Content-Digest does not match the request body (RFC 9530: sha-256 and/or sha-512 of the exact bytes sent)",
+                   "invalid_request_error", None, "content_digest_mismatch"),
+        rid="vec-err-0004", sig_nonce="response-sig-nonce-0009",
+        bound=s.RequestInfo(bad_digest_req.method, bad_digest_req.target, bad_digest_req.body, bad_digest_req.nonce),
+    )
+    response_vector("valid-error-400-content-digest-mismatch",
+                    "The client sent a Content-Digest that is not its body's: a 400, bound as if no Content-Digest had "
+                    "been sent (Appliance-Request-Digest, the digest of the body received).", bad_digest_req, bad_digest)
+
     response_vector("valid-error-413-empty-body-binding",
                     "A 413 is bound to the digest of the empty body (the server read none of it); the transcript holds "
                     "the body the client tried to send, and the verifier substitutes the empty body for status 413.",
@@ -321,13 +355,58 @@ def build() -> dict[str, dict]:
                     with_headers(ok, signature=None, signature_input=None), "carries no Signature")
     response_vector("tampered-json-wrong-key", "A genuine response checked against another key (the client's).", req, ok,
                     "signature", extra={"public_key": pub_b64(client_key())})
+    response_vector("tampered-json-request-digest-changed", "Appliance-Request-Digest changed to another body's digest.",
+                    req, with_headers(ok, appliance_request_digest=s.content_digest(b"{}")), "signature: does not verify")
+    response_vector("tampered-json-request-digest-removed", "Appliance-Request-Digest removed (the signature covers it).",
+                    req, with_headers(ok, appliance_request_digest=None), "appliance-request-digest")
+    response_vector("tampered-json-request-digest-added",
+                    "An Appliance-Request-Digest added to a response that binds the body by \"content-digest\";req: "
+                    "the verifier then requires the signature to cover it.", dreq,
+                    with_headers(dok, appliance_request_digest=dreq.body_digest), "appliance-request-digest")
+
+    # Signed by the appliance's key, but covering no request body at all (as an older or broken signer
+    # might): it must not verify, whichever way the client sent its body.
+    unbound_headers = {k: v for k, v in ok["headers"].items() if k.lower() not in (
+        "signature", "signature-input", s.REQUEST_DIGEST_HEADER)}
+    msg = s._Resp(200, s._Headers({k.lower(): v for k, v in unbound_headers.items()}), req.message())
+
+    class _ApplianceKey(s._Keys):
+        def __init__(self):
+            super().__init__(private=appliance_key())
+
+    HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=_ApplianceKey()).sign(
+        msg, key_id=kid, created=datetime.datetime.fromtimestamp(CREATED, tz=datetime.timezone.utc),
+        nonce="response-sig-nonce-0010", label=s.LABEL, tag=s.TAG, use_existing_digest=True,
+        covered_component_ids=[c for c in s.response_components(streaming=False, has_nonce=True, has_client=False)
+                               if c != s.REQUEST_DIGEST_HEADER],
+    )
+    unbound = {**ok, "headers": {**unbound_headers, "Signature-Input": msg.headers["signature-input"],
+                                 "Signature": msg.headers["signature"]}}
+    response_vector("tampered-json-no-body-binding", "Signed by the appliance's key over every component but the "
+                    "request body's digest (neither Appliance-Request-Digest nor \"content-digest\";req).", req, unbound,
+                    "appliance-request-digest")
+    response_vector("tampered-json-no-body-binding-client-digest", "The same, checked by a client that sent a "
+                    "Content-Digest.", req, unbound, "content-digest",
+                    verify_as=completion_request(req.nonce, client_digest=True))
 
     def replay(name, description, other: s.RequestInfo, expect):
         response_vector(name, description, req, ok, expect, verify_as=other)
 
     replay("replay-json-other-body", "The genuine response, presented as the answer to a request with another body.",
            s.RequestInfo(req.method, req.target, req.body.replace(b"Say hello", b"Say goodbye"), req.nonce),
-           "signature: does not verify")
+           "appliance-request-digest: not the digest of the body sent")
+    other = dreq.body.replace(b"Say hello", b"Say goodbye")
+    response_vector("replay-json-client-digest-other-body", "A response bound by \"content-digest\";req, presented as "
+                    "the answer to a request with another body (and that body's Content-Digest).", dreq, dok,
+                    "signature: does not verify",
+                    verify_as=s.RequestInfo(dreq.method, dreq.target, other, dreq.nonce, s.content_digest(other)))
+    response_vector("replay-json-client-digest-body-changed", "... to a request with another body but the same "
+                    "Content-Digest (a digest that is not of the body sent).", dreq, dok,
+                    "the request's Content-Digest does not match its body",
+                    verify_as=s.RequestInfo(dreq.method, dreq.target, other, dreq.nonce, dreq.content_digest))
+    response_vector("replay-json-client-digest-dropped", "... to the same request sent without a Content-Digest.",
+                    dreq, dok, 'Covered header field "content-digest" not found',
+                    verify_as=s.RequestInfo(dreq.method, dreq.target, dreq.body, dreq.nonce))
     replay("replay-json-other-path", "... to the same body sent to /completions.",
            s.RequestInfo(req.method, "/completions", req.body, req.nonce), "signature: does not verify")
     replay("replay-json-other-query", "... to the same request with a query string added.",
@@ -438,7 +517,7 @@ def build() -> dict[str, dict]:
     stream_vector("tampered-stream-final-removed", "The final checkpoint removed, data: [DONE] kept.", ev,
                   "data: [DONE] before the final checkpoint")
     stream_vector("replay-stream-other-body", "The genuine stream, presented as the answer to a request with another body.",
-                  events, "signature: does not verify",
+                  events, "appliance-request-digest: not the digest of the body sent",
                   verify_as=s.RequestInfo(sreq.method, sreq.target, sreq.body.replace(b"fox", b"cat"), sreq.nonce))
     stream_vector("replay-stream-other-nonce", "... to a request with another appliance-nonce.", events,
                   "signature: does not verify",
@@ -447,6 +526,22 @@ def build() -> dict[str, dict]:
     hdrs.pop(s.STREAM_HEADER)
     stream_vector("tampered-stream-header-removed", "The appliance-stream header removed.", events, "appliance-stream",
                   headers=hdrs)
+
+    # A stream for a request that sent its own Content-Digest (sha-512 here): the header signature covers
+    # "content-digest";req; the final checkpoint's request digest still uses sha-256 of the body (§3.4).
+    dsreq = chat_request("client-chosen-nonce-0010", client_digest=sha512_digest(chat_request().body))
+    dsresp, dtranscript = signed_stream(dsreq, rid="vec-stream-0002", sig_nonce="response-sig-nonce-0011")
+    dcovered = s.verify_stream(s.public_key_from_b64(appliance_pub), request=dsreq, status=200, headers=dsresp["headers"],
+                               transcript=dtranscript)
+    response_vector("valid-stream-client-digest", "The chat stream for a request that sent Content-Digest (sha-512): the "
+                    "header signature covers \"content-digest\";req.", dsreq, dsresp, kind="stream",
+                    extra={"request_digest": s.request_digest(dsreq), "data_events": len(dcovered.events),
+                           "finish_reason": dcovered.finish_reason, "usage": dcovered.usage})
+    other = dsreq.body.replace(b"fox", b"cat")
+    response_vector("replay-stream-client-digest-other-body", "That stream, presented as the answer to a request with "
+                    "another body and its Content-Digest.", dsreq, dsresp, "signature: does not verify",
+                    verify_as=s.RequestInfo(dsreq.method, dsreq.target, other, dsreq.nonce, sha512_digest(other)),
+                    kind="stream")
 
     # -- client request signatures ---------------------------------------------------------------------------
     keys = {CLIENT_KEYID: pub_b64(client_key())}

@@ -1,7 +1,10 @@
 """Every response signed (errors included), bound to the request it answers.
 
 The middleware reads each request's body once (bounded: 413 past the limit) so that the digest it
-signs is of the exact bytes received; a 413 is bound to an empty body, since none was read.
+signs is of the exact bytes received; a 413 is bound to an empty body, since none was read. A
+request's own `Content-Digest` is checked against that body (a mismatch is a 400, before anything
+else runs); when it matched, the signature binds the body through it (`"content-digest";req`),
+otherwise through `Appliance-Request-Digest`, the digest of the body received.
 JSON bodies are digested and signed in the headers; SSE streams are hash-chained and signed in-band
 (see attestation.signing and spec/signing.md).
 """
@@ -14,7 +17,16 @@ from typing import Callable
 
 import falcon
 
-from attestation.signing import NONCE_HEADER, SSE_DONE, STREAM_HEADER, STREAM_SCHEME, RequestInfo, StreamChain
+from attestation.signing import (
+    NONCE_HEADER,
+    SSE_DONE,
+    STREAM_HEADER,
+    STREAM_SCHEME,
+    RequestInfo,
+    StreamChain,
+    VerificationError,
+    check_content_digest,
+)
 
 from ..errors import BadRequest, PayloadTooLarge
 from .identity import Identity
@@ -46,7 +58,11 @@ def request_info(req: falcon.Request) -> RequestInfo:
         target = f"{target}?{qs}"
     nonce = req.get_header(NONCE_HEADER)
     # An invalid nonce gets a 400, bound as if no nonce had been sent: a non-ASCII one cannot be signed at all.
-    return RequestInfo(req.method, target, getattr(req.context, "raw_body", b""), nonce if _valid_nonce(nonce) else None)
+    # Likewise a Content-Digest that did not match the body: that 400 is bound to the body received.
+    return RequestInfo(
+        req.method, target, getattr(req.context, "raw_body", b""), nonce if _valid_nonce(nonce) else None,
+        getattr(req.context, "content_digest", None),
+    )
 
 
 class ResponseSigning:
@@ -67,7 +83,18 @@ class ResponseSigning:
             if len(raw) > self.max_body_bytes:
                 raise PayloadTooLarge(f"The request body exceeds {self.max_body_bytes} bytes")
             req.context.raw_body = raw
-        # Checked after the body is read, so that this 400 is bound to the body as sent, like any other.
+        # Checked after the body is read, so that these 400s are bound to the body as sent, like any other.
+        digest = req.get_header("Content-Digest")
+        if digest is not None:
+            try:
+                check_content_digest(digest, req.context.raw_body)
+            except VerificationError:
+                raise BadRequest(
+                    "Content-Digest does not match the request body "
+                    "(RFC 9530: sha-256 and/or sha-512 of the exact bytes sent)",
+                    code="content_digest_mismatch",
+                ) from None
+            req.context.content_digest = digest
         nonce = req.get_header(NONCE_HEADER)
         if nonce is not None and not _valid_nonce(nonce):
             raise BadRequest(f"{NONCE_HEADER}: 1 to {_NONCE_MAX} printable ASCII characters")
@@ -75,7 +102,7 @@ class ResponseSigning:
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
         info = request_info(req)
         if resp.status_code == 413:
-            info = RequestInfo(info.method, info.target, b"", info.nonce)
+            info = info.without_body()
         if resp.stream is not None:
             resp.set_header(STREAM_HEADER, STREAM_SCHEME)
             headers = {k.lower(): v for k, v in resp.headers.items()}

@@ -58,7 +58,8 @@ def send(server, method: str, target: str, body: bytes = b"", *, nonce: str | No
         h[signing.NONCE_HEADER] = nonce
     r = requests.request(method, server.url + target, data=body or None, headers=h, timeout=120, stream=stream)
     raw = b"".join(r.iter_content(chunk_size=None)) if stream else r.content
-    return r, raw, signing.RequestInfo(method, target, body, nonce)
+    digest = next((v for k, v in h.items() if k.lower() == "content-digest"), None)
+    return r, raw, signing.RequestInfo(method, target, body, nonce, digest)
 
 
 def verify(pk, info: signing.RequestInfo, r: requests.Response, raw: bytes):
@@ -79,6 +80,8 @@ def transcript(info: signing.RequestInfo, status: int, headers: dict, body: byte
     req = {"method": info.method, "target": info.target, "body_b64": base64.b64encode(info.body).decode()}
     if info.nonce is not None:
         req["nonce"] = info.nonce
+    if info.content_digest is not None:
+        req["content_digest"] = info.content_digest
     return {"request": req, "response": {"status": status, "headers": dict(headers),
                                          "body_b64": base64.b64encode(body).decode()}}
 
@@ -119,8 +122,21 @@ def test_json_completion_chat_error_and_stream_verify(server):
     assert r.status_code == 200, r.text
     v = verify(pk, info, r, raw)
     assert v.covered['"appliance-nonce";req'] == nonce
-    assert v.covered['"content-digest";req'] == signing.content_digest(COMPLETION)
+    assert v.covered['"appliance-request-digest"'] == signing.content_digest(COMPLETION)  # no Content-Digest sent
+    assert r.headers["Appliance-Request-Digest"] == signing.content_digest(COMPLETION)
     assert r.headers["Content-Digest"] == signing.content_digest(raw)
+
+    # the client's own Content-Digest: checked, and the body bound by it instead
+    r, raw, info = send(server, "POST", "/v1/completions", COMPLETION, nonce=nonce,
+                        headers={"Content-Digest": signing.content_digest(COMPLETION)})
+    assert r.status_code == 200, r.text
+    v = verify(pk, info, r, raw)
+    assert v.covered['"content-digest";req'] == signing.content_digest(COMPLETION)
+    assert "Appliance-Request-Digest" not in r.headers
+    r, raw, info = send(server, "POST", "/v1/completions", COMPLETION, nonce=nonce,
+                        headers={"Content-Digest": signing.content_digest(COMPLETION + b" ")})
+    assert r.status_code == 400 and "Content-Digest" in r.json()["error"]["message"]
+    verify(pk, info, r, raw)
 
     chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}).encode()
     r, raw, info = send(server, "POST", "/v1/chat/completions", chat)
@@ -229,14 +245,14 @@ def test_response_replayed_against_another_request_fails(server):
     r, raw, info = send(server, "POST", "/v1/completions", COMPLETION, nonce="replay-nonce-1")
     verify(pk, info, r, raw)
     other_body = COMPLETION.replace(b"France", b"Spain")
-    for other in (
-        signing.RequestInfo("POST", "/v1/completions", other_body, "replay-nonce-1"),  # another prompt
-        signing.RequestInfo("POST", "/completions", COMPLETION, "replay-nonce-1"),  # another route
-        signing.RequestInfo("POST", "/v1/completions", COMPLETION, "replay-nonce-2"),  # another nonce
-        signing.RequestInfo("POST", "/v1/completions", COMPLETION, None),  # a client that sent no nonce
-        signing.RequestInfo("POST", "/v1/completions", COMPLETION + b" ", "replay-nonce-1"),  # one byte more
+    for other, why in (
+        (signing.RequestInfo("POST", "/v1/completions", other_body, "replay-nonce-1"), "appliance-request-digest"),  # another prompt
+        (signing.RequestInfo("POST", "/completions", COMPLETION, "replay-nonce-1"), "signature"),  # another route
+        (signing.RequestInfo("POST", "/v1/completions", COMPLETION, "replay-nonce-2"), "signature"),  # another nonce
+        (signing.RequestInfo("POST", "/v1/completions", COMPLETION, None), "signature"),  # a client that sent no nonce
+        (signing.RequestInfo("POST", "/v1/completions", COMPLETION + b" ", "replay-nonce-1"), "appliance-request-digest"),  # one byte more
     ):
-        with pytest.raises(signing.VerificationError, match="signature"):
+        with pytest.raises(signing.VerificationError, match=why):
             verify(pk, other, r, raw)
     # and an identical second request gets a different answer-binding only through its nonce: without one,
     # the same request is the same binding (a client that cares sends a fresh nonce every time)
@@ -278,7 +294,7 @@ def test_altered_sse_event_fails(server):
     fin = next(i for i, e in enumerate(events) if e.startswith(signing.FINAL_PREFIX))
     with pytest.raises(signing.VerificationError, match="truncated"):
         verify(pk, info, r, b"\n\n".join(events[:fin]) + b"\n\n")
-    with pytest.raises(signing.VerificationError, match="signature"):
+    with pytest.raises(signing.VerificationError, match="appliance-request-digest"):
         verify(pk, signing.RequestInfo("POST", "/v1/chat/completions", CHAT_STREAM.replace(b"ten", b"six")), r, raw)
 
 
@@ -306,15 +322,24 @@ def test_verify_response_cli(server, tmp_path):
     replayed = tmp_path / "replayed.json"
     other = signing.RequestInfo(info.method, info.target, info.body, "another-nonce")
     replayed.write_text(json.dumps(transcript(other, r.status_code, dict(r.headers), raw)))
+    # a request that sent its own Content-Digest: the transcript records it (request.content_digest)
+    rd, rawd, dinfo = send(server, "POST", "/v1/completions", COMPLETION, nonce="cli-nonce-2",
+                           headers={"Content-Digest": signing.content_digest(COMPLETION)})
+    digest_good = tmp_path / "json-client-digest.json"
+    digest_good.write_text(json.dumps(transcript(dinfo, rd.status_code, dict(rd.headers), rawd)))
+    digest_dropped = tmp_path / "json-client-digest-dropped.json"
+    dropped = signing.RequestInfo(dinfo.method, dinfo.target, dinfo.body, dinfo.nonce)
+    digest_dropped.write_text(json.dumps(transcript(dropped, rd.status_code, dict(rd.headers), rawd)))
 
     appliance_cli = [*server_command(), "verify-response"]
     module_cli = [sys.executable, "-m", "attestation", "verify-response"]
     for cli in (appliance_cli, module_cli):
-        for path in (good, stream_good):
+        for path in (good, stream_good, digest_good):
             out = run_cli([*cli, str(path), "--public-key", key_b64])
             assert out.returncode == 0, (cli, path.name, out.stdout, out.stderr)
             assert "OK" in out.stdout and signing.key_id(pk.public_bytes_raw()) in out.stdout
-        for path, why in ((bad, "content-digest"), (stream_bad, "does not match"), (replayed, "signature")):
+        for path, why in ((bad, "content-digest"), (stream_bad, "does not match"), (replayed, "signature"),
+                          (digest_dropped, "content-digest")):
             out = run_cli([*cli, str(path), "--public-key", key_b64])
             assert out.returncode == 1, (cli, path.name, out.stdout, out.stderr)
             assert "FAILED" in out.stderr and why in out.stderr
@@ -408,7 +433,12 @@ def test_keyed_server_signed_client_requests(keyed):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     verify(pk, info, r, raw)
     tampered = COMPLETION.replace(b"France", b"Italy")
-    r, raw, info = send(keyed, "POST", target, tampered, headers=headers)  # body changed under the signature
+    # the body changed under the signature: its Content-Digest no longer matches, a 400 before authentication
+    r, raw, info = send(keyed, "POST", target, tampered, headers=headers)
+    assert r.status_code == 400 and "Content-Digest" in r.json()["error"]["message"]
+    verify(pk, info, r, raw)
+    # ... and with the digest recomputed too, the signature no longer verifies: the generic 401
+    r, raw, info = send(keyed, "POST", target, tampered, headers={**headers, "Content-Digest": signing.content_digest(tampered)})
     assert r.status_code == 401
     verify(pk, info, r, raw)
 

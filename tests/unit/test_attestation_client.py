@@ -40,7 +40,15 @@ from attestation.client import (
     verified_request,
 )
 from attestation.policy import Policy
-from attestation.signing import NONCE_HEADER, SSE_DONE, RequestInfo, public_key_from_b64, verify_stream
+from attestation.signing import (
+    NONCE_HEADER,
+    REQUEST_DIGEST_HEADER,
+    SSE_DONE,
+    RequestInfo,
+    content_digest,
+    public_key_from_b64,
+    verify_stream,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGNING_VECTORS = ROOT / "spec" / "vectors" / "signing"
@@ -195,7 +203,8 @@ def test_attest_document_resigned_by_a_man_in_the_middle(env):
     mitm = Identity()
 
     def resign(request, status, headers, data):
-        kept = {k: v for k, v in headers if k.lower() not in ("signature", "signature-input", "content-digest")}
+        kept = {k: v for k, v in headers
+                if k.lower() not in ("signature", "signature-input", "content-digest", "appliance-request-digest")}
         info = RequestInfo("GET", request.url.raw_path.decode(), b"", request.headers[NONCE_HEADER])
         signed = mitm.sign_response(info, status, {k.lower(): v for k, v in kept.items()}, data)
         return status, list({**kept, **signed}.items()), data
@@ -382,6 +391,92 @@ def test_replayed_stream_raises(env):
             list(c.chat.completions.create(model="tiny", messages=MESSAGES, stream=True))
 
 
+# ---------------------------------------------------------------------------------------------
+# The request body's digest, whichever way it travels (spec/signing.md §2.3)
+
+
+class RequestTamper(httpx2.BaseTransport):
+    """Rewrites each request (after the verifying transport has recorded what it sent)."""
+
+    def __init__(self, inner, change) -> None:
+        self.inner = inner
+        self.change = change
+
+    def handle_request(self, request):
+        if request.url.path == "/v1/attestation":
+            return self.inner.handle_request(request)
+        body = request.read()
+        headers, body = self.change(dict(request.headers), body)
+        return self.inner.handle_request(httpx2.Request(request.method, request.url, headers=headers, content=body))
+
+
+def _add_digest(value=None):
+    def hook(request):
+        request.headers["Content-Digest"] = value if value is not None else content_digest(request.read())
+    return hook
+
+
+def _oai_with_hooks(transport, *hooks) -> openai.OpenAI:
+    all_hooks = {"request": [lambda r: r.headers.pop("authorization", None), *hooks]}
+    return openai.OpenAI(base_url=URL + "/v1", api_key="none", max_retries=0,
+                         http_client=httpx2.Client(transport=transport, event_hooks=all_hooks))
+
+
+def test_transport_verifies_responses_bound_by_the_callers_content_digest(env):
+    tamper = Tamper(env.wsgi)
+    vt = VerifyingTransport(URL, policy=ALLOW, transport=tamper)
+    with _oai_with_hooks(vt, _add_digest()) as c:
+        assert c.chat.completions.create(model="tiny", messages=MESSAGES).choices[0].message.content == "Hello, wörld!"
+        chunks = list(c.chat.completions.create(model="tiny", messages=MESSAGES, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "Hello, wörld!"
+    assert (vt.verified_responses, vt.verified_streams) == (1, 1)
+    for status, headers, _ in tamper.responses[1:]:  # after the attestation: bound by "content-digest";req
+        names = {k.lower() for k, _ in headers}
+        assert status == 200 and REQUEST_DIGEST_HEADER not in names
+        sig_input = next(v for k, v in headers if k.lower() == "signature-input")
+        assert '"content-digest";req' in sig_input and f'"{REQUEST_DIGEST_HEADER}"' not in sig_input
+
+
+def test_transport_verifies_the_400_for_a_content_digest_that_does_not_match(env):
+    vt = VerifyingTransport(URL, policy=ALLOW, transport=env.wsgi)
+    with _oai_with_hooks(vt, _add_digest(content_digest(b"another body"))) as c, pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny", messages=MESSAGES)
+    assert "Content-Digest" in e.value.message
+    assert vt.verified_responses == 1  # the 400 verified: bound to the body sent, by Appliance-Request-Digest
+
+
+@pytest.mark.parametrize("digest", [True, False])
+def test_transport_refuses_the_answer_to_a_body_changed_in_transit(env, digest):
+    """Whichever way the body's digest travels, an answer to another body fails: the changed body with
+    the caller's Content-Digest is refused (400, bound to the body received); stripped of it, answered,
+    and bound to the body received. Neither is the digest of the body sent."""
+    def change(headers, body):
+        headers = {k: v for k, v in headers.items() if k.lower() not in ("content-digest", "content-length")}
+        return headers, body.replace(b'"hi"', b'"yo"')
+
+    def change_keep_digest(headers, body):
+        headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
+        return headers, body.replace(b'"hi"', b'"yo"')
+
+    vt = VerifyingTransport(URL, policy=ALLOW, transport=RequestTamper(env.wsgi, change_keep_digest if digest else change))
+    hooks = [_add_digest()] if digest else []
+    with _oai_with_hooks(vt, *hooks) as c, pytest.raises(VerificationError, match="appliance-request-digest"):
+        c.chat.completions.create(model="tiny", messages=MESSAGES)
+    assert vt.verified_responses == 0
+
+
+def test_transport_accepts_a_content_digest_stripped_in_transit(env):
+    """The body arrived unchanged without the caller's Content-Digest: the answer is bound by
+    Appliance-Request-Digest to that same body, which is still this request's answer."""
+    def strip(headers, body):
+        return {k: v for k, v in headers.items() if k.lower() != "content-digest"}, body
+
+    vt = VerifyingTransport(URL, policy=ALLOW, transport=RequestTamper(env.wsgi, strip))
+    with _oai_with_hooks(vt, _add_digest()) as c:
+        assert c.chat.completions.create(model="tiny", messages=MESSAGES).choices[0].message.content
+    assert vt.verified_responses == 1
+
+
 def test_module_is_importable_without_httpx2():
     code = (
         "import sys; sys.modules['httpx2'] = None\n"
@@ -411,7 +506,7 @@ STREAMS = _stream_vectors()
 
 def _vector_parts(doc):
     r = doc["request"]
-    info = RequestInfo(r["method"], r["target"], base64.b64decode(r.get("body_b64", "")), r.get("nonce"))
+    info = RequestInfo(r["method"], r["target"], base64.b64decode(r.get("body_b64", "")), r.get("nonce"), r.get("content_digest"))
     return public_key_from_b64(doc["public_key"]), info, doc["response"], base64.b64decode(doc["response"]["body_b64"])
 
 
@@ -526,6 +621,14 @@ def test_stdlib_attest_and_verified_request(served):
     r = verified_request(a, "POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
     evs = list(r.events())
     assert evs[-1] == SSE_DONE and r.stream_result().finish_reason == "stop"
+    # with the caller's own Content-Digest: the response binds the body by it
+    for stream in (False, True):
+        body = json.dumps({"model": "tiny", "prompt": "Hi", "max_tokens": 2, "stream": stream}).encode()
+        r = verified_request(a, "POST", "/v1/completions", body=body,
+                             headers={"Content-Type": "application/json", "Content-Digest": content_digest(body)})
+        assert r.status == 200 and REQUEST_DIGEST_HEADER not in {k.lower() for k in r.headers}
+        if stream:
+            assert list(r.events())[-1] == SSE_DONE
 
 
 def _cli(argv, monkeypatch=None, http=None) -> tuple[int, str, str]:

@@ -102,7 +102,8 @@ class Api:
     def verify(self, method, target, body, headers, result, *, nonce=...):
         if nonce is ...:
             nonce = next((v for k, v in headers.items() if k.lower() == signing.NONCE_HEADER), None)
-        info = signing.RequestInfo(method, target, body, nonce)
+        digest = next((v for k, v in headers.items() if k.lower() == "content-digest"), None)
+        info = signing.RequestInfo(method, target, body, nonce, digest)
         common = dict(request=info, status=result.status_code, headers=dict(result.headers),
                       max_age=datetime.timedelta(seconds=60), now=self.clock())
         if "event-stream" in result.headers.get("content-type", ""):
@@ -277,8 +278,8 @@ def test_signed_request_is_accepted_and_the_client_bound():
     assert api.request("GET", "/v1/models", query="limit=1", headers=h).status_code == 200
 
 
-@pytest.mark.parametrize("case", ["expired", "not_yet_valid", "window_too_long", "body_changed", "path_changed",
-                                  "unknown_keyid", "wrong_key", "no_nonce_param", "garbage"])
+@pytest.mark.parametrize("case", ["expired", "not_yet_valid", "window_too_long", "body_and_digest_changed",
+                                  "path_changed", "unknown_keyid", "wrong_key", "no_nonce_param", "garbage"])
 def test_bad_client_signatures_are_401(case):
     api = Api({"auth": {**CLIENT_KEYS, "signature_window": 300}})
     t = api.clock()
@@ -295,8 +296,9 @@ def test_bad_client_signatures_are_401(case):
     elif case == "wrong_key":
         key = STRANGER
     h = signed_headers(key, keyid, target=target, body=body, created=created, expires=expires, nonce=f"n-{case}")
-    if case == "body_changed":
+    if case == "body_and_digest_changed":
         body = body.replace(b"hi", b"ho")
+        h["Content-Digest"] = signing.content_digest(body)
     elif case == "path_changed":
         target = "/completions"
     elif case == "no_nonce_param":
@@ -307,6 +309,23 @@ def test_bad_client_signatures_are_401(case):
     err = assert_refused(r, 401, "authentication_error")
     assert err["message"] == "Invalid or missing credentials"
     assert api.auth_failures() == {"bad_signature": 1.0}
+
+
+def test_signed_request_whose_body_no_longer_matches_its_content_digest_is_a_400():
+    """A Content-Digest is checked when the body is read, before authentication (spec/signing.md §2.3):
+    a body changed under a signed request is refused with the 400 every mismatch gets, bound to the
+    body received."""
+    api = Api({"auth": CLIENT_KEYS})
+    t = api.clock()
+    h = signed_headers(body=BODY, created=t, expires=t + 60, nonce="n-body")
+    changed = BODY.replace(b"hi", b"ho")
+    r = api.request("POST", "/v1/completions", body=changed, headers=h)
+    err = assert_refused(r, 400, "invalid_request_error")
+    assert "Content-Digest" in err["message"]
+    assert r.headers["appliance-request-digest"] == signing.content_digest(changed)
+    assert api.auth_failures() == {}
+    with pytest.raises(signing.VerificationError, match="appliance-request-digest"):
+        api.verify("POST", "/v1/completions", BODY, h, r)  # the client that sent BODY: not its answer
 
 
 def test_replayed_signed_request_is_401_until_it_expires():
@@ -466,7 +485,7 @@ def test_cors_when_configured():
     assert r.status_code == 200
     assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
     exposed = {h.strip().lower() for h in r.headers.get("Access-Control-Expose-Headers", "").split(",")}
-    assert {"signature", "signature-input", "content-digest", "x-request-id"} <= exposed  # a browser can verify
+    assert {"signature", "signature-input", "content-digest", "appliance-request-digest", "x-request-id"} <= exposed  # a browser can verify
     r = api.complete(headers={**bad, **bearer(INFER_KEY)})
     assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
     # preflight: browsers never send credentials with it
@@ -511,6 +530,120 @@ def test_413_is_bound_to_the_empty_body():
     api.verify("POST", "/v1/completions", big, {}, r)  # the verifier substitutes the empty body for a 413
     with pytest.raises(signing.VerificationError):
         api.verify("POST", "/v1/chat/completions", big, {}, r)
+
+
+def _sha512_digest(body: bytes) -> str:
+    return "sha-512=:" + base64.b64encode(hashlib.sha512(body).digest()).decode() + ":"
+
+
+def _count_submits(api) -> list:
+    """Record every generation the engine is asked for (to prove a request was refused before it)."""
+    engine = api.registry.get("tiny")
+    calls, submit = [], engine.submit
+    engine.submit = lambda request: calls.append(request) or submit(request)
+    return calls
+
+
+@pytest.mark.parametrize("digest", [
+    signing.content_digest,
+    _sha512_digest,
+    lambda b: f"{signing.content_digest(b)}, {_sha512_digest(b)}",
+])
+def test_a_matching_content_digest_binds_the_body_as_a_req_component(digest):
+    """spec/signing.md §2.3: the request's own Content-Digest, checked, is covered as "content-digest";req,
+    and then no Appliance-Request-Digest is sent; the response verifies only for a client that sent it."""
+    api = Api()
+    value = digest(BODY)
+    r = api.request("POST", "/v1/completions", body=BODY, headers={"Content-Type": "application/json",
+                                                                    "Content-Digest": value, "appliance-nonce": "n-cd"})
+    assert r.status_code == 200, r.text
+    assert signing.REQUEST_DIGEST_HEADER not in {k.lower() for k in r.headers}
+    covered = api.verified[-1].covered
+    assert covered['"content-digest";req'] == value and '"appliance-request-digest"' not in covered
+    assert list(covered) == [
+        '"@status"', '"content-type"', '"x-request-id"', '"content-digest"',
+        '"@method";req', '"@path";req', '"@query";req', '"content-digest";req', '"appliance-nonce";req', '"@signature-params"',
+    ]
+    with pytest.raises(signing.VerificationError):  # a client that sent no Content-Digest does not get this answer
+        api.verify("POST", "/v1/completions", BODY, {"appliance-nonce": "n-cd"}, r)
+    with pytest.raises(signing.VerificationError):  # nor one that sent another body (and its digest)
+        other = BODY.replace(b"hi", b"ho")
+        api.verify("POST", "/v1/completions", other, {"appliance-nonce": "n-cd", "Content-Digest": digest(other)}, r)
+
+
+def test_without_a_content_digest_the_response_carries_the_digest_of_the_body_received():
+    api = Api()
+    r = api.complete(headers={"appliance-nonce": "n-plain"})
+    assert r.status_code == 200
+    assert r.headers["Appliance-Request-Digest"] == signing.content_digest(BODY)
+    covered = api.verified[-1].covered
+    assert covered['"appliance-request-digest"'] == signing.content_digest(BODY)
+    assert '"content-digest";req' not in covered
+    # a GET: the empty body's digest
+    r = api.get("/v1/models")
+    assert r.headers["Appliance-Request-Digest"] == "sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:"
+    # another body, another answer
+    with pytest.raises(signing.VerificationError, match="appliance-request-digest: not the digest of the body sent"):
+        api.verify("POST", "/v1/completions", BODY + b" ", {}, api.complete())
+
+
+@pytest.mark.parametrize("value", [
+    "sha-256=:" + base64.b64encode(hashlib.sha256(b"another body").digest()).decode() + ":",  # another body's
+    "sha-512=:" + base64.b64encode(hashlib.sha512(b"another body").digest()).decode() + ":",
+    "md5=:" + base64.b64encode(hashlib.md5(b"x").digest()).decode() + ":",  # an algorithm we cannot check
+    "sha-256=:AAAA:",  # the wrong length
+    "not a dictionary",
+    "",
+])
+def test_a_content_digest_that_does_not_match_is_a_signed_400_before_inference(value):
+    api = Api()
+    submits = _count_submits(api)
+    headers = {"Content-Type": "application/json", "Content-Digest": value, "appliance-nonce": "n-bad"}
+    r = api.request("POST", "/v1/completions", body=BODY, headers=headers)
+    err = assert_refused(r, 400, "invalid_request_error")
+    assert "Content-Digest" in err["message"] and err["param"] is None
+    assert submits == []
+    # bound as if no Content-Digest had been sent: to the body received, through Appliance-Request-Digest
+    assert r.headers["Appliance-Request-Digest"] == signing.content_digest(BODY)
+    api.verify("POST", "/v1/completions", BODY, {"appliance-nonce": "n-bad"}, r)
+    # and the same request with its digest right is served
+    r = api.request("POST", "/v1/completions", body=BODY, headers={**headers, "Content-Digest": signing.content_digest(BODY)})
+    assert r.status_code == 200 and len(submits) == 1
+
+
+def test_an_invalid_nonce_with_a_matching_content_digest_keeps_the_digest_binding():
+    api = Api()
+    r = api.client.simulate_post("/v1/completions", body=BODY, headers={
+        "Content-Type": "application/json", "Content-Digest": signing.content_digest(BODY), "appliance-nonce": "x" * 300})
+    assert r.status_code == 400
+    v = api.verify("POST", "/v1/completions", BODY, {"Content-Digest": signing.content_digest(BODY)}, r, nonce=None)
+    assert v.covered['"content-digest";req'] == signing.content_digest(BODY)
+
+
+def test_413_with_a_content_digest_is_bound_to_the_empty_body():
+    api = Api({"limits": {"max_body_bytes": 1024}})
+    big = json.dumps({"model": "tiny", "prompt": "x" * 5000}).encode()
+    headers = {"Content-Type": "application/json", "Content-Digest": signing.content_digest(big)}
+    r = api.request("POST", "/v1/completions", body=big, headers=headers, verify=False)
+    assert r.status_code == 413
+    assert r.headers["Appliance-Request-Digest"] == signing.content_digest(b"")
+    api.verify("POST", "/v1/completions", big, headers, r)  # the verifier substitutes the empty body for a 413
+
+
+@pytest.mark.parametrize("with_digest", [False, True])
+def test_stream_headers_bind_the_body_the_same_way(with_digest):
+    api = Api()
+    body = json.dumps({"model": "tiny", "prompt": "hi", "stream": True}).encode()
+    headers = {"Content-Type": "application/json", "appliance-nonce": "n-s"}
+    if with_digest:
+        headers["Content-Digest"] = signing.content_digest(body)
+    r = api.request("POST", "/v1/completions", body=body, headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert api.verified[-1].events
+    assert (signing.REQUEST_DIGEST_HEADER in {k.lower() for k in r.headers}) is not with_digest
+    with pytest.raises(signing.VerificationError):
+        api.verify("POST", "/v1/completions", body.replace(b"hi", b"ho"),
+                   {**headers, **({"Content-Digest": signing.content_digest(body.replace(b"hi", b"ho"))} if with_digest else {})}, r)
 
 
 def test_stream_verifies_and_tampering_is_detected():
