@@ -42,7 +42,8 @@ CASES = {name: doc for name, doc in ALL.items() if doc["kind"] != "keys"}
 
 def request_info(doc: dict) -> signing.RequestInfo:
     r = doc["request"]
-    return signing.RequestInfo(r["method"], r["target"], base64.b64decode(r.get("body_b64", "")), r.get("nonce"))
+    return signing.RequestInfo(r["method"], r["target"], base64.b64decode(r.get("body_b64", "")), r.get("nonce"),
+                               r.get("content_digest"))
 
 
 def check_response_vector(doc: dict):
@@ -87,6 +88,10 @@ def test_the_required_vectors_exist():
         "tampered-stream-event-changed", "tampered-stream-event-dropped", "tampered-stream-events-reordered",
         "tampered-stream-event-appended-after-final", "tampered-stream-truncated", "tampered-stream-forged-checkpoint",
         "tampered-client-request-expired", "tampered-client-request-replayed", "tampered-client-request-body-changed",
+        # the request body bound by the client's Content-Digest, or by Appliance-Request-Digest (spec §2.3)
+        "valid-json-response-client-digest", "valid-stream-client-digest", "valid-error-400-content-digest-mismatch",
+        "tampered-json-request-digest-changed", "tampered-json-no-body-binding", "tampered-json-no-body-binding-client-digest",
+        "replay-json-client-digest-other-body", "replay-json-client-digest-body-changed", "replay-json-client-digest-dropped",
     }
     assert required <= names, sorted(required - names)
     for name, doc in CASES.items():
@@ -178,26 +183,34 @@ def test_uri_target_encoding():
     assert signing.uri_target("/caf\u00e9") == "/caf%C3%A9"
 
 
-def test_signature_base_as_the_spec_writes_it():
-    """The JSON vector's signature base, rebuilt by hand from spec/signing.md, verifies with the raw key."""
-    doc = CASES["valid-json-response"]
+@pytest.mark.parametrize("name", ["valid-json-response", "valid-json-response-client-digest"])
+def test_signature_base_as_the_spec_writes_it(name):
+    """The JSON vectors' signature bases, rebuilt by hand from spec/signing.md §2.2 (the body bound by
+    Appliance-Request-Digest, or by the request's own Content-Digest), verify with the raw key."""
+    doc = CASES[name]
     r, resp = doc["request"], doc["response"]
     h = {k.lower(): v for k, v in resp["headers"].items()}
     params = h["signature-input"].split("=", 1)[1]
+    sent_digest = "sha-256=:" + base64.b64encode(hashlib.sha256(base64.b64decode(r["body_b64"])).digest()).decode() + ":"
+    client_digest = r.get("content_digest")
     lines = [
         f'"@status": {resp["status"]}',
         f'"content-type": {h["content-type"]}',
         f'"x-request-id": {h["x-request-id"]}',
         f'"content-digest": {h["content-digest"]}',
+        *([] if client_digest else [f'"appliance-request-digest": {sent_digest}']),
         f'"@method";req: {r["method"]}',
         f'"@path";req: {r["target"].split("?")[0]}',
         '"@query";req: ?',
-        f'"content-digest";req: {signing.content_digest(base64.b64decode(r["body_b64"]))}',
+        *([f'"content-digest";req: {client_digest}'] if client_digest else []),
         f'"appliance-nonce";req: {r["nonce"]}',
         f'"@signature-params": {params}',
     ]
     base = "\n".join(lines)
     assert base == doc["signature_base"]
+    assert ("appliance-request-digest" in h) is not bool(client_digest)
+    if client_digest:
+        assert client_digest == sent_digest
     sig = base64.b64decode(h["signature"].split("=", 1)[1].strip(":"))
     signing.public_key_from_b64(doc["public_key"]).verify(sig, base.encode())
     digest = base64.b64encode(__import__("hashlib").sha256(base64.b64decode(resp["body_b64"])).digest()).decode()
@@ -225,8 +238,11 @@ def _both_ways(*, request, status=200, headers, body, sig_nonce="sig-nonce", kid
     h = signing._Headers(headers)
     if body is not None:
         h["content-digest"] = signing.content_digest(body)
+    if request.content_digest is None:
+        h[signing.REQUEST_DIGEST_HEADER] = signing.content_digest(request.body)
     covered = signing.response_components(streaming=body is None, has_nonce=request.nonce is not None,
-                                          has_client=signing.CLIENT_HEADER in h)
+                                          has_client=signing.CLIENT_HEADER in h,
+                                          request_content_digest=request.content_digest is not None)
     try:
         HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=Keys()).sign(
             signing._Resp(status, h, request.message()), key_id=kid, created=_CREATED, nonce=sig_nonce,
@@ -235,18 +251,26 @@ def _both_ways(*, request, status=200, headers, body, sig_nonce="sig-nonce", kid
         theirs = {"Signature-Input": h["signature-input"], "Signature": h["signature"]}
         if body is not None:
             theirs["Content-Digest"] = h["content-digest"]
+        if request.content_digest is None:
+            theirs["Appliance-Request-Digest"] = h[signing.REQUEST_DIGEST_HEADER]
     except Exception as e:  # noqa: BLE001
         theirs = type(e)
     return mine, theirs
 
 
+_REQUEST_BODY = b'{"model":"m"}'
+_SHA512 = "sha-512=:" + base64.b64encode(hashlib.sha512(_REQUEST_BODY).digest()).decode() + ":"
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize("nonce", [None, "n-0123456789abcdef"])
 @pytest.mark.parametrize("client", [False, True])
-def test_response_signature_headers_are_what_the_library_writes(streaming, nonce, client):
+@pytest.mark.parametrize("client_digest", [None, signing.content_digest(_REQUEST_BODY), _SHA512])
+def test_response_signature_headers_are_what_the_library_writes(streaming, nonce, client, client_digest):
     """sign_response_headers joins the signature base itself (component values from the library's
-    resolver); Ed25519 is deterministic, so its headers must equal the library's sign() byte for byte."""
-    request = signing.RequestInfo("POST", "/v1/chat/completions?x=1", b'{"model":"m"}', nonce)
+    resolver); Ed25519 is deterministic, so its headers must equal the library's sign() byte for byte,
+    with the body bound by Appliance-Request-Digest or by the request's Content-Digest."""
+    request = signing.RequestInfo("POST", "/v1/chat/completions?x=1", _REQUEST_BODY, nonce, client_digest)
     headers = {"content-type": "text/event-stream" if streaming else "application/json", "x-request-id": "r-1"}
     if streaming:
         headers[signing.STREAM_HEADER] = signing.STREAM_SCHEME
@@ -255,10 +279,16 @@ def test_response_signature_headers_are_what_the_library_writes(streaming, nonce
     body = None if streaming else b'{"ok":true}'
     mine, theirs = _both_ways(request=request, headers=headers, body=body)
     assert mine == theirs
-    covered = signing.response_components(streaming=streaming, has_nonce=nonce is not None, has_client=client)
+    assert ("Appliance-Request-Digest" in mine) is (client_digest is None)
+    covered = signing.response_components(streaming=streaming, has_nonce=nonce is not None, has_client=client,
+                                          request_content_digest=client_digest is not None)
+    assert (signing.REQUEST_DIGEST_HEADER in covered) is (client_digest is None)
+    assert ('"content-digest";req' in covered) is (client_digest is not None)
     h = signing._Headers(headers)
     if body is not None:
         h["content-digest"] = mine["Content-Digest"]
+    if client_digest is None:
+        h[signing.REQUEST_DIGEST_HEADER] = mine["Appliance-Request-Digest"]
     # The usual response takes the quick path (not the library's prepare()).
     assert signing._plain_signature_base(signing._Resp(200, h, request.message()), tuple(covered),
                                          int(_CREATED.timestamp()), "kid", "sig-nonce") is not None
@@ -291,6 +321,13 @@ def test_response_signature_headers_are_what_the_library_writes(streaming, nonce
         {"sig_nonce": "sig\u00e9"},
         {"kid": "kid with spaces"},
         {"stream": True, "headers": {signing.STREAM_HEADER: "sha256-chain-v1 "}},
+        {"content_digest": signing.content_digest(b"")},
+        {"content_digest": signing.content_digest(b"") + ",  sha-512=:" + base64.b64encode(hashlib.sha512(b"").digest()).decode() + ":"},
+        {"content_digest": signing.content_digest(b"") + ",\tsha-512=:" + base64.b64encode(hashlib.sha512(b"").digest()).decode() + ":"},
+        {"content_digest": " " + signing.content_digest(b"")},
+        {"content_digest": signing.content_digest(b"").replace("sha-256", "sha-256 ")},
+        {"stream": True, "content_digest": signing.content_digest(b""), "nonce": "n"},
+        {"status": 413, "content_digest": signing.content_digest(b"")},
     ],
 )
 def test_unusual_responses_sign_as_the_library_signs(case):
@@ -301,7 +338,7 @@ def test_unusual_responses_sign_as_the_library_signs(case):
         headers["content-type"] = "text/event-stream"
         headers[signing.STREAM_HEADER] = signing.STREAM_SCHEME
     headers.update(case.get("headers", {}))
-    request = signing.RequestInfo("GET", case.get("target", "/v1/models"), b"", case.get("nonce"))
+    request = signing.RequestInfo("GET", case.get("target", "/v1/models"), b"", case.get("nonce"), case.get("content_digest"))
     body = None if case.get("stream") else case.get("body", b'{"ok":true}')
     mine, theirs = _both_ways(request=request, status=case.get("status", 200), headers=headers, body=body,
                               sig_nonce=case.get("sig_nonce", "sig-nonce"), kid=case.get("kid"))
@@ -331,8 +368,11 @@ def test_vectors_on_disk_are_what_the_script_makes(tmp_path):
     assert a == b and len(a) == len(ALL)
 
 
-@pytest.mark.parametrize("name", ["valid-json-response", "valid-stream", "valid-error-413-empty-body-binding",
-                                  "tampered-json-status", "tampered-stream-truncated", "replay-json-other-nonce"])
+@pytest.mark.parametrize("name", ["valid-json-response", "valid-json-response-client-digest", "valid-stream",
+                                  "valid-stream-client-digest", "valid-error-413-empty-body-binding",
+                                  "valid-error-400-content-digest-mismatch", "tampered-json-status",
+                                  "tampered-stream-truncated", "replay-json-other-nonce", "replay-json-other-body",
+                                  "replay-json-client-digest-other-body", "replay-json-client-digest-dropped"])
 def test_response_vectors_are_cli_transcripts(name):
     doc = CASES[name]
     if doc["expect_error"] is None:
