@@ -382,6 +382,11 @@ def create_app(
         from .engine.llama import set_cpu_backend
 
         set_cpu_backend(settings.server.cpu_backend)
+    if models is None and shared is not None:
+        from .engine.llama import set_backend_history
+
+        # A CPU build that killed an earlier worker with SIGILL is never chosen again.
+        set_backend_history(shared.backends.refused(), shared.backends.in_use)
     if provider is None and settings.attestation.provider != "none":
         a = settings.attestation
         provider = detect_provider(

@@ -205,6 +205,39 @@ class MeasurementLog:
         self._record.update(lambda _old: {"events": snapshot()})
 
 
+class CpuBackends:
+    """The llama.cpp CPU build the worker runs, and builds that killed a worker with SIGILL while
+    serving: a replacement worker never chooses those again (the probe passed them, serving did not)."""
+
+    def __init__(self, record: SharedRecord) -> None:
+        self._record = record
+
+    def _value(self) -> dict:
+        value = self._record.read()[1]
+        return value if isinstance(value, dict) else {"in_use": None, "refused": []}
+
+    def refused(self) -> dict[tuple[str, bool], str]:
+        return {(r["module"], r["extra_buffers"]): r["why"] for r in self._value()["refused"]}
+
+    def in_use(self, module: str, extra_buffers: bool) -> None:
+        """Worker: the build it has just loaded."""
+        self._record.update(lambda old: {**(old or {"refused": []}), "in_use": {"module": module, "extra_buffers": extra_buffers}})
+
+    def refuse_in_use(self, why: str) -> dict | None:
+        """Master: the worker running the build in use died of `why`; never choose it again. Returns it."""
+        refused: list = []
+
+        def change(value: Any) -> dict:
+            old = value if isinstance(value, dict) else {"in_use": None, "refused": []}
+            if old["in_use"] is not None:
+                refused.append(old["in_use"])
+                return {"in_use": None, "refused": [*old["refused"], {**old["in_use"], "why": why}]}
+            return old
+
+        self._record.update(change)
+        return refused[0] if refused else None
+
+
 class SharedState:
     """The master's memory for its workers: made before the first fork, inherited by every worker."""
 
@@ -215,16 +248,19 @@ class SharedState:
         models_bytes: int = 1 << 20,
         deaths_bytes: int = 16 << 10,
         measurements_bytes: int = 4 << 20,
+        backends_bytes: int = 8 << 10,
     ) -> None:
-        sizes = (models_bytes, deaths_bytes, measurements_bytes)
+        sizes = (models_bytes, deaths_bytes, measurements_bytes, backends_bytes)
         # Anonymous and MAP_SHARED (mmap's default): pages are only touched as records are written.
         self._map = mmap.mmap(-1, 2 * sum(sizes))
         view = memoryview(self._map)
         records, offset = [], 0
-        for size, what in zip(sizes, ("the desired models", "the worker restarts", "the runtime measurement log")):
+        whats = ("the desired models", "the worker restarts", "the runtime measurement log", "the CPU backends")
+        for size, what in zip(sizes, whats):
             records.append(SharedRecord(view[offset : offset + 2 * size], size, what))
             offset += 2 * size
         self.desired = DesiredModels(records[0])
         self.deaths = WorkerDeaths(records[1])
         self.measurements = MeasurementLog(records[2])
+        self.backends = CpuBackends(records[3])
         self.desired.reset(configured)

@@ -204,6 +204,14 @@ class ApplianceServer(BaseApplication):
             detail = (f"hung (no heartbeat for server.worker_timeout = {self.settings.server.worker_timeout}s; "
                       f"the master sent SIGABRT) and was then {detail}")
         totals = self.shared.deaths.record(pid=pid, cause=cause, detail=detail, wall=time.time(), monotonic=time.monotonic())
+        if cause == "SIGILL":
+            # An instruction this CPU cannot run, past the probe: the next worker chooses another build.
+            build = self.shared.backends.refuse_in_use("killed a worker with SIGILL")
+            if build is not None:
+                log.error(
+                    "llama.cpp's %s build%s was in use: the next worker will not choose it again",
+                    build["module"], "" if build["extra_buffers"] else " (without extra buffers)",
+                )
         self._replacing = totals["last"]
         n = len(self.shared.desired.names())
         log.error(

@@ -90,12 +90,15 @@ def choose_backend(
     n_threads: int = 1,
     probe: Callable[[Path, str, bool, int], ProbeResult] | None = None,
     rank: Callable[[Path], list[tuple[str, int]]] | None = None,
+    refused: dict[tuple[str, bool], str] | None = None,
 ) -> BackendChoice:
     """The best CPU build whose probe passes: the preferred one (ggml's own ranking, or a pinned level),
-    then the same without extra buffers, then each lower-ranked build in turn.
+    then the same without extra buffers, then each lower-ranked build in turn. `refused`: (build, extra
+    buffers) that killed an earlier worker while serving, and how: skipped, whatever a probe says.
 
     Raises RuntimeError when no build passes (or none fits this CPU).
     """
+    refused = refused or {}
     probe = probe or probe_module
     ranked = (rank or rank_modules)(lib_dir)
     if not ranked:
@@ -110,7 +113,9 @@ def choose_backend(
     results: list[ProbeResult] = []
     for tag in order:
         for extra in (True, False):
-            result = probe(lib_dir, tag, extra, n_threads)
+            why = refused.get((tag, extra))
+            result = (ProbeResult(tag, extra, False, f"not tried: it {why} while serving", 0.0) if why
+                      else probe(lib_dir, tag, extra, n_threads))
             results.append(result)
             if result.ok:
                 return BackendChoice(tag, extra, _reason(preference, order[0], results), tuple(results))

@@ -12,7 +12,7 @@ import threading
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import llama_cpp.llama_cpp as C
 import numpy as np
@@ -21,7 +21,7 @@ from ..buildinfo import verify_bundle
 
 __all__ = [
     "LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams",
-    "backend_init", "backend_ready", "backend_devices", "set_cpu_backend", "cpu_backend_choice",
+    "backend_init", "backend_ready", "backend_devices", "set_cpu_backend", "cpu_backend_choice", "set_backend_history",
 ]
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def backend_init() -> None:
                 from .cpuprobe import choose_backend
 
                 try:
-                    choice = choose_backend(lib_dir, _cpu_preference, n_threads=default_threads())
+                    choice = choose_backend(lib_dir, _cpu_preference, n_threads=default_threads(), refused=_refused)
                 except RuntimeError as e:
                     log.error("llama.cpp: %s", e)
                     raise
@@ -80,6 +80,8 @@ def backend_init() -> None:
                 if not any(d["type"] == "cpu" for d in _scan_devices()):
                     raise RuntimeError(f"ggml loaded no CPU backend from {lib_dir}")
                 _choice = choice
+                if _on_chosen is not None:
+                    _on_chosen(choice.module, choice.extra_buffers)
             C.llama_backend_init()
             _devices = devices = _scan_devices()
             _backend_ready = True
@@ -100,6 +102,16 @@ def cpu_backend_choice() -> "BackendChoice | None":
 
 
 _cpu_preference = "auto"
+_refused: dict[tuple[str, bool], str] = {}
+_on_chosen: "Callable[[str, bool], None] | None" = None
+
+
+def set_backend_history(refused: dict[tuple[str, bool], str], on_chosen: "Callable[[str, bool], None]") -> None:
+    """Before the first model: CPU builds (with or without extra buffers) that killed an earlier worker
+    while serving, never to be chosen again, and where to record the build this worker chooses."""
+    global _refused, _on_chosen
+    with _backend_lock:
+        _refused, _on_chosen = dict(refused), on_chosen
 
 
 def set_cpu_backend(level: str) -> None:

@@ -234,6 +234,17 @@ def test_native_crash_signals_are_named_and_models_come_back(rserver, sig):
     died = [e for e in master_logs(rserver) if e.get("cause") == sig.name and e.get("pid") == out["old"]]
     assert died and f"killed by {sig.name}" in died[-1]["msg"], died
     assert rserver.status_of("late")["slots"] == 3
+    (cpu,) = [d for d in rserver.get("/status").json()["devices"] if d["type"] == "cpu"]
+    if sig == signal.SIGILL:
+        # An illegal instruction while serving, past the probe: the new worker does not choose that
+        # build again (here: the same build without its extra buffers), and says why.
+        assert cpu["extra_buffers"] is False, cpu
+        assert cpu["probes"][0] == {"module": cpu["module"], "extra_buffers": True, "ok": False, "seconds": 0.0,
+                                    "detail": "not tried: it killed a worker with SIGILL while serving"}, cpu
+        assert cpu["reason"].startswith("fallback: "), cpu
+        assert any("will not choose it again" in e.get("msg", "") for e in master_logs(rserver)), rserver.stderr()[-2000:]
+    else:  # a crash elsewhere is no reason to leave the build
+        assert cpu["extra_buffers"] is True and cpu["reason"] == "the best build for this CPU; its probe passed", cpu
 
 
 def test_worker_that_exits_by_itself_is_replaced(rserver):

@@ -121,6 +121,15 @@ def test_module_that_dies_either_way_falls_back_to_the_next_build():
     assert "SIGILL" in choice.reason and "SIGSEGV" in choice.reason
 
 
+def test_a_build_that_killed_a_worker_while_serving_is_not_tried_again():
+    probe, calls = _probe_dying_on({})
+    refused = {("cpu-sapphirerapids", True): "killed a worker with SIGILL"}
+    choice = choose_backend(Path("/nonexistent"), probe=probe, rank=lambda _: RANKED, refused=refused)
+    assert calls == [("cpu-sapphirerapids", False)]
+    assert (choice.module, choice.extra_buffers, choice.fell_back) == ("cpu-sapphirerapids", False, True)
+    assert choice.probes[0].detail == "not tried: it killed a worker with SIGILL while serving"
+
+
 def test_pinned_build_is_tried_first_and_falls_back_like_auto():
     probe, calls = _probe_dying_on({("cpu-icelake", True): signal.SIGILL, ("cpu-icelake", False): signal.SIGILL})
     choice = choose_backend(Path("/nonexistent"), "icelake", probe=probe, rank=lambda _: RANKED)

@@ -316,3 +316,16 @@ def test_metrics_export_the_restarts_the_master_counted(app_parts):
     text = client.simulate_get("/metrics").text
     assert "appliance_worker_restarts_total 1.0" in text
     assert 'appliance_worker_restarts_by_cause_total{cause="SIGILL"} 1.0' in text
+
+
+def test_cpu_backends_remember_a_build_that_killed_a_worker():
+    from appliance.desired import SharedState
+
+    state = SharedState()
+    assert state.backends.refused() == {} and state.backends.refuse_in_use("x") is None  # nothing in use yet
+    state.backends.in_use("cpu-sapphirerapids", True)
+    assert state.backends.refuse_in_use("killed a worker with SIGILL") == {"module": "cpu-sapphirerapids", "extra_buffers": True}
+    state.backends.in_use("cpu-sapphirerapids", False)  # the next worker's choice
+    assert state.backends.refused() == {("cpu-sapphirerapids", True): "killed a worker with SIGILL"}
+    state.backends.refuse_in_use("killed a worker with SIGILL")
+    assert set(state.backends.refused()) == {("cpu-sapphirerapids", True), ("cpu-sapphirerapids", False)}
