@@ -76,6 +76,14 @@ def describe_exit(code: int | None, sig: int | None, core_dumped: bool = False, 
     return "unknown", "ended (its exit status was not seen)"
 
 
+def _quietly(fn) -> None:
+    """Run fn, for its effect only: a failure shows again, with its message, where fn's result is needed."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - the first model load calls it again and reports the error
+        pass
+
+
 class _Arbiter(Arbiter):
     """gunicorn's master, told how each worker ended.
 
@@ -234,6 +242,11 @@ class ApplianceServer(BaseApplication):
     def _post_worker_init(self, worker) -> None:
         # Serve at once (/health answers while models load; /readiness says 503 until every desired
         # model is back); load the desired models in the background.
+        if self.settings.models:
+            # Choose (probe) the CPU backend on a pool thread now, while the models' files are read.
+            from .engine.llama import backend_init
+
+            gevent.get_hub().threadpool.spawn(_quietly, backend_init)
         restore = gevent.spawn(self._restore, getattr(worker, "replaces", None))
         if self.settings.attestation.seal_after_startup:
             gevent.spawn(self._seal_after, [restore])

@@ -21,7 +21,7 @@ def frozen(monkeypatch, tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(data)
     table = types.ModuleType("_appliance_bundle")
-    table.DIGESTS = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+    table.DIGESTS = {rel: (hashlib.sha256(data).hexdigest(),) for rel, data in files.items()}
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     monkeypatch.setattr(sys, "_MEIPASS", str(tmp_path), raising=False)
     monkeypatch.setitem(sys.modules, "_appliance_bundle", table)
