@@ -383,10 +383,13 @@ def create_app(
 
         set_cpu_backend(settings.server.cpu_backend)
     if models is None and shared is not None:
-        from .engine.llama import set_backend_history
+        from .engine.cpuprobe import BackendChoice
+        from .engine.llama import set_backend_choice
 
-        # A CPU build that killed an earlier worker with SIGILL is never chosen again.
-        set_backend_history(shared.backends.refused(), shared.backends.in_use)
+        # The CPU build the master chose and probed before forking this worker (or why there is none).
+        chosen, error = shared.backends.chosen()
+        if chosen is not None or error is not None:
+            set_backend_choice(BackendChoice.from_dict(chosen) if chosen else None, error, shared.backends.in_use)
     if provider is None and settings.attestation.provider != "none":
         a = settings.attestation
         provider = detect_provider(

@@ -216,6 +216,14 @@ class CpuBackends:
         value = self._record.read()[1]
         return value if isinstance(value, dict) else {"in_use": None, "refused": []}
 
+    def choose(self, choice: dict | None, error: str | None = None) -> None:
+        """Master: the CPU build the next worker loads (BackendChoice.to_dict()), or why there is none."""
+        self._record.update(lambda old: {**(old or {"in_use": None, "refused": []}), "choice": choice, "error": error})
+
+    def chosen(self) -> tuple[dict | None, str | None]:
+        value = self._value()
+        return value.get("choice"), value.get("error")
+
     def refused(self) -> dict[tuple[str, bool], str]:
         return {(r["module"], r["extra_buffers"]): r["why"] for r in self._value()["refused"]}
 
@@ -231,7 +239,7 @@ class CpuBackends:
             old = value if isinstance(value, dict) else {"in_use": None, "refused": []}
             if old["in_use"] is not None:
                 refused.append(old["in_use"])
-                return {"in_use": None, "refused": [*old["refused"], {**old["in_use"], "why": why}]}
+                return {**old, "in_use": None, "refused": [*old["refused"], {**old["in_use"], "why": why}]}
             return old
 
         self._record.update(change)

@@ -76,14 +76,6 @@ def describe_exit(code: int | None, sig: int | None, core_dumped: bool = False, 
     return "unknown", "ended (its exit status was not seen)"
 
 
-def _quietly(fn) -> None:
-    """Run fn, for its effect only: a failure shows again, with its message, where fn's result is needed."""
-    try:
-        fn()
-    except Exception:  # noqa: BLE001 - the first model load calls it again and reports the error
-        pass
-
-
 class _Arbiter(Arbiter):
     """gunicorn's master, told how each worker ended.
 
@@ -180,6 +172,7 @@ class ApplianceServer(BaseApplication):
             "limit_request_fields": 100,
             "worker_exit": self._worker_exit,
             "pre_fork": self._pre_fork,
+            "when_ready": self._when_ready,
             "post_worker_init": self._post_worker_init,
         }
         if self.tls is not None:
@@ -220,6 +213,7 @@ class ApplianceServer(BaseApplication):
                     "llama.cpp's %s build%s was in use: the next worker will not choose it again",
                     build["module"], "" if build["extra_buffers"] else " (without extra buffers)",
                 )
+                self._choose_cpu_backend()  # before the next worker is forked
         self._replacing = totals["last"]
         n = len(self.shared.desired.names())
         log.error(
@@ -235,6 +229,27 @@ class ApplianceServer(BaseApplication):
             return DirectWrites(app)  # streamed tokens may then be written by a scheduler thread
         return app
 
+    def _when_ready(self, server) -> None:
+        # Master, bound and not yet forked: choose the CPU build once, here, where no thread can hold a
+        # lock a forked probe child would need (a worker loading models in its thread pool can).
+        self._choose_cpu_backend()
+
+    def _choose_cpu_backend(self) -> None:
+        from .engine.cpuprobe import choose_backend, llama_lib_dir
+        from .settings import default_threads
+
+        lib_dir = llama_lib_dir()
+        if lib_dir is None:  # a build without CPU modules: the worker takes what ggml has
+            return
+        try:
+            choice = choose_backend(lib_dir, self.settings.server.cpu_backend, n_threads=default_threads(),
+                                    refused=self.shared.backends.refused())
+        except RuntimeError as e:
+            log.error("llama.cpp: %s", e)
+            self.shared.backends.choose(None, str(e))
+            return
+        self.shared.backends.choose(choice.to_dict())
+
     def _pre_fork(self, server, worker) -> None:
         # Master, before the fork: tell the new worker whether it replaces a dead one (not a reload's).
         worker.replaces, self._replacing = self._replacing, None
@@ -242,11 +257,6 @@ class ApplianceServer(BaseApplication):
     def _post_worker_init(self, worker) -> None:
         # Serve at once (/health answers while models load; /readiness says 503 until every desired
         # model is back); load the desired models in the background.
-        if self.settings.models:
-            # Choose (probe) the CPU backend on a pool thread now, while the models' files are read.
-            from .engine.llama import backend_init
-
-            gevent.get_hub().threadpool.spawn(_quietly, backend_init)
         restore = gevent.spawn(self._restore, getattr(worker, "replaces", None))
         if self.settings.attestation.seal_after_startup:
             gevent.spawn(self._seal_after, [restore])

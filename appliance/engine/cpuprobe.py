@@ -12,7 +12,9 @@ the same module is tried without its extra buffers (llama.cpp's `use_extra_bufts
 AVX-512 kernels, no AMX, no repacking), then the next best module; the first that passes is loaded.
 
 This module holds no llama.cpp state of its own: the child does all the loading, so the caller's
-process has loaded nothing when the choice is made.
+process has loaded nothing when the choice is made. The server makes the choice in the gunicorn master
+(single-threaded, before it forks a worker; forking a worker busy with threads can deadlock the child)
+and hands it to the worker; a process without that master (tests, the bench) makes it in backend_init.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["BackendChoice", "ProbeResult", "choose_backend", "rank_modules", "probe_module", "KERNEL_TYPES"]
+__all__ = ["BackendChoice", "ProbeResult", "choose_backend", "llama_lib_dir", "rank_modules", "probe_module", "KERNEL_TYPES"]
 
 # ggml_type ids (ggml.h) of the weight types llama.cpp's CPU kernels are tried on: every type a
 # current GGUF uses for its big matrices, which covers each family of kernels (legacy blocks, k-quants,
@@ -77,6 +79,22 @@ class BackendChoice:
             "reason": self.reason,
             "probes": [p.to_dict() for p in self.probes],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BackendChoice":
+        return cls(d["module"], d["extra_buffers"], d["reason"], tuple(ProbeResult(**p) for p in d["probes"]))
+
+
+def llama_lib_dir() -> Path | None:
+    """llama_cpp/lib, found without importing llama_cpp (which loads libllama): the gunicorn master
+    chooses the CPU build without loading llama.cpp itself."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib = Path(spec.submodule_search_locations[0]) / "lib"
+    return lib if any(lib.glob("libggml-cpu-*.so")) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +183,16 @@ def run_in_child(fn: Callable[..., object], *args: object, timeout: float) -> tu
     Blocking: call it from a real OS thread, never from the event loop. The child only runs fn and
     writes one JSON document to a pipe; it never returns into the caller's code.
     """
+    # SIGCHLD held until this child is reaped: a handler that reaps every child (gunicorn's master
+    # reaps with waitpid(-1)) would take its exit status. Delivered afterwards, it finds nothing of ours.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        return _run_in_child(fn, args, timeout)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _run_in_child(fn: Callable[..., object], args: tuple, timeout: float) -> tuple[str, object]:
     fork, waitpid, select = _originals()
     r, w = os.pipe()
     pid = fork()
@@ -172,6 +200,7 @@ def run_in_child(fn: Callable[..., object], *args: object, timeout: float) -> tu
         code = 70
         try:
             os.close(r)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
             _quiet_child()
             data = json.dumps(fn(*args)).encode()
             while data:
@@ -202,9 +231,17 @@ def run_in_child(fn: Callable[..., object], *args: object, timeout: float) -> tu
         os.close(r)
     if timed_out:
         os.kill(pid, signal.SIGKILL)
-    _, status = waitpid(pid, 0)
+    try:
+        _, status = waitpid(pid, 0)
+    except ChildProcessError:  # reaped by another thread's handler: only its output can tell
+        status = None
     if timed_out:
         return f"timed out after {timeout:g} s", None
+    if status is None:
+        try:
+            return "ok", json.loads(b"".join(chunks))
+        except ValueError:
+            return "ended without a result (its exit status was reaped elsewhere)", None
     if os.WIFSIGNALED(status):
         return f"killed by {_signal_name(os.WTERMSIG(status))}", None
     code = os.WEXITSTATUS(status)

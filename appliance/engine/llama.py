@@ -21,7 +21,7 @@ from ..buildinfo import verify_bundle
 
 __all__ = [
     "LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams",
-    "backend_init", "backend_ready", "backend_devices", "set_cpu_backend", "cpu_backend_choice", "set_backend_history",
+    "backend_init", "backend_ready", "backend_devices", "set_cpu_backend", "cpu_backend_choice", "set_backend_choice",
 ]
 
 if TYPE_CHECKING:
@@ -62,11 +62,16 @@ def backend_init() -> None:
                 from ..settings import default_threads
                 from .cpuprobe import choose_backend
 
-                try:
-                    choice = choose_backend(lib_dir, _cpu_preference, n_threads=default_threads(), refused=_refused)
-                except RuntimeError as e:
-                    log.error("llama.cpp: %s", e)
-                    raise
+                if _preset_error is not None:  # the master found no build that runs here
+                    raise RuntimeError(_preset_error)
+                if _preset is not None:  # chosen (probed) by the gunicorn master
+                    choice = _preset
+                else:
+                    try:
+                        choice = choose_backend(lib_dir, _cpu_preference, n_threads=default_threads())
+                    except RuntimeError as e:
+                        log.error("llama.cpp: %s", e)
+                        raise
                 if choice.fell_back:
                     log.warning("llama.cpp CPU backend: %s", choice.reason)
                 # The frozen binary: the backend modules about to load are still the ones it was built with.
@@ -102,16 +107,19 @@ def cpu_backend_choice() -> "BackendChoice | None":
 
 
 _cpu_preference = "auto"
-_refused: dict[tuple[str, bool], str] = {}
+_preset: "BackendChoice | None" = None
+_preset_error: str | None = None
 _on_chosen: "Callable[[str, bool], None] | None" = None
 
 
-def set_backend_history(refused: dict[tuple[str, bool], str], on_chosen: "Callable[[str, bool], None]") -> None:
-    """Before the first model: CPU builds (with or without extra buffers) that killed an earlier worker
-    while serving, never to be chosen again, and where to record the build this worker chooses."""
-    global _refused, _on_chosen
+def set_backend_choice(
+    choice: "BackendChoice | None", error: str | None, on_chosen: "Callable[[str, bool], None] | None" = None
+) -> None:
+    """Before the first model: the CPU build the gunicorn master chose (and probed) for this worker,
+    or why it found none; `on_chosen` records the build once it is loaded."""
+    global _preset, _preset_error, _on_chosen
     with _backend_lock:
-        _refused, _on_chosen = dict(refused), on_chosen
+        _preset, _preset_error, _on_chosen = choice, error, on_chosen
 
 
 def set_cpu_backend(level: str) -> None:
