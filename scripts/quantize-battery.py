@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from appliance.modelfile import file_sha256
 
 HERE = Path(__file__).resolve().parent
 SOURCE_TYPE = "Q4_K_M"
@@ -48,14 +49,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "appliance"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def real_model() -> Path:
     done = subprocess.run([str(HERE / "real-model.sh")], env={**os.environ, "PYTHON": sys.executable},
                           stdout=subprocess.PIPE, text=True, check=True)
@@ -66,7 +59,7 @@ def _verified(path: Path) -> bool:
     digest = path.with_name(path.name + ".sha256")
     if not (path.is_file() and digest.is_file()):
         return False
-    if sha256_file(path) == digest.read_text().split()[0]:
+    if file_sha256(path) == digest.read_text().split()[0]:
         return True
     print(f"{path} does not match its recorded sha256: quantizing it again", file=sys.stderr)
     return False
@@ -110,7 +103,7 @@ def quantize(source: Path, out: Path, qtype: str, threads: int) -> float:
         rc = C.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize({qtype}) returned {rc}")
-        tmp.with_name(tmp.name + ".sha256").write_text(f"{sha256_file(tmp)}  {out.name}\n")
+        tmp.with_name(tmp.name + ".sha256").write_text(f"{file_sha256(tmp)}  {out.name}\n")
         # The digest first: a model in place always has its digest beside it.
         os.replace(tmp.with_name(tmp.name + ".sha256"), out.with_name(out.name + ".sha256"))
         os.replace(tmp, out)
@@ -124,7 +117,7 @@ def battery(source: Path, types: list[str], threads: int) -> dict[str, str]:
     import llama_cpp
 
     _quiet_llama()
-    src_sha = sha256_file(source)
+    src_sha = file_sha256(source)
     out_dir = cache_root() / "models" / "battery" / f"{src_sha[:16]}-llama{llama_cpp.__version__}"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = source.name.removesuffix(".gguf")

@@ -31,17 +31,19 @@ N = 24
 # llama-cpp-python's own completion API on the same file; greedy (temperature 0 adds llama.cpp's
 # greedy sampler; top_k 1 would too). Only the backend loading is ours: the wheel is built with ggml's
 # backends as loadable modules, and llama-cpp-python loads none by itself.
-_REFERENCE = r"""
+_PREAMBLE = r"""
 import ctypes, json, pathlib, sys
 import llama_cpp
 C = llama_cpp.llama_cpp
 path, module, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-prompts = json.loads(sys.stdin.read())
 _ = C._lib
 ggml = ctypes.CDLL("libggml.so.0")
 ggml.ggml_backend_load.argtypes, ggml.ggml_backend_load.restype = [ctypes.c_char_p], ctypes.c_void_p
 if not ggml.ggml_backend_load(str(pathlib.Path(C._base_path) / f"libggml-{module}.so").encode()):
     sys.exit(f"cannot load {module}")
+"""
+_REFERENCE = _PREAMBLE + r"""
+prompts = json.loads(sys.stdin.read())
 llm = llama_cpp.Llama(model_path=path, n_ctx=512, verbose=False)
 out = [llm.create_completion(p, max_tokens=n, temperature=0.0, top_k=1)["choices"][0]["text"] for p in prompts]
 print(json.dumps(out))
@@ -141,17 +143,8 @@ def test_logprobs_on_real_text(gemma):
 _TURN_MARKERS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>")
 
 
-_CHAT_REFERENCE = r"""
-import ctypes, json, pathlib, sys
-import llama_cpp
-C = llama_cpp.llama_cpp
-path, module, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+_CHAT_REFERENCE = _PREAMBLE + r"""
 messages = json.loads(sys.stdin.read())
-_ = C._lib
-ggml = ctypes.CDLL("libggml.so.0")
-ggml.ggml_backend_load.argtypes, ggml.ggml_backend_load.restype = [ctypes.c_char_p], ctypes.c_void_p
-if not ggml.ggml_backend_load(str(pathlib.Path(C._base_path) / f"libggml-{module}.so").encode()):
-    sys.exit(f"cannot load {module}")
 # llama.cpp's own rendering of its built-in "gemma" template, then its own greedy completion of it.
 chat = (C.llama_chat_message * len(messages))(*[C.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages])
 buf = ctypes.create_string_buffer(8192)
