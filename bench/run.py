@@ -151,8 +151,15 @@ def ours(
     return s
 
 
-def theirs(binary: str, model: Path, port: int, *, threads: int | None, parallel: int | None, n_ctx: int | None) -> Server:
+def theirs(
+    binary: str, model: Path, port: int, *, threads: int | None, parallel: int | None, n_ctx: int | None,
+    cpu_module: str | None = None, chat_template: str | None = None,
+) -> Server:
+    if cpu_module:
+        binary = pinned_llama_server(binary, cpu_module)
     cmd = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--alias", "bench", "--no-webui"]
+    if chat_template:  # llama.cpp's own built-in template, the one the appliance picks for a GGUF without one
+        cmd += ["--no-jinja", "--chat-template", chat_template]
     if threads:
         cmd += ["-t", str(threads), "-tb", str(threads)]
     if parallel:
@@ -161,6 +168,26 @@ def theirs(binary: str, model: Path, port: int, *, threads: int | None, parallel
     s = Server("llama-server", cmd, dict(os.environ), "/health")
     s.port = port
     return s
+
+
+def pinned_llama_server(binary: str, cpu_module: str) -> str:
+    """A copy of llama-server in a directory whose only CPU build is `cpu_module` (llama-server loads
+    every CPU build next to its executable and takes the best; a copy, since /proc/self/exe resolves
+    links). Its other libraries are links to the cached build."""
+    src = Path(binary).parent
+    d = RESULTS / f"llama-server-{cpu_module}"
+    d.mkdir(parents=True, exist_ok=True)
+    for lib in src.glob("lib*.so*"):
+        if lib.name.startswith("libggml-cpu-") and lib.name != f"libggml-{cpu_module}.so":
+            continue
+        link = d / lib.name
+        if not link.exists():
+            link.symlink_to(lib.resolve())
+    exe = d / "llama-server"
+    if not exe.exists():
+        exe.write_bytes(Path(binary).read_bytes())
+        exe.chmod(0o755)
+    return str(exe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +226,17 @@ def stream_completion(url: str, prompt: str, max_tokens: int, seed: int, model: 
     return res
 
 
+def all_at_once(run, clients: int) -> float:
+    """run(0) ... run(clients - 1), each on its own thread, started together; the wall time."""
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def concurrent(
     url: str, clients: int, max_tokens: int, rng: random.Random, prompt_words: int = 24, model: str = "bench"
 ) -> dict:
@@ -208,13 +246,7 @@ def concurrent(
     def run(i: int) -> None:
         results[i] = stream_completion(url, prompts[i], max_tokens, 1000 + i, model=model)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = all_at_once(run, clients)
     total = sum(r.tokens for r in results)
     if total != clients * max_tokens:
         raise SystemExit(f"{url}: expected {clients * max_tokens} tokens, got {total}")
@@ -286,6 +318,33 @@ def multi_turn(url: str, rng: random.Random) -> dict:
     cold_msgs = [{"role": "system", "content": prompt_of(400, rng)}] + turn2[1:]
     cold, _ = chat(cold_msgs)
     return {"warm_ttft_ms": warm * 1000, "cold_ttft_ms": cold * 1000, "speedup": cold / warm if warm else 0.0}
+
+
+QUESTIONS = [
+    "Write a short poem about the sea.",
+    "Explain in a few sentences why the sky is blue.",
+    "List three tips for writing clear emails.",
+    "What is the capital of France, and what is it known for?",
+]
+
+
+def natural_chat(url: str, clients: int, max_tokens: int = 300) -> dict:
+    """Chat requests that end where the model ends them (EOS, no ignore_eos), greedy so both servers
+    generate the same tokens: `clients` at once, each asking every question in turn."""
+    done: list[tuple[int, str]] = []
+
+    def run(i: int) -> None:
+        for q in QUESTIONS[i % len(QUESTIONS):] + QUESTIONS[: i % len(QUESTIONS)]:
+            body = {"model": "bench", "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
+                    "temperature": 0}
+            r = requests.post(url + "/v1/chat/completions", json=body, timeout=900)
+            r.raise_for_status()
+            j = r.json()
+            done.append((j["usage"]["completion_tokens"], j["choices"][0]["finish_reason"]))
+
+    wall = all_at_once(run, clients)
+    tokens = sum(n for n, _ in done)
+    return {"tokens_per_s": tokens / wall, "tokens": tokens, "ended_by_model": sum(f == "stop" for _, f in done) / len(done)}
 
 
 def memory_bandwidth_gbs() -> float:
@@ -426,6 +485,18 @@ class Row:
         return cls(metric, statistics.median(ours), statistics.median(theirs), higher_is_better, unit, paired)
 
 
+def alternate(pair: list[Server], reps: int, fn, *a, after_pair=None) -> dict[str, list]:
+    """fn(url, *a) for ours, theirs, ours, theirs, ...: both servers see the same host moments;
+    after_pair() after each pair (the engine ceiling, on the same host too)."""
+    vals: dict[str, list] = {s.name: [] for s in pair}
+    for _ in range(reps):
+        for s in pair:
+            vals[s.name].append(fn(s.url, *a))
+        if after_pair is not None:
+            after_pair()
+    return vals
+
+
 def measure(
     pair: list[Server], args, rng: random.Random, label: str, ceiling: EngineCeiling | None = None
 ) -> tuple[list[Row], dict[str, float]]:
@@ -433,13 +504,9 @@ def measure(
     ceilings: dict[str, float] = {}
 
     def both(fn, *a, workload: tuple[str, int, int] | None = None):
-        vals = {s.name: [] for s in pair}
         ceil: list[float] = []
-        for _ in range(args.reps):
-            for s in pair:  # alternate: ours, theirs, ours, theirs, ...
-                vals[s.name].append(fn(s.url, *a))
-            if ceiling and workload:  # ... and the ceiling after each pair, on the same host
-                ceil.append(ceiling.run(*workload[1:]))
+        after = (lambda: ceil.append(ceiling.run(*workload[1:]))) if ceiling and workload else None
+        vals = alternate(pair, args.reps, fn, *a, after_pair=after)
         if ceil:
             ceilings[workload[0]] = statistics.median(ceil)
         return vals
@@ -474,6 +541,81 @@ def measure(
     rows.append(row("multi-turn chat TTFT, cold equal-length prompt", v, "cold_ttft_ms", False, "ms"))
     rows.append(Row("peak RSS", pair[0].peak_rss_mb(), pair[1].peak_rss_mb(), False, "MiB"))
     return rows, ceilings
+
+
+def measure_real(pair: list[Server], args, rng: random.Random) -> tuple[list[Row], dict]:
+    """The real model: fixed-length generation (ignore_eos), and natural chat that ends at EOS."""
+    o, t = pair[0].name, pair[1].name
+    rows: list[Row] = []
+    label = "real model: "
+    v = alternate(pair, args.real_reps, lambda url: single_stream(url, args.single_tokens, rng))
+    rows.append(Row.of_runs(f"{label}single-stream generation", v[o], v[t], unit="tok/s"))
+    for c in (4,):
+        v = alternate(pair, args.real_reps, lambda url, c=c: concurrent(url, c, args.tokens // 2, rng))
+        rows.append(Row.of_runs(f"{label}aggregate, {c} streams", [x["tokens_per_s"] for x in v[o]],
+                                [x["tokens_per_s"] for x in v[t]], unit="tok/s"))
+    ended: dict[str, float] = {}
+    for c in (1, 4):
+        v = alternate(pair, args.real_reps, lambda url, c=c: natural_chat(url, c))
+        rows.append(Row.of_runs(f"{label}natural chat to EOS, {c} client(s)", [x["tokens_per_s"] for x in v[o]],
+                                [x["tokens_per_s"] for x in v[t]], unit="tok/s"))
+        ended[f"{c} client(s)"] = {n: statistics.median(x["ended_by_model"] for x in v[n]) for n in (o, t)}
+        ended[f"{c} client(s) tokens"] = {n: statistics.median(x["tokens"] for x in v[n]) for n in (o, t)}
+    v = alternate(pair, args.real_reps, lambda url: ttfts(url, 700, 2, rng))
+    rows.append(Row.of_runs(f"{label}prompt processing", [x["prompt_tokens_per_s"] for x in v[o]],
+                            [x["prompt_tokens_per_s"] for x in v[t]], unit="tok/s"))
+    rows.append(Row(f"{label}peak RSS", pair[0].peak_rss_mb(), pair[1].peak_rss_mb(), False, "MiB"))
+    return rows, ended
+
+
+def real_model_section(llama_server: str, args, rng: random.Random) -> tuple[str, dict]:
+    """Gemma 3 270M Q4_K_M, both servers on the best CPU build both can run here."""
+    model = Path(subprocess.run(["bash", str(ROOT / "scripts/real-model.sh")], check=True, capture_output=True,
+                                text=True).stdout.strip())
+    sys.path.insert(0, str(ROOT))
+    import llama_cpp.llama_cpp as C
+
+    from appliance.engine.cpuprobe import rank_modules
+
+    levels = [tag for tag, _ in rank_modules(Path(C._base_path))]
+    notes: list[str] = []
+    equal = dict(threads=args.threads, parallel=4, n_ctx=args.n_ctx)
+    for i, level in enumerate(levels):
+        pin = None if i == 0 else level  # first: each server's own pick; after a failure, both pinned
+        pair = [ours(model, free_port(), **equal, cpu_backend=(pin or "auto").removeprefix("cpu-")),
+                theirs(llama_server, model, free_port(), **equal, cpu_module=pin, chat_template="gemma")]
+        try:
+            try:
+                for s in pair:
+                    s.start()
+                for s in pair:
+                    stream_completion(s.url, "warm up", 8, 1)
+            except (SystemExit, requests.RequestException) as e:
+                who = next((s for s in pair if s.proc and s.proc.poll() is not None), None)
+                code = who.proc.returncode if who else None
+                notes.append(f"{who.name if who else 'a server'} could not run {pin or 'its own pick'} here "
+                             f"(exit {code}: {e}); both pinned to the next build")
+                continue
+            backends = {s.name: s.cpu_backend() for s in pair}
+            rows, ended = measure_real(pair, args, rng)
+            break
+        finally:
+            for s in pair:
+                s.stop()
+    else:
+        raise SystemExit("no CPU build ran both servers on the real model: " + "; ".join(notes))
+    head = (f"Real model: {model.name} ({model.stat().st_size / 1e6:.0f} MB, Gemma 3 270M, Q4_K_M), {args.threads} "
+            f"threads, 4 slots, {args.n_ctx} tokens per slot, {args.real_reps} alternating runs. CPU build each server "
+            f"ran: " + ", ".join(f"{k} {v}" for k, v in backends.items()) + ". "
+            + (" ".join(notes) + " " if notes else "")
+            + "Chat: llama.cpp's built-in `gemma` template in both (the GGUF has none; llama-server given "
+            "`--chat-template gemma`), greedy, max 300 tokens, the same four questions per client; share of "
+            "answers the model ended itself (EOS): " + ", ".join(
+                f"{k} ours {v['appliance']:.0%} / theirs {v['llama-server']:.0%}" for k, v in ended.items() if "tokens" not in k)
+            + "; completion tokens per run: " + ", ".join(
+                f"{k.removesuffix(' tokens')} {v['appliance']:.0f} / {v['llama-server']:.0f}" for k, v in ended.items() if "tokens" in k)
+            + ".")
+    return head + "\n\n" + table(rows), {"cpu_backends": backends, "rows": [r.__dict__ for r in rows], "notes": notes, "chat": ended}
 
 
 def table(rows: list[Row]) -> str:
@@ -556,6 +698,9 @@ def main() -> None:
     ap.add_argument("--skip-defaults", action="store_true", help="skip the run with each server's default settings")
     ap.add_argument("--cpu-dispatch", action="store_true",
                     help="instead: ours with the CPU build runtime dispatch picks vs the x86-64-v3 build")
+    ap.add_argument("--real-reps", type=int, default=5, help="alternating runs on the real model")
+    ap.add_argument("--real-only", action="store_true", help="only the real-model section (no README update)")
+    ap.add_argument("--skip-real", action="store_true", help="skip the real-model section")
     ap.add_argument("--engine-ceiling", action="store_true", help=argparse.SUPPRESS)  # EngineCeiling's child
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -572,6 +717,12 @@ def main() -> None:
         return
     llama_server = subprocess.run(["bash", str(ROOT / "scripts/llama-server.sh")], check=True, capture_output=True, text=True).stdout.strip()
     rng = random.Random(1234)
+    if args.real_only:
+        md, result = real_model_section(llama_server, args, rng)
+        print(md)
+        (RESULTS / "real-model.json").write_text(json.dumps(result, indent=2))
+        (RESULTS / "real-model.md").write_text(md + "\n")
+        return
 
     equal = dict(threads=args.threads, parallel=args.slots, n_ctx=args.n_ctx)
     pair = [ours(model, free_port(), **equal), theirs(llama_server, model, free_port(), **equal)]
@@ -606,6 +757,8 @@ def main() -> None:
             for s in pair:
                 s.stop()
 
+    real_md, real = ("", {}) if args.skip_real else real_model_section(llama_server, args, rng)
+
     bw = memory_bandwidth_gbs()
     per_token = weights_read_per_token(model)
     limit = bw * 1e9 / per_token
@@ -626,7 +779,7 @@ def main() -> None:
                   "batch, all streams decoded together), equal settings, run after each pair of server runs (the "
                   "median); in brackets, what each server reaches of it:"
                   "\n\n" + ceiling_table(rows, ceiling))
-    md = "\n\n".join([settings, table(rows + default_rows), ceiling_md, physical])
+    md = "\n\n".join([settings, table(rows + default_rows), ceiling_md, physical] + ([real_md] if real_md else []))
     print(md)
     result = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -637,6 +790,7 @@ def main() -> None:
         "weights_bytes_per_token": per_token,
         "physical_limit_tokens_per_s": limit,
         "engine_ceiling_tokens_per_s": ceiling,
+        "real_model": real,
     }
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=2))
     (RESULTS / "latest.md").write_text(md + "\n")
