@@ -23,6 +23,7 @@ from .scheduler import EngineObserver, ModelEngine
 __all__ = ["ModelRecord", "ModelRegistry"]
 
 log = logging.getLogger("appliance.models")
+_SEALED_OPENABLE = Path("/proc/self/fd")
 
 @dataclass
 class ModelRecord:
@@ -122,11 +123,12 @@ class ModelRegistry:
         if existing is not None and existing.state != "failed":
             raise Conflict(f"A model named '{settings.name}' is already {existing.state}", param="model_name")
         check_gguf(settings.path)
-        rec = ModelRecord(settings.name, settings, mmap=self.mmap_of(settings))
+        mmap = self._mmap_for_load(settings)
+        rec = ModelRecord(settings.name, settings, mmap=mmap)
         self._records[settings.name] = rec
         t0 = time.perf_counter()
         try:
-            engine, sha, template = gevent.get_hub().threadpool.apply(self._load_blocking, (settings,))
+            engine, sha, template = gevent.get_hub().threadpool.apply(self._load_blocking, (settings, mmap))
         except Forbidden:
             rec.state = "failed"
             rec.error = "digest not in model_policy.allowed_sha256"
@@ -163,9 +165,25 @@ class ModelRegistry:
         loads the one copy read into sealed memory (the default wherever a TEE provider is active)."""
         return self._default_mmap if settings.use_mmap is None else settings.use_mmap
 
-    def _load_blocking(self, settings: ModelSettings):
+    def _mmap_for_load(self, settings: ModelSettings) -> bool:
+        """mmap_of(settings), unless the sealed copy cannot be opened here: llama.cpp opens it as
+        /proc/self/fd/N, and a chroot or a minimal container may have no /proc. Then a model whose
+        use_mmap is unset is mapped from its file (as the claims then say, so a verifier's default
+        policy refuses it), and one whose use_mmap is false is refused."""
+        mmap = self.mmap_of(settings)
+        if mmap or _SEALED_OPENABLE.is_dir():
+            return mmap
+        if settings.use_mmap is False:
+            raise BadRequest(
+                f"model {settings.name}: use_mmap = false needs /proc (its sealed copy is opened as "
+                "/proc/self/fd/N), and /proc is not mounted here", param="use_mmap")
+        log.warning("model %s: /proc is not mounted, so its file is mapped from disk instead of read into sealed "
+                    "memory (the claims say mmap: true)", settings.name)
+        return True
+
+    def _load_blocking(self, settings: ModelSettings, mmap: bool):
         sealed: SealedModel | None = None
-        if self.mmap_of(settings):
+        if mmap:
             # The disk is trusted by configuration: hashed, then mapped (what the claims then say).
             sha, source = file_sha256(settings.path), settings.path
             if self._after_read is not None:

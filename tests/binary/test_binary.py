@@ -75,7 +75,8 @@ def test_embedded_model_served_out_of_the_box(run_binary, manifest: dict, embedd
     assert r.status_code == 200, r.text
     claims = r.json()["claims"]
     assert claims["binary"] == {"kind": "frozen", "sha256": manifest["binary"]["sha256"]}
-    assert {"name": embedded["name"], "sha256": embedded["sha256"]} in claims["models"]
+    # Read once into sealed memory (mmap: false), like any model wherever an attestation provider is active.
+    assert {"name": embedded["name"], "sha256": embedded["sha256"], "mmap": False} in claims["models"]
 
 
 def test_run_time_models_still_work(run_binary, embedded: dict, other_model: Path):
