@@ -121,3 +121,16 @@ def test_mmap_default_follows_the_registry_and_the_setting_wins(models):
     assert registry.mmap_of(s.model_settings("x", models[0])) is True
     assert registry.mmap_of(s.model_settings("x", models[0], use_mmap=False)) is False
     assert ModelRegistry().mmap_of(s.model_settings("x", models[0])) is False
+
+
+def test_the_kernels_shared_memory_huge_page_mode_is_read(monkeypatch, tmp_path):
+    from appliance import modelfile
+
+    f = tmp_path / "shmem_enabled"
+    f.write_text("always within_size advise [never] deny force\n")
+    monkeypatch.setattr(modelfile, "_SHMEM_THP", f)
+    assert modelfile.shmem_huge_pages() == "never"
+    f.write_text("always [within_size] advise never deny force\n")
+    assert modelfile.shmem_huge_pages() == "within_size"
+    monkeypatch.setattr(modelfile, "_SHMEM_THP", tmp_path / "absent")
+    assert modelfile.shmem_huge_pages() is None
