@@ -58,6 +58,8 @@ def verify_bundle(prefix: str = "") -> int:
     were checked (0 for a source install, or a build without the table)."""
     if not getattr(sys, "frozen", False):
         return 0
+    from .modelfile import file_sha256
+
     try:
         from _appliance_bundle import DIGESTS  # type: ignore[import-not-found]
     except ImportError:
@@ -69,15 +71,12 @@ def verify_bundle(prefix: str = "") -> int:
         if not rel.startswith(prefix):
             continue
         checked += 1
-        h = hashlib.sha256()
         try:
-            with open(base / rel, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
+            digest = file_sha256(base / rel)
         except OSError:
             bad.append(f"{rel} (missing)")
             continue
-        if h.hexdigest() not in digests:  # the digests the build could have put there
+        if digest not in digests:  # the digests the build could have put there
             bad.append(rel)
     if bad:
         raise RuntimeError(f"extracted files differ from this binary's build: {', '.join(bad[:10])}"

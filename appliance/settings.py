@@ -62,7 +62,8 @@ class ModelDefaults(_Strict):
     seed: Annotated[int, Field(ge=0, lt=1 << 32)] | None = None
     """Seed for requests that give none; unset means a fresh random seed per request."""
     chat_template: str | None = None
-    """Jinja chat template overriding the one in the GGUF metadata."""
+    """Chat template overriding the one in the GGUF metadata: Jinja text, or a llama.cpp built-in name
+    ("gemma", "llama3", "chatml", ...)."""
     max_queue: Annotated[int, Field(ge=0, le=100_000)] = 64
     """Requests waiting for a slot before new ones get 503 with Retry-After."""
     use_mmap: bool | None = None
