@@ -13,13 +13,14 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import falcon
 
 from . import __version__
+from .attest import AttestationResource, Attestor
 from .desired import DesiredModels, SharedState, StateFull
 from .engine.registry import ModelRegistry
 from .errors import (
@@ -37,12 +38,11 @@ from .errors import (
 from .inference import Inference
 from .metrics import Metrics
 from .schemas import LoadModelRequest, UnloadModelRequest, parse
-from .security.identity import Identity
-from .attest import AttestationResource, Attestor
 from .security.auth import Auth
-from .tee import detect_provider
+from .security.identity import Identity
 from .security.signing import ResponseSigning
 from .settings import Settings, default_threads
+from .tee import detect_provider
 
 __all__ = ["create_app", "AppState", "ROUTES"]
 

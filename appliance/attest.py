@@ -11,7 +11,7 @@ import base64
 import logging
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import gevent
 from gevent import monkey

@@ -18,7 +18,8 @@ import json
 import logging
 import mmap
 import struct
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .settings import ModelSettings
 

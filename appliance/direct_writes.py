@@ -16,7 +16,7 @@ is kept and the response's greenlet sends it, in order, before its next item.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from gunicorn.http.wsgi import Response as _GunicornResponse
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from json.encoder import encode_basestring as _json_string  # the C encoder json.dumps uses for a str
 import secrets
 import socket
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from json.encoder import encode_basestring as _json_string  # the C encoder json.dumps uses for a str
 
 import falcon
 import gevent

@@ -57,7 +57,7 @@ class _Sampling(_Body):
     n_ctx: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
 
     @model_validator(mode="after")
-    def _supported(self) -> "_Sampling":
+    def _supported(self) -> _Sampling:
         if self.n != 1:
             raise ValueError("n: only n=1 is supported; send separate requests (they are batched together)")
         if self.logit_bias:
@@ -89,7 +89,7 @@ class CompletionRequest(_Sampling):
     best_of: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
-    def _supported_completion(self) -> "CompletionRequest":
+    def _supported_completion(self) -> CompletionRequest:
         if isinstance(self.prompt, list):
             if not self.prompt:
                 raise ValueError("prompt: must not be empty")
@@ -132,7 +132,7 @@ class ChatRequest(_Sampling):
     device: Literal["cpu", "cuda", "metal", "auto"] | None = None
 
     @model_validator(mode="after")
-    def _supported_chat(self) -> "ChatRequest":
+    def _supported_chat(self) -> ChatRequest:
         if self.tools:
             raise ValueError("tools: tool calling is not supported")
         if self.top_logprobs is not None and not self.logprobs:

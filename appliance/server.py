@@ -21,7 +21,7 @@ import resource
 import signal
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import gevent
 from gunicorn.app.base import BaseApplication
@@ -84,7 +84,7 @@ class _Arbiter(Arbiter):
     leaves the child waitable, then let gunicorn reap it as always.
     """
 
-    def __init__(self, app: "ApplianceServer") -> None:
+    def __init__(self, app: ApplianceServer) -> None:
         super().__init__(app)
         self._asked_to_exit: set[int] = set()
 
@@ -187,7 +187,7 @@ class ApplianceServer(BaseApplication):
         try:
             _Arbiter(self).run()
         except RuntimeError as e:
-            print("\nError: %s\n" % e, file=sys.stderr)
+            print(f"\nError: {e}\n", file=sys.stderr)
             sys.stderr.flush()
             sys.exit(1)
 

@@ -125,7 +125,7 @@ class ServerSettings(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _stream_writes_need_plain_http(self) -> "ServerSettings":
+    def _stream_writes_need_plain_http(self) -> ServerSettings:
         if self.stream_writes == "scheduler" and self.tls != "off":
             raise ValueError('stream_writes: "scheduler" writes to plain sockets only; it needs tls = "off"')
         return self
@@ -189,7 +189,7 @@ class AuthSettings(_Strict):
     replay_cache_size: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
 
     @model_validator(mode="after")
-    def _consistent(self) -> "AuthSettings":
+    def _consistent(self) -> AuthSettings:
         if self.require_signed_requests and not self.client_keys:
             raise ValueError("require_signed_requests needs at least one entry in auth.client_keys")
         names = [k.name for k in self.api_keys] + [k.keyid for k in self.client_keys]
@@ -245,7 +245,7 @@ class LimitsSettings(_Strict):
     rate_burst: Annotated[int, Field(ge=1, le=100_000)] = 20
 
     @model_validator(mode="after")
-    def _consistent(self) -> "LimitsSettings":
+    def _consistent(self) -> LimitsSettings:
         if self.default_max_tokens > self.max_tokens:
             raise ValueError("default_max_tokens exceeds max_tokens")
         return self
@@ -271,7 +271,7 @@ class Settings(_Strict):
         return models
 
     @model_validator(mode="after")
-    def _safe_bind(self) -> "Settings":
+    def _safe_bind(self) -> Settings:
         # The seed's open, keyless API is only acceptable where nobody else can reach it.
         if not self.server.loopback and not self.auth.keys_configured and not self.auth.open_inference:
             raise ValueError(

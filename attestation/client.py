@@ -37,8 +37,8 @@ import secrets
 import ssl
 import threading
 import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -54,10 +54,10 @@ from .signing import (
     StreamChain,
     VerificationError,
     VerifiedStream,
-    verify_stream_headers,
     key_id,
     verify_response,
     verify_stream,
+    verify_stream_headers,
 )
 from .verify import AttestationFailed, Factor, VerificationReport, verify_attestation
 

@@ -61,11 +61,11 @@ class Policy:
     roots: dict = field(default_factory=dict)
     """Extra trusted root certificates by vendor (PEM paths): for tests and private PKIs only."""
 
-    def with_simulated(self) -> "Policy":
+    def with_simulated(self) -> Policy:
         return Policy(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "allow_simulated": True})
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Policy":
+    def from_dict(cls, data: dict) -> Policy:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -90,7 +90,7 @@ class Policy:
         return cls(**out)
 
     @classmethod
-    def from_manifest(cls, path: Path | str, **overrides) -> "Policy":
+    def from_manifest(cls, path: Path | str, **overrides) -> Policy:
         """Expected binary and model digests from a build manifest (`make binary` writes one)."""
         m = json.loads(Path(path).read_text())
         data = {"binary_sha256": [m["binary"]["sha256"]]}

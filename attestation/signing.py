@@ -21,8 +21,8 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import http_sf
 from cryptography.exceptions import InvalidSignature as _CryptoInvalid
@@ -187,7 +187,7 @@ class RequestInfo:
         checkpoint both use it)."""
         return content_digest(self.body)
 
-    def message(self) -> "_Req":
+    def message(self) -> _Req:
         headers = _Headers()
         if self.content_digest is not None:
             headers["content-digest"] = self.content_digest
@@ -195,7 +195,7 @@ class RequestInfo:
             headers[NONCE_HEADER] = self.nonce
         return _Req(self.method.upper(), _AUTHORITY + uri_target(self.target), headers)
 
-    def without_body(self) -> "RequestInfo":
+    def without_body(self) -> RequestInfo:
         """What a 413 is bound to: the server refused the body unread, so the empty body, and no
         Content-Digest (it could not be checked)."""
         return RequestInfo(self.method, self.target, b"", self.nonce)
@@ -320,7 +320,7 @@ def _bare(text: str) -> bool:
     return _plain(text) and '"' not in text and "\\" not in text
 
 
-def _plain_signature_base(msg: "_Resp", covered: tuple[str, ...], created: int, kid: str, nonce: str) -> tuple[bytes, str] | None:
+def _plain_signature_base(msg: _Resp, covered: tuple[str, ...], created: int, kid: str, nonce: str) -> tuple[bytes, str] | None:
     """The RFC 9421 signature base and serialised signature parameters of a response, or None when a
     value is unusual (a tab, a control or non-ASCII character, surrounding spaces, an out-of-range time).
 
@@ -548,7 +548,7 @@ def _verify_headers(
             f"{REQUEST_DIGEST_HEADER}: not the digest of the body sent (the response answers another request)"
         )
     if max_age is not None:
-        t = now if now is not None else datetime.datetime.now(datetime.timezone.utc).timestamp()
+        t = now if now is not None else datetime.datetime.now(datetime.UTC).timestamp()
         if created > t + _SKEW or t - created > max_age.total_seconds():
             raise VerificationError("signature: created is outside the allowed age")
     return result, h

@@ -480,7 +480,7 @@ class Row:
         self.ratio = self.ours / self.theirs if self.theirs else float("nan")
 
     @classmethod
-    def of_runs(cls, metric: str, ours: list[float], theirs: list[float], higher_is_better: bool = True, unit: str = "") -> "Row":
+    def of_runs(cls, metric: str, ours: list[float], theirs: list[float], higher_is_better: bool = True, unit: str = "") -> Row:
         paired = [a / b for a, b in zip(ours, theirs) if b]
         return cls(metric, statistics.median(ours), statistics.median(theirs), higher_is_better, unit, paired)
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import concurrent  # noqa: E402
+from run import concurrent
 
 
 def run(url: str, model: str, tokens: int, clients: int) -> dict:

@@ -33,18 +33,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cbor2  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives.serialization import load_der_private_key  # noqa: E402
 
-import cbor2  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-
+from appliance.security.identity import Identity  # noqa: E402
+from appliance.tee import SimulatedProvider  # noqa: E402
 from attestation.claims import Claims, ModelClaim, canonical_json, report_data  # noqa: E402
 from attestation.measurements import event_digest, model_event, replay  # noqa: E402
 from attestation.signing import NONCE_HEADER, RequestInfo  # noqa: E402
 from attestation.verify import MAX_EVIDENCE_BYTES  # noqa: E402
-from appliance.security.identity import Identity  # noqa: E402
-from appliance.tee import SimulatedProvider  # noqa: E402
 from tests.fixtures.tee import amd, intel  # noqa: E402
 from tests.fixtures.tee import nitro as nsm  # noqa: E402
 
@@ -331,17 +330,17 @@ SWAPPED_MODEL_SHA256 = hashlib.sha256(b"appliance attestation vector swapped mod
 ZERO48 = bytes(48)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def intel_pki() -> intel.TestPKI:
     return intel.make_pki(seed=SEED + b"/intel")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def amd_pki() -> amd.AmdPKI:
     return amd.make_pki(seed=SEED + b"/amd")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def nitro_pki() -> nsm.NitroPKI:
     return nsm.make_pki(HW_TIMESTAMP, seed=SEED + b"/aws")
 
@@ -515,8 +514,8 @@ def build_hardware() -> dict[str, dict]:
         note = " (the policy pins no PCRs here, so only the debug factor fails)" if kind == "nitro" else ""
         add("debug", f"Evidence from a debug TEE: {h['debug_what']}, correctly signed, without allow_debug{note}.",
             debug_doc, policy=debug_policy, failed=["debug"], error=err["debug"])
-        add("untrusted-root", f"The valid document under a policy without the test root (no policy.roots): the chain "
-            f"ends at a root that is not pinned.",
+        add("untrusted-root", "The valid document under a policy without the test root (no policy.roots): the chain "
+            "ends at a root that is not pinned.",
             good, policy={k: v for k, v in policy.items() if k != "roots"}, failed=["certificate-chain"],
             error=err["certificate-chain"])
         flipped = _flip(base64.b64decode(good["evidence_b64"]), h["flip"](base64.b64decode(good["evidence_b64"])))

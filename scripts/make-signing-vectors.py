@@ -29,12 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives.serialization import load_der_private_key  # noqa: E402
-
 from http_message_signatures import HTTPMessageSigner, algorithms  # noqa: E402
 
-from attestation import signing as s  # noqa: E402
 from appliance.security.identity import Identity  # noqa: E402
 from appliance.security.signing import CHECKPOINT_EVERY, SignedStream  # noqa: E402
+from attestation import signing as s  # noqa: E402
 
 OUT = ROOT / "spec" / "vectors" / "signing"
 
@@ -212,8 +211,8 @@ def client_request(*, body: bytes | None = None, target="/v1/chat/completions", 
     headers = {"Content-Type": "application/json"}
     headers.update(s.sign_request(
         client_key(), CLIENT_KEYID, method="POST", target=target, body=body,
-        created=datetime.datetime.fromtimestamp(created, tz=datetime.timezone.utc),
-        expires=datetime.datetime.fromtimestamp(expires, tz=datetime.timezone.utc), nonce=nonce,
+        created=datetime.datetime.fromtimestamp(created, tz=datetime.UTC),
+        expires=datetime.datetime.fromtimestamp(expires, tz=datetime.UTC), nonce=nonce,
     ))
     return {"method": "POST", "target": target, "headers": headers, "body_b64": b64(body)}
 
@@ -375,7 +374,7 @@ def build() -> dict[str, dict]:
             super().__init__(private=appliance_key())
 
     HTTPMessageSigner(signature_algorithm=algorithms.ED25519, key_resolver=_ApplianceKey()).sign(
-        msg, key_id=kid, created=datetime.datetime.fromtimestamp(CREATED, tz=datetime.timezone.utc),
+        msg, key_id=kid, created=datetime.datetime.fromtimestamp(CREATED, tz=datetime.UTC),
         nonce="response-sig-nonce-0010", label=s.LABEL, tag=s.TAG, use_existing_digest=True,
         covered_component_ids=[c for c in s.response_components(streaming=False, has_nonce=True, has_client=False)
                                if c != s.REQUEST_DIGEST_HEADER],

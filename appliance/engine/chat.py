@@ -21,9 +21,10 @@ from __future__ import annotations
 import ctypes
 import datetime
 import json
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Collection, Literal
+from typing import Literal
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -79,7 +80,7 @@ class ChatTemplate:
     jinja: str | None = None
 
     @classmethod
-    def configured(cls, text: str) -> "ChatTemplate":
+    def configured(cls, text: str) -> ChatTemplate:
         """The `chat_template` setting: a built-in template's name, or else Jinja text."""
         name = text.strip()
         if name in builtin_templates():
@@ -217,7 +218,7 @@ def render_chat(
         )
     if template.name is not None:
         return _apply_builtin(template.name, messages)
-    when = now or datetime.datetime.now(datetime.timezone.utc)
+    when = now or datetime.datetime.now(datetime.UTC)
     try:
         return _compile(template.jinja).render(
             messages=messages,

@@ -24,9 +24,9 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["BackendChoice", "ProbeResult", "choose_backend", "llama_lib_dir", "rank_modules", "probe_module", "KERNEL_TYPES"]
 
@@ -81,7 +81,7 @@ class BackendChoice:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BackendChoice":
+    def from_dict(cls, d: dict) -> BackendChoice:
         return cls(d["module"], d["extra_buffers"], d["reason"], tuple(ProbeResult(**p) for p in d["probes"]))
 
 
@@ -206,7 +206,7 @@ def _run_in_child(fn: Callable[..., object], args: tuple, timeout: float) -> tup
             while data:
                 data = data[os.write(w, data) :]
             code = 0
-        except BaseException:  # noqa: BLE001 - reported to the parent as the exit code
+        except BaseException:
             code = 70
         finally:
             os._exit(code)

@@ -10,9 +10,10 @@ import ctypes
 import logging
 import threading
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import llama_cpp.llama_cpp as C
 import numpy as np
@@ -98,22 +99,22 @@ def backend_init() -> None:
                 log.warning("CUDA build without a usable GPU, serving on the CPU: %s", _why_not_loaded(gpu_module))
 
 
-_choice: "BackendChoice | None" = None  # the CPU build in use and why (backend_init)
+_choice: BackendChoice | None = None  # the CPU build in use and why (backend_init)
 
 
-def cpu_backend_choice() -> "BackendChoice | None":
+def cpu_backend_choice() -> BackendChoice | None:
     """The CPU build llama.cpp runs here and why, once the backends are loaded."""
     return _choice
 
 
 _cpu_preference = "auto"
-_preset: "BackendChoice | None" = None
+_preset: BackendChoice | None = None
 _preset_error: str | None = None
-_on_chosen: "Callable[[str, bool], None] | None" = None
+_on_chosen: Callable[[str, bool], None] | None = None
 
 
 def set_backend_choice(
-    choice: "BackendChoice | None", error: str | None, on_chosen: "Callable[[str, bool], None] | None" = None
+    choice: BackendChoice | None, error: str | None, on_chosen: Callable[[str, bool], None] | None = None
 ) -> None:
     """Before the first model: the CPU build the gunicorn master chose (and probed) for this worker,
     or why it found none; `on_chosen` records the build once it is loaded."""
@@ -393,7 +394,7 @@ class LlamaContext:
             C.llama_set_n_threads(self._ptr, n_threads, n_threads_batch)
             self._threads = (n_threads, n_threads_batch)
 
-    def decode(self, batch: "Batch") -> int:
+    def decode(self, batch: Batch) -> int:
         return C.llama_decode(self._ptr, batch.struct)
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:

@@ -15,8 +15,9 @@ import math
 import time
 from _queue import SimpleQueue  # the C queue: never monkey-patched, safe between a greenlet and a thread
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import gevent
 import numpy as np
@@ -180,7 +181,7 @@ class Generation:
             self._items.append(delta)
             return True
 
-    def events(self, sink: DeltaSink | None = None) -> Iterator["Event"]:
+    def events(self, sink: DeltaSink | None = None) -> Iterator[Event]:
         """Yield the events in order. With `sink`, whenever this greenlet would wait with nothing
         queued (so everything yielded so far has been consumed), the deltas that follow go to
         `sink(delta)` on the scheduler thread instead: it takes the delta and returns whether to go

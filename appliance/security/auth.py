@@ -18,8 +18,8 @@ import hmac
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import falcon
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import datetime
 import secrets
-from typing import Callable
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -45,7 +45,7 @@ class Identity:
         return base64.b64encode(self.public_raw).decode()
 
     def sign_response(self, request: RequestInfo, status: int, headers: dict[str, str], body: bytes | None) -> dict[str, str]:
-        created = datetime.datetime.fromtimestamp(int(self._clock()), tz=datetime.timezone.utc)
+        created = datetime.datetime.fromtimestamp(int(self._clock()), tz=datetime.UTC)
         return sign_response_headers(
             self._key, self.kid, request=request, status=status, headers=headers, body=body,
             created=created, nonce=self._random_token(),

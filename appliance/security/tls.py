@@ -41,7 +41,7 @@ def _memfd(name: str, data: bytes) -> str:
 
 def make_attested_tls(host: str, *, now: datetime.datetime | None = None, days: int = 365) -> AttestedTls:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     try:
         names.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))

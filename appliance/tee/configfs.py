@@ -28,15 +28,16 @@ import itertools
 import logging
 import os
 import secrets
-from gevent import monkey
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+from gevent import monkey
 
 # A real OS lock: providers run on pool threads, and gevent's patched Lock is a greenlet lock.
 _real_lock = monkey.get_original("_thread", "allocate_lock")
 
-from . import Evidence, MeasurementEvent, ProviderError
+from . import Evidence, MeasurementEvent, ProviderError  # noqa: E402 (after the real lock)
 
 __all__ = ["ConfigfsTsmProvider", "FileOps", "MAX_OUTBLOB", "DEFAULT_RTMR_PATH"]
 

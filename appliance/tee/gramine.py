@@ -12,14 +12,15 @@ register: `extend()` returns False and the event is only logged.
 
 from __future__ import annotations
 
-from gevent import monkey
 from pathlib import Path
+
+from gevent import monkey
 
 # A real OS lock: providers run on pool threads, and gevent's patched Lock is a greenlet lock.
 _real_lock = monkey.get_original("_thread", "allocate_lock")
 
-from . import Evidence, MeasurementEvent, ProviderError
-from .configfs import FileOps
+from . import Evidence, MeasurementEvent, ProviderError  # noqa: E402 (after the lock, as in configfs)
+from .configfs import FileOps  # noqa: E402 (after the lock, as in configfs)
 
 __all__ = ["GramineProvider", "MAX_QUOTE"]
 

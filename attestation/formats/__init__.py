@@ -60,6 +60,10 @@ def expect_measurements(result: FormatResult, expected: dict, what: str) -> None
         result.add("measurements", "pass", f"{', '.join(sorted(expected))} as expected")
 
 
-from . import simulated  # noqa: E402,F401  (registers itself)
-from . import tdx, sgx  # noqa: E402,F401  (Intel TDX and SGX quotes register themselves)
-from . import snp, nitro  # noqa
+from . import (  # noqa: E402,F401  (Intel TDX and SGX quotes register themselves)  # noqa
+    nitro,
+    sgx,
+    simulated,
+    snp,
+    tdx,
+)

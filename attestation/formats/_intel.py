@@ -31,7 +31,7 @@ import hashlib
 import hmac
 import struct
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -276,7 +276,7 @@ def _verify_chain(certs: list[x509.Certificate], trusted: dict[str, x509.Certifi
     fp = _roots.fingerprint(root)
     if fp not in trusted:
         return leaf, f"PCK chain ends at {_short(root)!r} (sha256 {fp[:16]}...), not a pinned Intel root"
-    when = datetime.fromtimestamp(now, timezone.utc)
+    when = datetime.fromtimestamp(now, UTC)
     for i, cert in enumerate(certs):
         if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
             return leaf, (

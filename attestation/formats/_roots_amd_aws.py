@@ -38,7 +38,7 @@ matching what other verifiers pin); that is what is pinned below. Two genuine NS
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
+from functools import cache
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -210,7 +210,7 @@ def der_sha256(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
-@lru_cache(maxsize=None)
+@cache
 def pinned_roots(vendor: str) -> tuple[tuple[str, x509.Certificate], ...]:
     """(name, certificate) for each pinned root of `vendor` ("amd" or "aws"), fingerprints checked."""
     pems, prints = {"amd": (AMD_ARK_PEMS, AMD_ARK_SHA256), "aws": (AWS_NITRO_ROOT_PEMS, AWS_NITRO_ROOT_SHA256)}[vendor]

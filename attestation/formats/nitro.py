@@ -33,7 +33,7 @@ from __future__ import annotations
 import hmac
 import io
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -47,9 +47,9 @@ try:  # cbor2 is needed only to verify Nitro documents; the rest of the package 
 except ImportError:  # pragma: no cover
     cbor2 = None
 
-from ._x509 import link_problem
 from . import FormatResult, expect_measurements, register
 from ._roots_amd_aws import der_sha256, trusted_roots
+from ._x509 import link_problem
 
 __all__ = ["NitroFormat", "MAX_DOCUMENT_BYTES", "RUNTIME_PCR", "decode_document", "NitroFormatError"]
 
@@ -158,7 +158,7 @@ def _load_cert(der: bytes) -> x509.Certificate:
     """Parse a DER certificate completely now; ValueError for anything malformed."""
     try:
         cert = x509.load_der_x509_certificate(der)
-        cert.public_key(), cert.extensions, cert.subject, cert.issuer  # noqa: B018
+        cert.public_key(), cert.extensions, cert.subject, cert.issuer
         cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
         return cert
     except ValueError:
@@ -234,7 +234,7 @@ class NitroFormat:
 
     @staticmethod
     def _chain(result: FormatResult, leaf: x509.Certificate, bundle: list[x509.Certificate], doc: dict, policy) -> None:
-        when = datetime.fromtimestamp(doc["timestamp_ms"] / 1000, tz=timezone.utc)
+        when = datetime.fromtimestamp(doc["timestamp_ms"] / 1000, tz=UTC)
         try:
             roots = trusted_roots("aws", policy)
         except (OSError, ValueError) as e:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hmac
 import struct
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -44,9 +44,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from ._x509 import link_problem
 from . import FormatResult, expect_measurements, register
 from ._roots_amd_aws import der_sha256, trusted_roots
+from ._x509 import link_problem
 
 __all__ = ["SnpFormat", "REPORT_SIZE", "CERT_GUIDS", "parse_cert_table"]
 
@@ -107,13 +107,13 @@ def _load_cert(blob: bytes) -> x509.Certificate:
 
 def _parsed(cert: x509.Certificate) -> x509.Certificate:
     """Touch the lazily parsed parts now, so malformed certificates fail here, not mid-check."""
-    cert.public_key(), cert.extensions, cert.subject, cert.issuer  # noqa: B018
+    cert.public_key(), cert.extensions, cert.subject, cert.issuer
     cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
     return cert
 
 
 def _at(now: float) -> datetime:
-    return datetime.fromtimestamp(now, tz=timezone.utc)
+    return datetime.fromtimestamp(now, tz=UTC)
 
 
 class SnpFormat:

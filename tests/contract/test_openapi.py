@@ -83,9 +83,9 @@ def test_every_component_is_used(spec):
 
 
 def test_schemas_are_valid_draft_2020_12(spec):
-    for name, schema in spec.doc["components"]["schemas"].items():
+    for _name, schema in spec.doc["components"]["schemas"].items():
         Draft202012Validator.check_schema(schema)
-    for where, node in _walk(spec.doc["paths"]):
+    for _where, node in _walk(spec.doc["paths"]):
         if isinstance(node, dict) and "schema" in node and isinstance(node["schema"], dict):
             Draft202012Validator.check_schema(node["schema"])
 

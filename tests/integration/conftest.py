@@ -29,8 +29,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import openai
 import pytest
@@ -161,7 +161,7 @@ def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-_LIVE: list["Server"] = []
+_LIVE: list[Server] = []
 
 
 class Server:

@@ -16,18 +16,17 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 import httpx2
 import openai
 import pytest
+from appliance_it import ROOT, server_command
 
 from appliance.security.signing import CHECKPOINT_EVERY
 from attestation.client import AttestationFailed, VerificationError, VerifyingTransport, attest, verified_openai_client
 from attestation.policy import Policy
-
-from appliance_it import ROOT, server_command
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import requests
-
 from appliance_it import ROOT, server_command
+
 from attestation.client import StdlibHTTP, VerificationError, _spki_sha256, attest
 from attestation.policy import Policy
 

@@ -10,7 +10,6 @@ import time
 
 import pytest
 import requests
-
 from appliance_it import sse_events, wait_for
 
 pytestmark = pytest.mark.integration
@@ -83,7 +82,7 @@ def test_eight_concurrent_streams_with_health_polling(server):
                             finish = chunk.choices[0].finish_reason
                             timings = chunk.to_dict().get("timings")
             results[i] = {"text": "".join(text), "usage": usage, "finish": finish, "timings": timings}
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(n_streams)]

@@ -4,7 +4,6 @@ CPU runs is loaded at startup; /status shows which; server.cpu_backend pins one.
 from __future__ import annotations
 
 import pytest
-
 from test_lifecycle import _assert_config_error, _run_cli
 
 pytestmark = pytest.mark.integration

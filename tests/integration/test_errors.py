@@ -6,7 +6,6 @@ import json
 
 import pytest
 import requests
-
 from appliance_it import assert_error
 
 pytestmark = pytest.mark.integration

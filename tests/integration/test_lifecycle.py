@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -10,8 +9,7 @@ import time
 
 import pytest
 import requests
-
-from appliance_it import assert_error, free_port, port_is_open, server_command, sse_events, wait_for
+from appliance_it import assert_error, port_is_open, server_command, sse_events, wait_for
 
 pytestmark = pytest.mark.integration
 

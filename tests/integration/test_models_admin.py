@@ -7,7 +7,6 @@ import time
 
 import pytest
 import requests
-
 from appliance_it import assert_error, sha256_file, sse_events
 
 pytestmark = pytest.mark.integration
@@ -40,7 +39,7 @@ def _scenario(server, model_files):
                 chunk_times.append(time.monotonic())
                 events.append(ev)
             stream_result["events"] = events
-        except BaseException as e:  # noqa: BLE001 - checked below
+        except BaseException as e:
             stream_result["error"] = e
 
     reader = threading.Thread(target=consume)

@@ -299,7 +299,7 @@ def test_same_seed_same_text_under_concurrency(client, server):
                     results[i] = r.choices[0].message.content
                     return
                 results[i] = r.choices[0].text
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     for _round in range(2):

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+from appliance_it import Server
 
 from appliance.settings import cpu_backends
-from appliance_it import Server
 
 pytestmark = pytest.mark.integration
 

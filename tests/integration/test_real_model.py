@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from appliance_it import Server, sse_events
 
 pytestmark = pytest.mark.integration

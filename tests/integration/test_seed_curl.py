@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from appliance_it import sha256_file
 
 pytestmark = pytest.mark.integration

@@ -10,10 +10,9 @@ import time
 
 import pytest
 import requests
+from test_trust_e2e import MAX_AGE, public_key, send, verify
 
 from attestation import signing
-
-from test_trust_e2e import MAX_AGE, public_key, send, verify
 
 pytestmark = pytest.mark.integration
 

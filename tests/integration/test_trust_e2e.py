@@ -21,11 +21,10 @@ import uuid
 import openai
 import pytest
 import requests
+from appliance_it import ROOT, server_command
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation import signing
-
-from appliance_it import ROOT, server_command
 
 pytestmark = pytest.mark.integration
 
@@ -422,8 +421,8 @@ def test_keyed_server_signed_client_requests(keyed):
     target = "/v1/completions"
     headers = {"Content-Type": "application/json", **signing.sign_request(
         CLIENT, "e2e-client", method="POST", target=target, body=COMPLETION,
-        created=datetime.datetime.fromtimestamp(now, tz=datetime.timezone.utc),
-        expires=datetime.datetime.fromtimestamp(now + 60, tz=datetime.timezone.utc), nonce=uuid.uuid4().hex,
+        created=datetime.datetime.fromtimestamp(now, tz=datetime.UTC),
+        expires=datetime.datetime.fromtimestamp(now + 60, tz=datetime.UTC), nonce=uuid.uuid4().hex,
     )}
     r, raw, info = send(keyed, "POST", target, COMPLETION, headers=headers)
     assert r.status_code == 200, r.text

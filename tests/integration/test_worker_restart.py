@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from appliance_it import sse_events, wait_for
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from appliance.engine.chat import (
+    _BY_VOCABULARY,
     ChatTemplate,
     NoChatTemplate,
-    _BY_VOCABULARY,
     _is_special_token,
     builtin_templates,
     detect_builtin,

@@ -190,7 +190,7 @@ def test_concurrent_requests_get_their_own_quotes():
         try:
             for _ in range(3):
                 assert p.evidence(rd).data[0x238:0x278] == rd
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
@@ -387,7 +387,7 @@ def test_gramine_serializes_write_then_read(tmp_path):
         try:
             for _ in range(3):
                 assert p.evidence(rd).data[0x170:0x1B0] == rd
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]

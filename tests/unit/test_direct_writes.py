@@ -14,16 +14,15 @@ import falcon.testing
 import gevent
 import gevent.socket
 import pytest
+from contract_fakes import FakeRegistry
 from gunicorn import util as gunicorn_util
 from gunicorn.config import Config
 from gunicorn.http.wsgi import Response as GunicornResponse
 
-from attestation import signing
 from appliance.app import create_app
 from appliance.direct_writes import DirectWrites, SocketWriter
 from appliance.settings import Settings
-from contract_fakes import FakeRegistry
-
+from attestation import signing
 
 EVENT = b'data: {"choices":[{"text":"w\xc3\xb6rld"}]}\n\n'
 

@@ -371,7 +371,7 @@ def test_many_requests_in_and_out_of_the_slots_leave_the_engine_clean(engine):
     jobs = [gevent.spawn(collect, g) for g in gens[:3]]
     gevent.joinall(jobs, timeout=60, raise_error=True)
     mid = engine.submit(request(engine, n=200))
-    for ev in mid.events():
+    for _ev in mid.events():
         mid.cancel()
         break
     wait_idle(engine)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -22,8 +22,10 @@ if str(ROOT) not in sys.path:
 
 from attestation import roots  # noqa: E402
 from attestation.claims import Claims, ModelClaim, report_data  # noqa: E402
-from attestation.formats import FORMATS  # noqa: E402
-from attestation.formats import _intel  # noqa: E402
+from attestation.formats import (  # noqa: E402
+    FORMATS,
+    _intel,
+)
 from attestation.measurements import event_digest, model_event, replay  # noqa: E402
 from attestation.policy import Policy  # noqa: E402
 from attestation.signing import key_id  # noqa: E402
@@ -117,7 +119,7 @@ def test_real_tdx_quote_chains_to_the_pinned_intel_root():
 
 
 def test_real_tdx_quote_after_its_pck_certificate_expired():
-    later = datetime(2032, 1, 1, tzinfo=timezone.utc).timestamp()
+    later = datetime(2032, 1, 1, tzinfo=UTC).timestamp()
     result = check_tdx(intel.REAL_TDX_QUOTE, Policy(), rd=bytes(64), now=later)
     assert factors(result)["certificate-chain"] == "fail"
     assert "not valid at" in detail(result, "certificate-chain")
@@ -331,7 +333,7 @@ def test_measurement_mismatch(kind, root_path):
 
 
 def test_expired_pck_certificate(policy):
-    pki = intel.make_pki(leaf_not_after=datetime(2022, 1, 1, tzinfo=timezone.utc))
+    pki = intel.make_pki(leaf_not_after=datetime(2022, 1, 1, tzinfo=UTC))
     p = Policy(roots={"intel": str(pki.write_root(Path(policy.roots["intel"]).with_name("expired-root.pem")))})
     result = check_tdx(intel.tdx_quote(RD, pki=pki), p)
     assert factors(result)["certificate-chain"] == "fail"

@@ -15,16 +15,15 @@ import os
 
 import falcon.testing
 import pytest
+from contract_fakes import FakeRegistry
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from attestation import signing
 from appliance.app import create_app
 from appliance.engine.registry import ModelRegistry
 from appliance.security import auth as auth_module
 from appliance.security.auth import RateLimiter, ReplayCache, ReplayCacheFull
 from appliance.settings import Settings
-from contract_fakes import FakeRegistry
-
+from attestation import signing
 
 T0 = 1_700_000_000.0
 INFER_KEY = "sk-infer-" + "a" * 32
@@ -253,8 +252,8 @@ def signed_headers(key=CLIENT, keyid="client-1", *, method="POST", target="/v1/c
         "Content-Type": "application/json",
         **signing.sign_request(
             key, keyid, method=method, target=target, body=body,
-            created=datetime.datetime.fromtimestamp(int(created), tz=datetime.timezone.utc),
-            expires=datetime.datetime.fromtimestamp(int(expires), tz=datetime.timezone.utc), nonce=nonce,
+            created=datetime.datetime.fromtimestamp(int(created), tz=datetime.UTC),
+            expires=datetime.datetime.fromtimestamp(int(expires), tz=datetime.UTC), nonce=nonce,
         ),
     }
 

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from attestation.claims import REPORT_DATA_DOMAIN, canonical_json, parse_claims, report_data
 from attestation import roots as intel_roots
+from attestation.claims import REPORT_DATA_DOMAIN, canonical_json, parse_claims, report_data
 from attestation.client import verify_attestation_response
-from attestation.formats import FORMATS
-from attestation.formats import _roots_amd_aws
+from attestation.formats import FORMATS, _roots_amd_aws
 from attestation.measurements import replay
 from attestation.policy import Policy
 from attestation.signing import RequestInfo
@@ -124,7 +123,7 @@ def test_vector_is_well_formed(name):
     assert isinstance(v["nonce"], str) and len(v["nonce"]) == 64
     assert isinstance(v["now"], int)
     policy_of(v)  # parses
-    for vendor, path in (v["policy"].get("roots") or {}).items():  # shipped beside the vectors, test roots only
+    for _vendor, path in (v["policy"].get("roots") or {}).items():  # shipped beside the vectors, test roots only
         for p in path if isinstance(path, list) else [path]:
             assert p.startswith("roots/test-") and p.endswith(".pem") and (VECTORS / p).is_file(), p
     assert ("document" in v) or ("response" in v)
