@@ -44,7 +44,7 @@ demo-model: $(DEMO_MODEL)
 
 $(DEMO_MODEL): | $(STAMP)
 	mkdir -p $(dir $@)
-	$(BIN)/python -m appliance.modelgen $@ --preset demo
+	$(BIN)/python -m tools.modelgen $@ --preset demo
 
 test: setup
 	$(BIN)/python -m pytest -ra
@@ -70,7 +70,7 @@ clean:
 .PHONY: binary binary-cuda test-binary repro-check lock-build
 MODEL ?= $(DEMO_MODEL)
 MODEL_NAME ?=
-BINARY_INPUTS := $(wildcard appliance/*.py appliance/*/*.py attestation/*.py attestation/*/*.py \
+BINARY_INPUTS := $(wildcard appliance/*.py appliance/*/*.py appliance/*/*/*.py attestation/*.py attestation/*/*.py \
   build/*.py build/*.sh build/*.spec build/*.lock scripts/patches/*.patch) requirements.lock scripts/llama-wheel.sh
 
 binary: $(MODEL)

@@ -8,7 +8,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from . import __version__
+from appliance import __version__
 
 __all__ = ["binary_digest", "variant", "verify_bundle", "VERSION"]
 
@@ -58,7 +58,7 @@ def verify_bundle(prefix: str = "") -> int:
     were checked (0 for a source install, or a build without the table)."""
     if not getattr(sys, "frozen", False):
         return 0
-    from .modelfile import file_sha256
+    from appliance.engine.modelfile import file_sha256
 
     try:
         from _appliance_bundle import DIGESTS  # type: ignore[import-not-found]

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from appliance import __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .errors import ApiError
-    from .modelfile import check_gguf
-    from .settings import ConfigError, load_settings
+    from appliance.engine.modelfile import check_gguf
+    from appliance.settings import ConfigError, load_settings
+    from appliance.web.errors import ApiError
 
     try:
         settings = load_settings(args.config, host=args.host, port=args.port, models=args.model)
@@ -86,9 +86,9 @@ def _serve(args: argparse.Namespace) -> int:
     # (perf, single stream). One thread: no pool. Read when numpy loads, after the fork.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-    from .buildinfo import verify_bundle
-    from .logs import configure_logging
-    from .server import ApplianceServer
+    from appliance.buildinfo import verify_bundle
+    from appliance.logs import configure_logging
+    from appliance.web.server import ApplianceServer
 
     configure_logging(settings.server.log_level)
     try:
@@ -119,7 +119,7 @@ def _embedded_model() -> tuple[str, str] | None:
 
 def _factory(settings, identity, tls_public_key_sha256=None, shared=None):
     # Imported in the worker after the fork: llama.cpp (and OpenMP/CUDA) never load in the master.
-    from .app import create_app
+    from appliance.web.app import create_app
 
     return create_app(settings, identity=identity, tls_public_key_sha256=tls_public_key_sha256, shared=shared)
 

@@ -21,11 +21,11 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .settings import ModelSettings
+from appliance.settings import ModelSettings
 
 __all__ = ["SharedState", "SharedRecord", "DesiredModels", "WorkerDeaths", "MeasurementLog", "StateFull"]
 
-log = logging.getLogger("appliance.server")
+log = logging.getLogger("appliance.web.server")
 
 _MAGIC = b"APS1"
 _HEADER = struct.Struct("<4sQI32s")  # magic, generation, payload length, sha256(generation || length || payload)

@@ -708,7 +708,7 @@ def main() -> None:
     model = CACHE / "bench-models" / "bench-q8_0.gguf"
     if not model.exists():
         model.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "appliance.modelgen", str(model), "--preset", "bench"], check=True)
+        subprocess.run([sys.executable, "-m", "tools.modelgen", str(model), "--preset", "bench"], check=True, cwd=ROOT)
     if args.engine_ceiling:
         _engine_ceiling_child(model, args)
         return

@@ -6,8 +6,8 @@
 Deterministic: fixed digests, nonce and times, the published RFC 9421 `test-key-ed25519` as the
 appliance's signing key, and Ed25519 signatures are deterministic (RFC 8032). Claims, report data
 and simulated evidence go through the appliance's own code (`attestation.claims.Claims`,
-`attestation.claims.report_data`, `appliance.tee.SimulatedProvider`, `appliance.security.identity`);
-the document is assembled as `appliance.attest.AttestationResource` assembles it. `--check`
+`attestation.claims.report_data`, `appliance.evidence.SimulatedProvider`, `appliance.trust.identity`);
+the document is assembled as `appliance.evidence.attestor.AttestationResource` assembles it. `--check`
 compares with what is on disk instead of writing (exit 1 on a difference).
 
 Hardware formats (`tdx-*`, `sgx-*`, `snp-*`, `nitro-*`): the byte-exact evidence is built by the test
@@ -38,8 +38,8 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives.serialization import load_der_private_key  # noqa: E402
 
-from appliance.security.identity import Identity  # noqa: E402
-from appliance.tee import SimulatedProvider  # noqa: E402
+from appliance.evidence import SimulatedProvider  # noqa: E402
+from appliance.trust.identity import Identity  # noqa: E402
 from attestation.claims import Claims, ModelClaim, canonical_json, report_data  # noqa: E402
 from attestation.measurements import event_digest, model_event, replay  # noqa: E402
 from attestation.signing import NONCE_HEADER, RequestInfo  # noqa: E402

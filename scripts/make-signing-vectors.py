@@ -5,8 +5,8 @@
 
 Deterministic: fixed public test keys, fixed `created` times and fixed nonces, and Ed25519 signatures
 are deterministic (RFC 8032), so running it twice writes the same bytes. The signing goes through
-the server's own code paths (`appliance.security.identity.Identity` for response headers,
-`appliance.security.signing.SignedStream` for streams) and `attestation.signing.sign_request` for
+the server's own code paths (`appliance.trust.identity.Identity` for response headers,
+`appliance.trust.signing.SignedStream` for streams) and `attestation.signing.sign_request` for
 client requests. `--check` compares with what is on disk instead of writing (exit 1 on a difference).
 
 Keys (published test keys; never use them for anything real):
@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from cryptography.hazmat.primitives.serialization import load_der_private_key  # noqa: E402
 from http_message_signatures import HTTPMessageSigner, algorithms  # noqa: E402
 
-from appliance.security.identity import Identity  # noqa: E402
-from appliance.security.signing import CHECKPOINT_EVERY, SignedStream  # noqa: E402
+from appliance.trust.identity import Identity  # noqa: E402
+from appliance.trust.signing import CHECKPOINT_EVERY, SignedStream  # noqa: E402
 from attestation import signing as s  # noqa: E402
 
 OUT = ROOT / "spec" / "vectors" / "signing"

@@ -29,7 +29,7 @@ from typing import Literal
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import BadRequest
+from appliance.web.errors import BadRequest
 
 __all__ = [
     "ChatTemplate",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import llama_cpp.llama_cpp as C
 import numpy as np
 
-from ..buildinfo import verify_bundle
+from appliance.buildinfo import verify_bundle
 
 __all__ = [
     "LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams",
@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .cpuprobe import BackendChoice
+    from appliance.engine.cpuprobe import BackendChoice
 
 log = logging.getLogger("appliance.llama")
 
@@ -60,8 +60,8 @@ def backend_init() -> None:
             C.llama_log_set(_log_callback, ctypes.c_void_p(0))
             lib_dir = _lib_dir()
             if any(lib_dir.glob("libggml-cpu-*.so")):
-                from ..settings import default_threads
-                from .cpuprobe import choose_backend
+                from appliance.engine.cpuprobe import choose_backend
+                from appliance.settings import default_threads
 
                 if _preset_error is not None:  # the master found no build that runs here
                     raise RuntimeError(_preset_error)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import gevent
 
-from ..errors import BadRequest, Conflict, Forbidden, ModelNotFound, NotReady
-from ..modelfile import SealedModel, check_gguf, file_sha256, read_sealed, shmem_huge_pages
-from ..settings import ModelSettings, default_threads
-from .chat import ChatTemplate, model_chat_template
-from .scheduler import EngineObserver, ModelEngine
+from appliance.engine.chat import ChatTemplate, model_chat_template
+from appliance.engine.modelfile import SealedModel, check_gguf, file_sha256, read_sealed, shmem_huge_pages
+from appliance.engine.scheduler import EngineObserver, ModelEngine
+from appliance.settings import ModelSettings, default_threads
+from appliance.web.errors import BadRequest, Conflict, Forbidden, ModelNotFound, NotReady
 
 __all__ = ["ModelRecord", "ModelRegistry"]
 
@@ -108,7 +108,7 @@ class ModelRegistry:
 
     def devices(self) -> list[dict]:
         """The compute devices llama.cpp uses (after the first load), with the backend module of each."""
-        from .llama import backend_devices, backend_ready
+        from appliance.engine.llama import backend_devices, backend_ready
 
         return backend_devices() if backend_ready() else []
 
@@ -241,7 +241,7 @@ class ModelRegistry:
 def _build_engine(settings: ModelSettings, observer: EngineObserver | None, source: Path) -> ModelEngine:
     """`source`: the file llama.cpp opens, the model file itself or its sealed copy (/proc/self/fd/N),
     mapped either way: a copy in memory is mapped, not copied again."""
-    from .llama import LlamaModel
+    from appliance.engine.llama import LlamaModel
 
     model = LlamaModel(source, n_gpu_layers=settings.n_gpu_layers, use_mmap=True)
     try:

@@ -24,8 +24,8 @@ import numpy as np
 from gevent import monkey
 from gevent.hub import Waiter
 
-from ..errors import ApiError, ContextLengthExceeded, EngineFailure, ModelNotFound, Overloaded
-from .llama import Batch, LlamaContext, LlamaModel, SamplerChain, SamplingParams
+from appliance.engine.llama import Batch, LlamaContext, LlamaModel, SamplerChain, SamplingParams
+from appliance.web.errors import ApiError, ContextLengthExceeded, EngineFailure, ModelNotFound, Overloaded
 
 __all__ = [
     "GenerationRequest",

@@ -62,7 +62,7 @@ def embedded(manifest: dict) -> dict:
 @pytest.fixture(scope="session")
 def other_model() -> Path:
     """A model that is not the embedded one: the integration tier's cached test model."""
-    from appliance.modelgen import ModelSpec, write_model
+    from tools.modelgen import ModelSpec, write_model
 
     spec = ModelSpec(dtype="q8_0", name="appliance-test")
     blob = json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()

@@ -21,12 +21,12 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from appliance.app import create_app
 from appliance.engine.chat import ChatTemplate
 from appliance.engine.registry import ModelRecord
 from appliance.engine.scheduler import Delta, Done, Failed, GenerationRequest, Timings, TokenLogprob, Usage
-from appliance.errors import BadRequest, Conflict, ContextLengthExceeded, ModelNotFound, NotReady
 from appliance.settings import ModelSettings, Settings
+from appliance.web.app import create_app
+from appliance.web.errors import BadRequest, Conflict, ContextLengthExceeded, ModelNotFound, NotReady
 from attestation import signing
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "spec" / "openapi.yaml"

@@ -17,11 +17,11 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from appliance.app import ROUTES, create_app
 from appliance.engine.scheduler import Failed
-from appliance.errors import EngineFailure, Forbidden, RateLimited, Unauthorized
-from appliance.schemas import ChatRequest, CompletionRequest, LoadModelRequest, UnloadModelRequest
 from appliance.settings import Settings
+from appliance.web.app import ROUTES, create_app
+from appliance.web.errors import EngineFailure, Forbidden, RateLimited, Unauthorized
+from appliance.web.schemas import ChatRequest, CompletionRequest, LoadModelRequest, UnloadModelRequest
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "spec" / "openapi.yaml"
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")

@@ -36,8 +36,8 @@ import openai
 import pytest
 import requests
 
-from appliance import modelgen
-from appliance.modelgen import ModelSpec, write_model
+from tools import modelgen
+from tools.modelgen import ModelSpec, write_model
 
 # The test modules import the helpers defined here as `from appliance_it import ...`: a plain
 # `from conftest import ...` would resolve to whichever tier's conftest.py pytest loaded last

@@ -1,7 +1,7 @@
 """attestation.client in-process: attest(), VerifyingTransport under the official openai client,
 the incremental StreamVerifier, and the `verify` CLI.
 
-The real Falcon app (`appliance.app.create_app`, simulated evidence) serves through httpx2's
+The real Falcon app (`appliance.web.app.create_app`, simulated evidence) serves through httpx2's
 WSGITransport, or on a loopback socket (wsgiref) where the standard-library client is under test;
 the fake model registry of the contract tier stands in for llama.cpp. Tampering happens in a
 wrapping transport that rewrites responses on their way to the verifier.
@@ -25,9 +25,9 @@ import httpx2
 import openai
 import pytest
 
-from appliance.app import create_app
-from appliance.security.identity import Identity
 from appliance.settings import Settings
+from appliance.trust.identity import Identity
+from appliance.web.app import create_app
 from attestation import cli as att_cli
 from attestation import client as C
 from attestation.client import (

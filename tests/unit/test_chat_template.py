@@ -23,7 +23,7 @@ from appliance.engine.chat import (
     model_chat_template,
     render_chat,
 )
-from appliance.errors import BadRequest
+from appliance.web.errors import BadRequest
 
 GEMMA_MARKERS = {"<start_of_turn>", "<end_of_turn>"}
 LLAMA3_MARKERS = {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}
@@ -186,7 +186,7 @@ def test_the_setting_is_a_builtin_name_or_jinja():
 
 def _model(tmp_path_factory, vocab: str, template: str | None):
     from appliance.engine.llama import LlamaModel
-    from appliance.modelgen import ModelSpec, write_model
+    from tools.modelgen import ModelSpec, write_model
 
     spec = ModelSpec(vocab=vocab, chat_template=template, n_layer=1)
     try:

@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from appliance.tee import MeasurementEvent, ProviderError, detect_provider  # noqa: E402
-from appliance.tee.configfs import MAX_OUTBLOB, ConfigfsTsmProvider, FileOps  # noqa: E402
-from appliance.tee.gramine import GramineProvider  # noqa: E402
+from appliance.evidence import MeasurementEvent, ProviderError, detect_provider  # noqa: E402
+from appliance.evidence.configfs import MAX_OUTBLOB, ConfigfsTsmProvider, FileOps  # noqa: E402
+from appliance.evidence.gramine import GramineProvider  # noqa: E402
 from attestation.claims import Claims, ModelClaim, report_data  # noqa: E402
 from attestation.formats import FORMATS  # noqa: E402
 from attestation.measurements import event_digest, model_event  # noqa: E402

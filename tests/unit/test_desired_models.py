@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from appliance.desired import _HEADER, SharedState, StateFull
-from appliance.server import describe_exit
 from appliance.settings import ModelSettings
+from appliance.web.server import describe_exit
 
 
 def ms(name: str, **kw) -> ModelSettings:
@@ -230,8 +230,8 @@ def app_parts(tmp_path):
     import falcon.testing
     from contract_fakes import FakeRegistry
 
-    from appliance.app import create_app
     from appliance.settings import Settings
+    from appliance.web.app import create_app
 
     gguf = tmp_path / "x.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))
@@ -291,8 +291,8 @@ def test_load_refused_when_the_desired_set_is_full(tmp_path):
     import falcon.testing
     from contract_fakes import FakeRegistry
 
-    from appliance.app import create_app
     from appliance.settings import Settings
+    from appliance.web.app import create_app
 
     gguf = tmp_path / "x.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))

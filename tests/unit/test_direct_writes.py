@@ -1,4 +1,4 @@
-"""Streamed tokens written from the scheduler thread (appliance.direct_writes): framing byte for byte
+"""Streamed tokens written from the scheduler thread (appliance.web.streams): framing byte for byte
 as gunicorn's, what a slow or vanished client leaves, and a whole signed stream through a real
 gunicorn Response over a socket pair, verified as a client verifies it."""
 
@@ -19,9 +19,9 @@ from gunicorn import util as gunicorn_util
 from gunicorn.config import Config
 from gunicorn.http.wsgi import Response as GunicornResponse
 
-from appliance.app import create_app
-from appliance.direct_writes import DirectWrites, SocketWriter
 from appliance.settings import Settings
+from appliance.web.app import create_app
+from appliance.web.streams import DirectWrites, SocketWriter
 from attestation import signing
 
 EVENT = b'data: {"choices":[{"text":"w\xc3\xb6rld"}]}\n\n'
@@ -211,7 +211,7 @@ def test_scheduler_writes_need_plain_http():
 @pytest.fixture(scope="module")
 def real_registry(tmp_path_factory):
     from appliance.engine.registry import ModelRegistry
-    from appliance.modelgen import ModelSpec, write_model
+    from tools.modelgen import ModelSpec, write_model
 
     path = write_model(tmp_path_factory.mktemp("m") / "tiny.gguf", ModelSpec(dtype="q8_0"))
     reg = ModelRegistry()
@@ -221,7 +221,7 @@ def real_registry(tmp_path_factory):
 
 
 def test_writes_cut_short_by_a_slow_reader_arrive_whole_and_in_order(real_registry, monkeypatch):
-    import appliance.direct_writes as dw
+    import appliance.web.streams as dw
 
     declined: list[int] = []
 
@@ -278,7 +278,7 @@ def test_writes_cut_short_by_a_slow_reader_arrive_whole_and_in_order(real_regist
 
 
 def test_auto_has_the_scheduler_write_only_when_decoding_takes_every_cpu():
-    from appliance.inference import Inference
+    from appliance.web.inference import Inference
 
     engine = SimpleNamespace(n_threads=4)
 

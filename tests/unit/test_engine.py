@@ -8,9 +8,9 @@ import pytest
 from appliance.engine.llama import SamplingParams
 from appliance.engine.registry import ModelRegistry
 from appliance.engine.scheduler import Delta, Done, Failed, GenerationRequest, _PairCost
-from appliance.errors import ContextLengthExceeded, Overloaded
-from appliance.modelgen import ModelSpec, write_model
 from appliance.settings import Settings
+from appliance.web.errors import ContextLengthExceeded, Overloaded
+from tools.modelgen import ModelSpec, write_model
 
 
 @pytest.fixture(scope="module")

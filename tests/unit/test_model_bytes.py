@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from appliance.engine.llama import SamplingParams
+from appliance.engine.modelfile import read_sealed
 from appliance.engine.registry import ModelRegistry
 from appliance.engine.scheduler import Delta, Failed, GenerationRequest
-from appliance.modelfile import read_sealed
-from appliance.modelgen import ModelSpec, write_model
 from appliance.settings import Settings
+from tools.modelgen import ModelSpec, write_model
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_mmap_default_follows_the_registry_and_the_setting_wins(models):
 
 
 def test_the_kernels_shared_memory_huge_page_mode_is_read(monkeypatch, tmp_path):
-    from appliance import modelfile
+    from appliance.engine import modelfile
 
     f = tmp_path / "shmem_enabled"
     f.write_text("always within_size advise [never] deny force\n")

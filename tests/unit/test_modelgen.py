@@ -1,4 +1,4 @@
-"""appliance.modelgen: deterministic synthetic GGUF models that llama.cpp accepts.
+"""tools.modelgen: deterministic synthetic GGUF models that llama.cpp accepts.
 
 Hermetic tests build a tiny vocab GGUF and a fake sdist tarball, so asset lookup, extraction and
 the file layout are checked without network or the real sdist. Tests marked by the `real_model`
@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 
-from appliance.modelgen import PRESETS, ModelSpec, main, write_model
+from tools.modelgen import PRESETS, ModelSpec, main, write_model
 
 SDIST_MODELS = "llama_cpp_python-0.3.36/vendor/llama.cpp/models"
 TINY_TOKENS = ["<unk>", "<s>", "</s>", "▁a", "▁b", "▁c", "a", "b"]

@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from appliance.attest import Attestor  # noqa: E402
-from appliance.security.identity import Identity  # noqa: E402
+from appliance.evidence import MeasurementEvent, ProviderError, detect_provider  # noqa: E402
+from appliance.evidence import nitro as nitro_mod  # noqa: E402
+from appliance.evidence.attestor import Attestor  # noqa: E402
+from appliance.evidence.nitro import NSM_IOCTL_RAW, NitroProvider, NsmDevice  # noqa: E402
 from appliance.settings import Settings  # noqa: E402
-from appliance.tee import MeasurementEvent, ProviderError, detect_provider  # noqa: E402
-from appliance.tee import nitro as nitro_mod  # noqa: E402
-from appliance.tee.nitro import NSM_IOCTL_RAW, NitroProvider, NsmDevice  # noqa: E402
+from appliance.trust.identity import Identity  # noqa: E402
 from attestation.claims import report_data  # noqa: E402
 from attestation.formats import FORMATS  # noqa: E402
 from attestation.measurements import event_digest, model_event, replay  # noqa: E402
@@ -104,7 +104,7 @@ def test_untrusted_root_without_extra_root():
 
 
 def test_self_made_root_named_like_aws_is_not_trusted():
-    from attestation.formats._roots_amd_aws import pinned_roots
+    from attestation.roots import pinned_roots
 
     ((_, real),) = pinned_roots("aws")
     p = N.make_pki(tag="fake-aws", root_name=real.subject)

@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from attestation.claims import Claims, ModelClaim, report_data  # noqa: E402
 from attestation.formats import FORMATS  # noqa: E402
-from attestation.formats import _roots_amd_aws as roots  # noqa: E402
+from attestation import roots  # noqa: E402
 from attestation.formats.snp import ARK_GUID, ASK_GUID, VCEK_GUID, VLEK_GUID, CertTableError, parse_cert_table  # noqa: E402
 from attestation.policy import Policy  # noqa: E402
 from attestation.signing import key_id  # noqa: E402
@@ -53,7 +53,7 @@ def test_pinned_amd_arks_match_fingerprints_and_are_self_signed():
     arks = dict(roots.pinned_roots("amd"))
     assert set(arks) == {"ARK-Milan", "ARK-Genoa", "ARK-Turin"}
     for name, cert in arks.items():
-        assert roots.der_sha256(cert) == roots.AMD_ARK_SHA256[name]
+        assert roots.fingerprint(cert) == roots.AMD_ARK_SHA256[name]
         assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == name
         cert.verify_directly_issued_by(cert)  # RSASSA-PSS SHA-384, also proves the PEM was copied intact
         assert cert.signature_algorithm_oid == x509.SignatureAlgorithmOID.RSASSA_PSS
@@ -61,8 +61,8 @@ def test_pinned_amd_arks_match_fingerprints_and_are_self_signed():
 
 def test_pinned_aws_root_is_the_der_fingerprint_not_the_zip_hash():
     ((name, cert),) = roots.pinned_roots("aws")
-    assert roots.der_sha256(cert) == "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b"
-    assert roots.AWS_NITRO_ROOT_G1_ZIP_SHA256 != roots.der_sha256(cert)
+    assert roots.fingerprint(cert) == "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b"
+    assert roots.AWS_NITRO_ROOT_G1_ZIP_SHA256 != roots.fingerprint(cert)
     assert cert.subject.rfc4514_string() == "CN=aws.nitro-enclaves,OU=AWS,O=Amazon,C=US"
     cert.verify_directly_issued_by(cert)
 
@@ -165,7 +165,7 @@ def test_real_milan_report_tampered_or_expired():
 
 def test_real_milan_ask_chains_to_the_pinned_ark():
     ask = x509.load_pem_x509_certificate(amd.REAL_MILAN_ASK_PEM)
-    assert roots.der_sha256(ask) == "67d303bd3905fd38db8b20e0793699870e7fa612eaad5dec358293fd8c0bac1b"
+    assert roots.fingerprint(ask) == "67d303bd3905fd38db8b20e0793699870e7fa612eaad5dec358293fd8c0bac1b"
     ask.verify_directly_issued_by(dict(roots.pinned_roots("amd"))["ARK-Milan"])
 
 

@@ -79,21 +79,32 @@ ALL_PASS = {
 
 
 def test_pinned_intel_root_matches_its_fingerprint():
-    [cert] = roots.pinned_roots("intel")
+    [(name, cert)] = roots.pinned_roots("intel")
+    assert name == "Intel SGX Root CA"
     assert roots.fingerprint(cert) == roots.INTEL_SGX_ROOT_CA_SHA256
     assert cert.subject.rfc4514_string().endswith("CN=Intel SGX Root CA")
-    for vendor, pems in roots.ROOT_PEMS.items():  # every PEM hashes to a pinned fingerprint
-        assert len(roots.pinned_roots(vendor)) == len(pems)
+    assert roots.is_pinned("intel", roots.INTEL_SGX_ROOT_CA_SHA256)
+    assert not roots.is_pinned("amd", roots.INTEL_SGX_ROOT_CA_SHA256)
+    assert set(roots.ROOT_PEMS) == set(roots.ROOT_SHA256) == {"intel", "amd", "aws"}
+    for vendor, pems in roots.ROOT_PEMS.items():  # every PEM hashes to its pinned fingerprint
+        assert [r.name for r in roots.pinned_roots(vendor)] == list(pems) == list(roots.ROOT_SHA256[vendor])
+        assert [r.sha256 for r in roots.pinned_roots(vendor)] == list(roots.ROOT_SHA256[vendor].values())
 
 
 def test_extra_roots_from_policy(root_path, tmp_path):
-    assert roots.extra_roots(Policy(), "intel") == []
-    assert len(roots.extra_roots(Policy(roots={"intel": [str(root_path), str(root_path)]}), "intel")) == 2
-    with pytest.raises(roots.RootsError):
-        roots.extra_roots(Policy(roots={"intel": str(tmp_path / "missing.pem")}), "intel")
+    assert roots.extra_roots("intel", Policy()) == []
+    extra = roots.extra_roots("intel", Policy(roots={"intel": [str(root_path), str(root_path)]}))
+    assert [name for name, _ in extra] == [f"policy root {root_path}"] * 2
+    trusted = roots.trusted_roots("intel", Policy(roots={"intel": str(root_path)}))
+    assert trusted == [*roots.pinned_roots("intel"), *extra[:1]]
+    assert roots.trusted_roots("amd", Policy(roots={"intel": str(root_path)})) == list(roots.pinned_roots("amd"))
+    with pytest.raises(roots.RootsError, match="cannot read"):
+        roots.extra_roots("intel", Policy(roots={"intel": str(tmp_path / "missing.pem")}))
     (tmp_path / "junk.pem").write_text("not a certificate")
-    with pytest.raises(roots.RootsError):
-        roots.extra_roots(Policy(roots={"intel": str(tmp_path / "junk.pem")}), "intel")
+    with pytest.raises(roots.RootsError, match="holds no PEM certificate"):
+        roots.extra_roots("intel", Policy(roots={"intel": str(tmp_path / "junk.pem")}))
+    with pytest.raises(roots.RootsError, match="must be a PEM path"):
+        roots.extra_roots("amd", Policy(roots={"amd": {"not": "a path"}}))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 import pytest
 
 from appliance.engine.scheduler import _common_prefix, _scan_stops
-from appliance.errors import BadRequest
-from appliance.schemas import ChatRequest, CompletionRequest, parse
+from appliance.web.errors import BadRequest
+from appliance.web.schemas import ChatRequest, CompletionRequest, parse
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_union_type_tags_do_not_leak_into_errors():
     "text", ["", "Hello", ' "quoted" \\ back', "é ü 日本 😀", "\x00\x1f\u2028 ctrl", '"finish_reason":"stop"', "\x00appliance-text\x00"]
 )
 def test_token_chunk_template_gives_the_same_bytes_as_the_whole_object(chat, text):
-    from appliance.inference import sse_event, text_chunk_encoder
+    from appliance.web.inference import sse_event, text_chunk_encoder
 
     base = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m\"odel é", "system_fingerprint": None}
     choice = (

@@ -5,8 +5,8 @@ import ssl
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 
-from appliance.security.tls import make_attested_tls
 from appliance.settings import ConfigError, load_settings
+from appliance.trust.tls import make_attested_tls
 
 
 def test_key_and_certificate_live_in_memory_and_match_the_claimed_digest(tmp_path):

@@ -18,11 +18,11 @@ import pytest
 from contract_fakes import FakeRegistry
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance.app import create_app
 from appliance.engine.registry import ModelRegistry
-from appliance.security import auth as auth_module
-from appliance.security.auth import RateLimiter, ReplayCache, ReplayCacheFull
 from appliance.settings import Settings
+from appliance.trust import auth as auth_module
+from appliance.trust.auth import RateLimiter, ReplayCache, ReplayCacheFull
+from appliance.web.app import create_app
 from attestation import signing
 
 T0 = 1_700_000_000.0

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from attestation import roots as intel_roots
+from attestation import roots
 from attestation.claims import REPORT_DATA_DOMAIN, canonical_json, parse_claims, report_data
 from attestation.client import verify_attestation_response
-from attestation.formats import FORMATS, _roots_amd_aws
+from attestation.formats import FORMATS
 from attestation.measurements import replay
 from attestation.policy import Policy
 from attestation.signing import RequestInfo
@@ -240,14 +240,14 @@ def test_shipped_roots_are_test_roots_never_vendor_ones():
     """roots/test-*.pem are self-signed test CAs; none is (or could be mistaken for) a pinned vendor root."""
     from cryptography import x509
 
-    pinned = set(intel_roots.PINNED["intel"]) | set(_roots_amd_aws.AMD_ARK_SHA256.values())
-    pinned |= set(_roots_amd_aws.AWS_NITRO_ROOT_SHA256.values())
+    pinned = {sha for prints in roots.ROOT_SHA256.values() for sha in prints.values()}
+    assert {"intel", "amd", "aws"} <= set(roots.ROOT_SHA256) and len(pinned) == 5
     files = sorted((VECTORS / "roots").glob("*.pem"))
     assert files and all(f.name.startswith("test-") for f in files)
     for f in files:
         (cert,) = x509.load_pem_x509_certificates(f.read_bytes())
         assert cert.subject == cert.issuer
-        assert intel_roots.fingerprint(cert) not in pinned
+        assert roots.fingerprint(cert) not in pinned
 
 
 def test_the_document_alone_verifies_too():

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_der_private_key, l
 from http_message_signatures import HTTPMessageSigner, HTTPMessageVerifier, algorithms
 from http_message_signatures.resolvers import HTTPSignatureKeyResolver
 
-from appliance.security.auth import ReplayCache
+from appliance.trust.auth import ReplayCache
 from attestation import signing
 from attestation.cli import verify_transcript
 

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 import falcon
 
+from appliance.metrics import Metrics
+from appliance.settings import Settings
+from appliance.web.errors import Forbidden, Overloaded, RateLimited, Unauthorized
 from attestation.signing import CLIENT_HEADER, VerificationError, public_key_from_b64, verify_request
-
-from ..errors import Forbidden, Overloaded, RateLimited, Unauthorized
-from ..metrics import Metrics
-from ..settings import Settings
 
 __all__ = ["Auth", "RateLimiter", "ReplayCache", "PUBLIC_ROUTES", "ADMIN_ROUTES"]
 
@@ -167,7 +166,7 @@ class Auth:
         return found
 
     def _verify_signature(self, req: falcon.Request) -> Principal:
-        from .signing import request_info
+        from appliance.trust.signing import request_info
 
         info = request_info(req)
         headers = {k: v for k, v in req.headers.items()}

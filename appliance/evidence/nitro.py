@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from . import Evidence, MeasurementEvent, ProviderError
+from appliance.evidence import Evidence, MeasurementEvent, ProviderError
 
 try:
     import cbor2

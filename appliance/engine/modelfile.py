@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadRequest
+from appliance.web.errors import BadRequest
 
 __all__ = ["GGUF_MAGIC", "SealedModel", "check_gguf", "file_sha256", "read_sealed", "shmem_huge_pages"]
 

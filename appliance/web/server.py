@@ -29,11 +29,11 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.glogging import Logger
 from gunicorn.workers.ggevent import GeventWorker
 
-from .buildinfo import binary_digest
-from .desired import CONFIG, RUNTIME, SharedState
-from .direct_writes import DirectWrites
-from .errors import Conflict
-from .settings import Settings
+from appliance.buildinfo import binary_digest
+from appliance.desired import CONFIG, RUNTIME, SharedState
+from appliance.settings import Settings
+from appliance.web.errors import Conflict
+from appliance.web.streams import DirectWrites
 
 __all__ = ["ApplianceServer", "bind_address"]
 
@@ -128,7 +128,7 @@ class _Arbiter(Arbiter):
 
 class ApplianceServer(BaseApplication):
     def __init__(self, settings: Settings, app_factory: Callable[..., tuple]) -> None:
-        from .security.identity import Identity
+        from appliance.trust.identity import Identity
 
         self.settings = settings
         self.app_factory = app_factory
@@ -146,7 +146,7 @@ class ApplianceServer(BaseApplication):
         self._replacing: dict | None = None  # master: the death the next worker replaces
         self.tls = None
         if settings.server.tls == "attested":
-            from .security.tls import make_attested_tls
+            from appliance.trust.tls import make_attested_tls
 
             self.tls = make_attested_tls(settings.server.host)
         super().__init__()
@@ -235,8 +235,8 @@ class ApplianceServer(BaseApplication):
         self._choose_cpu_backend()
 
     def _choose_cpu_backend(self) -> None:
-        from .engine.cpuprobe import choose_backend, llama_lib_dir
-        from .settings import default_threads
+        from appliance.engine.cpuprobe import choose_backend, llama_lib_dir
+        from appliance.settings import default_threads
 
         lib_dir = llama_lib_dir()
         if lib_dir is None:  # a build without CPU modules: the worker takes what ggml has

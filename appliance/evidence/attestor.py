@@ -16,14 +16,13 @@ from collections.abc import Callable
 import gevent
 from gevent import monkey
 
+from appliance.buildinfo import VERSION, binary_digest, variant
+from appliance.evidence import EvidenceProvider, MeasurementEvent, ProviderError
+from appliance.settings import Settings
+from appliance.trust.auth import RateLimiter
+from appliance.web.errors import BadRequest, NotReady, RateLimited
 from attestation.claims import NONCE_RE, Claims, ModelClaim, report_data
 from attestation.measurements import event_digest, model_event
-
-from .buildinfo import VERSION, binary_digest, variant
-from .errors import BadRequest, NotReady, RateLimited
-from .security.auth import RateLimiter
-from .settings import Settings
-from .tee import EvidenceProvider, MeasurementEvent, ProviderError
 
 __all__ = ["Attestor", "AttestationResource"]
 
@@ -135,7 +134,7 @@ class AttestationResource:
 
 def _backend_claim() -> dict | None:
     """The CPU build llama.cpp really runs (after a probe, perhaps a fallback), once one is loaded."""
-    from .engine.llama import cpu_backend_choice
+    from appliance.engine.llama import cpu_backend_choice
 
     choice = cpu_backend_choice()
     if choice is None:

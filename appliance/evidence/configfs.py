@@ -37,7 +37,7 @@ from gevent import monkey
 # A real OS lock: providers run on pool threads, and gevent's patched Lock is a greenlet lock.
 _real_lock = monkey.get_original("_thread", "allocate_lock")
 
-from . import Evidence, MeasurementEvent, ProviderError  # noqa: E402 (after the real lock)
+from appliance.evidence import Evidence, MeasurementEvent, ProviderError  # noqa: E402 (after the real lock)
 
 __all__ = ["ConfigfsTsmProvider", "FileOps", "MAX_OUTBLOB", "DEFAULT_RTMR_PATH"]
 

@@ -6,7 +6,7 @@ from, but downloading real weights is slow, licensed and not reproducible offlin
 in the pinned llama-cpp-python sdist; the weights are seeded noise. The output is byte-for-byte
 deterministic, so a model's sha256 can be pinned in tests and attestation fixtures.
 
-Usage: `python -m appliance.modelgen OUT.gguf [--preset test|demo|bench] [--n-embd N] ...`
+Usage: `python -m tools.modelgen OUT.gguf [--preset test|demo|bench] [--n-embd N] ...`
 """
 
 from __future__ import annotations
@@ -431,7 +431,7 @@ def _sha256(path: Path) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m appliance.modelgen", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.modelgen", description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="output .gguf path")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="base spec (flags override it)")
     for flag in ("n-embd", "n-layer", "n-ff", "n-head", "n-head-kv", "seed"):

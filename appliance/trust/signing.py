@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import falcon
 
+from appliance.trust.identity import Identity
+from appliance.web.errors import BadRequest, PayloadTooLarge
 from attestation.signing import (
     NONCE_HEADER,
     SSE_DONE,
@@ -27,9 +29,6 @@ from attestation.signing import (
     VerificationError,
     check_content_digest,
 )
-
-from ..errors import BadRequest, PayloadTooLarge
-from .identity import Identity
 
 __all__ = ["ResponseSigning", "SignedStream", "request_info"]
 
@@ -152,7 +151,7 @@ class SignedStream:
         return self._ready()
 
     def attach_writer(self, write: Callable[[bytes], bool]) -> bool:
-        """Pass a direct writer (appliance.direct_writes) on to the inner stream, each event chained
+        """Pass a direct writer (appliance.web.streams) on to the inner stream, each event chained
         and checkpointed on its way. The inner stream calls it only while this stream's greenlet
         waits for events (Generation.events), so never alongside __next__."""
         attach = getattr(self._inner, "attach_writer", None)

@@ -19,11 +19,17 @@ from pathlib import Path
 
 import falcon
 
-from . import __version__
-from .attest import AttestationResource, Attestor
-from .desired import DesiredModels, SharedState, StateFull
-from .engine.registry import ModelRegistry
-from .errors import (
+from appliance import __version__
+from appliance.desired import DesiredModels, SharedState, StateFull
+from appliance.engine.registry import ModelRegistry
+from appliance.evidence import detect_provider
+from appliance.evidence.attestor import AttestationResource, Attestor
+from appliance.metrics import Metrics
+from appliance.settings import Settings, default_threads
+from appliance.trust.auth import Auth
+from appliance.trust.identity import Identity
+from appliance.trust.signing import ResponseSigning
+from appliance.web.errors import (
     ApiError,
     BadRequest,
     Conflict,
@@ -35,14 +41,8 @@ from .errors import (
     NotReady,
     UnsupportedMediaType,
 )
-from .inference import Inference
-from .metrics import Metrics
-from .schemas import LoadModelRequest, UnloadModelRequest, parse
-from .security.auth import Auth
-from .security.identity import Identity
-from .security.signing import ResponseSigning
-from .settings import Settings, default_threads
-from .tee import detect_provider
+from appliance.web.inference import Inference
+from appliance.web.schemas import LoadModelRequest, UnloadModelRequest, parse
 
 __all__ = ["create_app", "AppState", "ROUTES"]
 
@@ -379,12 +379,12 @@ def create_app(
     identity = identity or Identity(clock=wall_clock)
     metrics = metrics or Metrics()
     if models is None and settings.server.cpu_backend != "auto":
-        from .engine.llama import set_cpu_backend
+        from appliance.engine.llama import set_cpu_backend
 
         set_cpu_backend(settings.server.cpu_backend)
     if models is None and shared is not None:
-        from .engine.cpuprobe import BackendChoice
-        from .engine.llama import set_backend_choice
+        from appliance.engine.cpuprobe import BackendChoice
+        from appliance.engine.llama import set_backend_choice
 
         # The CPU build the master chose and probed before forking this worker (or why there is none).
         chosen, error = shared.backends.chosen()

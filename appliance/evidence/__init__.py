@@ -85,15 +85,15 @@ def detect_provider(
 ) -> EvidenceProvider:
     """The configured provider, or with `auto` the first TEE interface present, else simulated."""
     if kind in ("configfs-tsm", "auto") and configfs_root.is_dir():
-        from .configfs import ConfigfsTsmProvider
+        from appliance.evidence.configfs import ConfigfsTsmProvider
 
         return ConfigfsTsmProvider(configfs_root, **({"rtmr_path": rtmr_path} if rtmr_path else {}))
     if kind in ("nitro", "auto") and nsm_device.exists():
-        from .nitro import NitroProvider
+        from appliance.evidence.nitro import NitroProvider
 
         return NitroProvider(nsm_device)
     if kind in ("gramine-sgx", "auto") and (gramine_root / "quote").exists():
-        from .gramine import GramineProvider
+        from appliance.evidence.gramine import GramineProvider
 
         return GramineProvider(gramine_root)
     if kind in ("simulated", "auto"):

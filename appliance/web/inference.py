@@ -22,15 +22,14 @@ import falcon
 import gevent
 from gevent.socket import wait_read
 
+from appliance.engine.chat import render_chat
+from appliance.engine.llama import SamplingParams
+from appliance.engine.registry import ModelRegistry
+from appliance.engine.scheduler import Delta, DeltaSink, Done, Failed, Generation, GenerationRequest, TokenLogprob
+from appliance.settings import LimitsSettings
+from appliance.web.errors import ApiError, BadRequest, InternalError
+from appliance.web.schemas import ChatRequest, CompletionRequest, parse
 from attestation.signing import SSE_DONE
-
-from .engine.chat import render_chat
-from .engine.llama import SamplingParams
-from .engine.registry import ModelRegistry
-from .engine.scheduler import Delta, DeltaSink, Done, Failed, Generation, GenerationRequest, TokenLogprob
-from .errors import ApiError, BadRequest, InternalError
-from .schemas import ChatRequest, CompletionRequest, parse
-from .settings import LimitsSettings
 
 __all__ = ["Inference", "sse_event", "text_chunk_encoder", "SSE_DONE"]
 

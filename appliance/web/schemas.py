@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import BadRequest
+from appliance.web.errors import BadRequest
 
 __all__ = [
     "CompletionRequest",

@@ -19,8 +19,8 @@ from gevent import monkey
 # A real OS lock: providers run on pool threads, and gevent's patched Lock is a greenlet lock.
 _real_lock = monkey.get_original("_thread", "allocate_lock")
 
-from . import Evidence, MeasurementEvent, ProviderError  # noqa: E402 (after the lock, as in configfs)
-from .configfs import FileOps  # noqa: E402 (after the lock, as in configfs)
+from appliance.evidence import Evidence, MeasurementEvent, ProviderError  # noqa: E402 (after the lock, as in configfs)
+from appliance.evidence.configfs import FileOps  # noqa: E402 (after the lock, as in configfs)
 
 __all__ = ["GramineProvider", "MAX_QUOTE"]
 
