@@ -14,7 +14,7 @@ REAL_MODEL_NAME := gemma3-270m
 # Quiet pip: the machine's extra local indexes print a warning per package.
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run run-demo setup test test-unit test-integration demo-model real-model battery lock clean
+.PHONY: run run-demo setup check test test-unit test-integration demo-model real-model battery lock clean
 
 run: setup real-model
 	$(BIN)/appliance -p $(PORT) --model $(REAL_MODEL_NAME)=$(REAL_MODEL)
@@ -33,10 +33,12 @@ battery: setup real-model
 setup: $(STAMP)
 
 # The llama-cpp-python wheel is compiled once from its pinned sdist and cached in $(APPLIANCE_CACHE).
-$(STAMP): pyproject.toml requirements.lock scripts/llama-wheel.sh scripts/llama-sdist.sh $(wildcard scripts/patches/*.patch)
+# attestation/ (the verifier, its own distribution, appliance-attestation) goes in before the appliance.
+$(STAMP): pyproject.toml attestation/pyproject.toml requirements.lock scripts/llama-wheel.sh scripts/llama-sdist.sh $(wildcard scripts/patches/*.patch)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --require-hashes --no-deps -r requirements.lock 2> >(grep -v 'is ignored' >&2)
 	wheel=$$(PYTHON=$(BIN)/python scripts/llama-wheel.sh cpu) && $(PIP) install --no-deps --force-reinstall "$$wheel" 2> >(grep -v 'is ignored' >&2)
+	$(PIP) install --no-deps --no-build-isolation -e ./attestation 2> >(grep -v 'is ignored' >&2)
 	$(PIP) install --no-deps --no-build-isolation -e . 2> >(grep -v 'is ignored' >&2)
 	touch $@
 
@@ -45,6 +47,13 @@ demo-model: $(DEMO_MODEL)
 $(DEMO_MODEL): | $(STAMP)
 	mkdir -p $(dir $@)
 	$(BIN)/python -m tools.modelgen $@ --preset demo
+
+# Lint and types: ruff over the repository, mypy --strict on the server and on the verifier (its own
+# distribution, checked on its own). Both configured in pyproject.toml; 0 errors is the bar.
+check: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy appliance
+	$(BIN)/mypy attestation
 
 test: setup
 	$(BIN)/python -m pytest -ra
@@ -56,9 +65,12 @@ test-integration: setup
 	$(BIN)/python -m pytest -ra tests/integration
 
 # Re-pin every dependency with hashes (needs `uv`: pip install uv).
+# attestation/requirements.lock: the verifier's own dependencies (and its [openai] extra) at the same pins.
 lock:
 	uv pip compile requirements.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  --generate-hashes --no-header -o requirements.lock
+	cd attestation && uv pip compile pyproject.toml --extra openai -c ../requirements.lock --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --generate-hashes --no-header -o requirements.lock
 
 clean:
 	rm -rf $(VENV) var dist .pytest_cache

@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from appliance import __version__
+from appliance.digests import file_sha256
 
 __all__ = ["binary_digest", "variant", "verify_bundle", "VERSION"]
 
@@ -23,11 +24,7 @@ def binary_digest() -> tuple[str, str]:
         # renamed over or removed; and a file being executed cannot be written (ETXTBSY). So these are
         # the bytes running, as long as this runs at startup (the server calls it in the master).
         exe = "/proc/self/exe" if os.path.exists("/proc/self/exe") else sys.executable
-        h = hashlib.sha256()
-        with open(exe, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        return "frozen", h.hexdigest()
+        return "frozen", file_sha256(exe)
     # A source install: every .py of the two packages, by relative path, in a fixed order.
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
@@ -58,7 +55,6 @@ def verify_bundle(prefix: str = "") -> int:
     were checked (0 for a source install, or a build without the table)."""
     if not getattr(sys, "frozen", False):
         return 0
-    from appliance.engine.modelfile import file_sha256
 
     try:
         from _appliance_bundle import DIGESTS  # type: ignore[import-not-found]

@@ -11,8 +11,17 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance import __version__
+
+if TYPE_CHECKING:
+    from wsgiref.types import WSGIApplication
+
+    from appliance.desired import SharedState
+    from appliance.settings import Settings
+    from appliance.trust.identity import Identity
+    from appliance.web.state import AppState
 
 __all__ = ["main", "build_parser"]
 
@@ -57,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from appliance.engine.errors import LoadRefused
     from appliance.engine.modelfile import check_gguf
     from appliance.settings import ConfigError, load_settings
-    from appliance.web.errors import ApiError
 
     try:
         settings = load_settings(args.config, host=args.host, port=args.port, models=args.model)
@@ -69,9 +78,9 @@ def _serve(args: argparse.Namespace) -> int:
             settings = load_settings(args.config, host=args.host, port=args.port, models=models)
         for i, m in enumerate(settings.models):
             try:
-                check_gguf(m.path, param=f"models[{i}].path")
-            except ApiError as e:
-                raise ConfigError(f"{e.message} ({m.path})") from None
+                check_gguf(m.path)
+            except LoadRefused as e:
+                raise ConfigError(f"models[{i}].path: {e.message} ({m.path})") from None
     except ConfigError as e:
         print(f"appliance: invalid configuration: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -117,7 +126,9 @@ def _embedded_model() -> tuple[str, str] | None:
     return (found[0].stem, str(found[0])) if found else None
 
 
-def _factory(settings, identity, tls_public_key_sha256=None, shared=None):
+def _factory(
+    settings: Settings, identity: Identity, tls_public_key_sha256: str | None = None, shared: SharedState | None = None
+) -> tuple[WSGIApplication, AppState]:
     # Imported in the worker after the fork: llama.cpp (and OpenMP/CUDA) never load in the master.
     from appliance.web.app import create_app
 

@@ -19,8 +19,9 @@ import logging
 import mmap
 import struct
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
+from appliance.osthreads import Lock, real_lock
 from appliance.settings import ModelSettings
 
 __all__ = ["SharedState", "SharedRecord", "DesiredModels", "WorkerDeaths", "MeasurementLog", "StateFull"]
@@ -30,6 +31,8 @@ log = logging.getLogger("appliance.web.server")
 _MAGIC = b"APS1"
 _HEADER = struct.Struct("<4sQI32s")  # magic, generation, payload length, sha256(generation || length || payload)
 
+_T = TypeVar("_T")
+
 CONFIG = "config"
 RUNTIME = "runtime"
 
@@ -38,17 +41,10 @@ class StateFull(Exception):
     """A record does not fit its shared slot; the message says how big it is and what fits."""
 
 
-def _real_lock():
+def _real_lock() -> Lock:
     # Loads run on the hub's pool threads: a greenlet lock (what `threading.Lock` is once gevent has
     # patched the worker) cannot be shared with them.
-    try:
-        from gevent import monkey
-
-        return monkey.get_original("_thread", "allocate_lock")()
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        import _thread
-
-        return _thread.allocate_lock()
+    return real_lock()
 
 
 def _digest(generation: int, payload: bytes) -> bytes:
@@ -90,7 +86,7 @@ class SharedRecord:
         gen, _, payload = self._newest()
         return (gen, json.loads(payload)) if payload is not None else (0, None)
 
-    def update(self, change: Callable[[Any], Any]) -> Any:
+    def update(self, change: Callable[[Any], _T]) -> _T:
         """Write change(current value) as the next generation; returns the value written."""
         with self._lock:
             gen, idx, payload = self._newest()
@@ -120,10 +116,10 @@ class DesiredModels:
         self._record.update(lambda _old: {"models": entries})
 
     @staticmethod
-    def _entry(ms: ModelSettings, origin: str) -> dict:
+    def _entry(ms: ModelSettings, origin: str) -> dict[str, Any]:
         return {"origin": origin, "settings": ms.model_dump(mode="json")}
 
-    def _entries(self, value: Any) -> list[dict]:
+    def _entries(self, value: Any) -> list[dict[str, Any]]:
         return list(value["models"]) if isinstance(value, dict) else []
 
     def names(self) -> list[str]:
@@ -155,7 +151,7 @@ class DesiredModels:
     def add(self, ms: ModelSettings) -> None:
         """A model loaded at run time (a same-named entry, e.g. a configured model that failed, is replaced)."""
 
-        def change(value: Any) -> dict:
+        def change(value: Any) -> dict[str, Any]:
             entries = [e for e in self._entries(value) if e["settings"]["name"] != ms.name]
             return {"models": [*entries, self._entry(ms, RUNTIME)]}
 
@@ -175,14 +171,14 @@ class WorkerDeaths:
     def __init__(self, record: SharedRecord) -> None:
         self._record = record
 
-    def read(self) -> dict:
+    def read(self) -> dict[str, Any]:
         value = self._record.read()[1]
         return value if isinstance(value, dict) else {"restarts": 0, "causes": {}, "last": None}
 
-    def record(self, *, pid: int, cause: str, detail: str, wall: float, monotonic: float) -> dict:
-        def change(value: Any) -> dict:
-            old = value if isinstance(value, dict) else {"restarts": 0, "causes": {}, "last": None}
-            causes = dict(old["causes"])
+    def record(self, *, pid: int, cause: str, detail: str, wall: float, monotonic: float) -> dict[str, Any]:
+        def change(value: Any) -> dict[str, Any]:
+            old: dict[str, Any] = value if isinstance(value, dict) else {"restarts": 0, "causes": {}, "last": None}
+            causes: dict[str, int] = dict(old["causes"])
             causes[cause] = causes.get(cause, 0) + 1
             last = {"pid": pid, "cause": cause, "detail": detail, "at": wall, "monotonic": monotonic}
             return {"restarts": old["restarts"] + 1, "causes": causes, "last": last}
@@ -197,11 +193,11 @@ class MeasurementLog:
     def __init__(self, record: SharedRecord) -> None:
         self._record = record
 
-    def events(self) -> list[dict]:
+    def events(self) -> list[dict[str, Any]]:
         value = self._record.read()[1]
         return list(value["events"]) if isinstance(value, dict) else []
 
-    def replace(self, snapshot: Callable[[], list[dict]]) -> None:
+    def replace(self, snapshot: Callable[[], list[dict[str, Any]]]) -> None:
         """Store snapshot(), taken under the record's lock (the log only grows: the last write is the newest)."""
         self._record.update(lambda _old: {"events": snapshot()})
 
@@ -213,15 +209,15 @@ class CpuBackends:
     def __init__(self, record: SharedRecord) -> None:
         self._record = record
 
-    def _value(self) -> dict:
+    def _value(self) -> dict[str, Any]:
         value = self._record.read()[1]
         return value if isinstance(value, dict) else {"in_use": None, "refused": []}
 
-    def choose(self, choice: dict | None, error: str | None = None) -> None:
+    def choose(self, choice: dict[str, Any] | None, error: str | None = None) -> None:
         """Master: the CPU build the next worker loads (BackendChoice.to_dict()), or why there is none."""
         self._record.update(lambda old: {**(old or {"in_use": None, "refused": []}), "choice": choice, "error": error})
 
-    def chosen(self) -> tuple[dict | None, str | None]:
+    def chosen(self) -> tuple[dict[str, Any] | None, str | None]:
         value = self._value()
         return value.get("choice"), value.get("error")
 
@@ -232,12 +228,12 @@ class CpuBackends:
         """Worker: the build it has just loaded."""
         self._record.update(lambda old: {**(old or {"refused": []}), "in_use": {"module": module, "extra_buffers": extra_buffers}})
 
-    def refuse_in_use(self, why: str) -> dict | None:
+    def refuse_in_use(self, why: str) -> dict[str, Any] | None:
         """Master: the worker running the build in use died of `why`; never choose it again. Returns it."""
-        refused: list = []
+        refused: list[dict[str, Any]] = []
 
-        def change(value: Any) -> dict:
-            old = value if isinstance(value, dict) else {"in_use": None, "refused": []}
+        def change(value: Any) -> dict[str, Any]:
+            old: dict[str, Any] = value if isinstance(value, dict) else {"in_use": None, "refused": []}
             if old["in_use"] is not None:
                 refused.append(old["in_use"])
                 return {**old, "in_use": None, "refused": [*old["refused"], {**old["in_use"], "why": why}]}

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from appliance.desired import WorkerDeaths
+    from appliance.engine.registry import ModelRegistry
 
 __all__ = ["Metrics"]
+
+_M = TypeVar("_M", Counter, Histogram)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -36,8 +45,8 @@ class Metrics:
             "scheduler thread (server.stream_writes)", ["writer"], registry=r,
         )
         self.auth_failures = Counter("appliance_auth_failures_total", "Requests refused by authentication", ["reason"], registry=r)
-        self._models = None
-        self._children: dict = {}
+        self._models: ModelRegistry | None = None
+        self._children: dict[tuple[Counter | Histogram, str], Any] = {}
 
     # EngineObserver, called from scheduler threads (prometheus_client is thread-safe)
     # The labelled children are looked up once per model: the scheduler reports after every decode
@@ -51,18 +60,18 @@ class Metrics:
     def prompt_tokens(self, model: str, n: int) -> None:
         self._child(self.prompt, model).inc(n)
 
-    def _child(self, metric, model: str):
-        child = self._children.get((metric, model))
+    def _child(self, metric: _M, model: str) -> _M:
+        child: _M | None = self._children.get((metric, model))
         if child is None:
             child = self._children[(metric, model)] = metric.labels(model)
         return child
 
-    def watch_models(self, models) -> None:
+    def watch_models(self, models: ModelRegistry) -> None:
         """Expose queue depth, busy slots and loaded models, read from the registry at scrape time."""
         self._models = models
         self.registry.register(_ModelGauges(models))
 
-    def watch_worker_restarts(self, deaths) -> None:
+    def watch_worker_restarts(self, deaths: WorkerDeaths) -> None:
         """Expose the worker restarts the gunicorn master counted (`desired.WorkerDeaths`, shared memory):
         a worker cannot count its own death, its successor exports it."""
         self.registry.register(_WorkerRestarts(deaths))
@@ -72,13 +81,13 @@ class Metrics:
 
 
 class _ModelGauges:
-    def __init__(self, models) -> None:
+    def __init__(self, models: ModelRegistry) -> None:
         self._models = models
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         queue = GaugeMetricFamily("appliance_queue_depth", "Requests waiting for a slot", labels=["model"])
         busy = GaugeMetricFamily("appliance_busy_slots", "Slots generating or processing a prompt", labels=["model"])
         slots = GaugeMetricFamily("appliance_slots", "Slots configured", labels=["model"])
@@ -95,13 +104,13 @@ class _ModelGauges:
 
 
 class _WorkerRestarts:
-    def __init__(self, deaths) -> None:
+    def __init__(self, deaths: WorkerDeaths) -> None:
         self._deaths = deaths
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         d = self._deaths.read()
         total = CounterMetricFamily(
             "appliance_worker_restarts", "Workers started again after the worker died (a signal, an exit, a timeout)"

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "CLAIMS_VERSION",
@@ -37,7 +38,7 @@ class ClaimsError(ValueError):
     """Claims bytes are malformed or not of a supported version."""
 
 
-def canonical_json(obj) -> bytes:
+def canonical_json(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
@@ -52,8 +53,8 @@ class ModelClaim:
     sha256: str
     mmap: bool | None = None  # mapped from the host's disk (true) or read once into sealed memory (false)
 
-    def to_dict(self) -> dict:
-        out: dict = {"name": self.name, "sha256": self.sha256}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "sha256": self.sha256}
         if self.mmap is not None:
             out["mmap"] = self.mmap
         return out
@@ -73,13 +74,13 @@ class Claims:
     provider: str
     models: tuple[ModelClaim, ...] = ()
     tls_public_key_sha256: str | None = None
-    runtime_measurements: tuple[dict, ...] = field(default_factory=tuple)
+    runtime_measurements: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     # The llama.cpp CPU build that really runs ({"cpu": "cpu-zen4", "extra_buffers": true,
     # "fallback": false}), once a model has loaded; omitted before.
-    backend: dict | None = None
+    backend: dict[str, Any] | None = None
 
-    def to_dict(self) -> dict:
-        out = {
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "version": CLAIMS_VERSION,
             "appliance_version": self.appliance_version,
             "variant": self.variant,
@@ -101,7 +102,7 @@ class Claims:
         return canonical_json(self.to_dict())
 
 
-def parse_claims(claims_bytes: bytes) -> dict:
+def parse_claims(claims_bytes: bytes) -> dict[str, Any]:
     """Parse claim bytes a verifier has already bound to evidence; checks shape, not truth."""
     try:
         obj = json.loads(claims_bytes)

@@ -4,7 +4,8 @@
     python -m attestation verify URL [--policy FILE] [--allow-simulated] [--complete PROMPT] [--stream]
                                      [--model NAME] [--max-tokens N] [--api-key KEY] [--timeout S]
 
-(`appliance verify-response` and `appliance verify` are the same commands.)
+(`appliance-attestation ...`, the console script of this distribution, and `appliance verify-response` /
+`appliance verify` of the server's CLI are the same commands.)
 
 A transcript is the JSON document spec/signing.md defines: the request as the client sent it (with
 its `Content-Digest`, if it sent one) and the response as it arrived (status, headers, body bytes in
@@ -24,8 +25,21 @@ import binascii
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
-from .signing import RequestInfo, VerificationError, public_key_from_b64, verify_response, verify_stream
+from .signing import (
+    RequestInfo,
+    VerificationError,
+    VerifiedResponse,
+    VerifiedStream,
+    public_key_from_b64,
+    verify_response,
+    verify_stream,
+)
+
+if TYPE_CHECKING:
+    from .client import AttestedAppliance, StdlibHTTP
+    from .verify import VerificationReport
 
 __all__ = ["load_transcript", "verify_transcript", "verify_transcript_main", "add_verify_arguments", "verify_main", "main"]
 
@@ -50,7 +64,7 @@ def load_transcript(path: Path) -> tuple[RequestInfo, int, dict[str, str], bytes
         raise TranscriptError(f"cannot read transcript {path}: {type(e).__name__}") from None
 
 
-def verify_transcript(path: Path, public_key_b64: str):
+def verify_transcript(path: Path, public_key_b64: str) -> VerifiedResponse | VerifiedStream:
     """Verify a saved response or stream; raises VerificationError naming what failed."""
     info, status, headers, body = load_transcript(path)
     key = public_key_from_b64(public_key_b64)
@@ -99,14 +113,14 @@ def add_verify_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _http(timeout: float, attested_tls: bool = False):
+def _http(timeout: float, attested_tls: bool = False) -> StdlibHTTP:
     """The HTTP client the command uses (the standard library's); tests replace it."""
     from .client import StdlibHTTP
 
     return StdlibHTTP(timeout=timeout, attested_tls=attested_tls)
 
 
-def verify_main(args: argparse.Namespace, out=None, err=None) -> int:
+def verify_main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     from .client import AttestationFailed, attest, normalize_base_url
@@ -167,13 +181,15 @@ def _io_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
-def _print_report(report, out) -> None:
+def _print_report(report: VerificationReport, out: TextIO) -> None:
     if report.provider or report.format:
         print(f"provider: {report.provider} ({report.format})", file=out)
     print(report.table(), file=out)
 
 
-def _complete(appliance, args, http, out, err) -> int:
+def _complete(
+    appliance: AttestedAppliance, args: argparse.Namespace, http: StdlibHTTP, out: TextIO, err: TextIO
+) -> int:
     import json as _json
 
     from .client import VerificationError, verified_request

@@ -37,8 +37,9 @@ import secrets
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -61,10 +62,14 @@ from .signing import (
 )
 from .verify import AttestationFailed, Factor, VerificationReport, verify_attestation
 
-try:  # optional: only VerifyingTransport (and openai clients) need it
+if TYPE_CHECKING:  # type-checked against httpx2; at run time it may be absent (checked where needed)
     import httpx2 as _httpx2
-except ImportError:  # pragma: no cover - exercised by a subprocess test
-    _httpx2 = None
+    import openai
+else:
+    try:  # optional: only VerifyingTransport (and openai clients) need it
+        import httpx2 as _httpx2
+    except ImportError:  # pragma: no cover - exercised by a subprocess test
+        _httpx2 = None
 
 __all__ = [
     "ATTESTATION_PATH",
@@ -123,7 +128,7 @@ def _url_origin(url: str) -> tuple[str, str, int]:
     return _origin(u.scheme, u.hostname or "", u.port)
 
 
-def _header_map(items) -> dict[str, str]:
+def _header_map(items: Iterable[tuple[str | bytes, str | bytes]]) -> dict[str, str]:
     """Header (name, value) pairs as one dict; repeated names joined with ", " (as HTTP combines them)."""
     out: dict[str, str] = {}
     for k, v in items:
@@ -139,7 +144,7 @@ def _is_stream(headers: Mapping[str, str]) -> bool:
     return ctype.split(";", 1)[0].strip().lower() == "text/event-stream"
 
 
-def _read_bounded(chunks, limit: int, what: str) -> bytes:
+def _read_bounded(chunks: Iterable[bytes], limit: int, what: str) -> bytes:
     buf = bytearray()
     for chunk in chunks:
         buf += chunk
@@ -160,10 +165,10 @@ class AttestedAppliance:
     signing_key: Ed25519PublicKey
     report: VerificationReport
     nonce: str
-    document: dict = field(repr=False)
+    document: dict[str, Any] = field(repr=False)
 
     @property
-    def claims(self) -> dict:
+    def claims(self) -> dict[str, Any]:
         return self.report.claims or {}
 
     @property
@@ -222,7 +227,8 @@ def verify_attestation_response(
         raise _fail("document", "the attestation response is not JSON") from None
     report = verify_attestation(doc, nonce=request.nonce, policy=policy, now=now, observed_tls_sha256=observed_tls_sha256)
     key = report.signing_key
-    assert key is not None  # verify_attestation fails the signing-key factor otherwise
+    if key is None:  # never: verify_attestation fails the signing-key factor without one
+        raise _fail("signing-key", "the attestation names no signing key")
     try:
         verify_response(key, request=request, status=status, headers=headers, body=body)
     except VerificationError as e:
@@ -285,11 +291,11 @@ class StdlibHTTP:
 
     def open(self, method: str, url: str, headers: Mapping[str, str], body: bytes = b"") -> _Raw:
         u = urllib.parse.urlsplit(url)
-        if u.scheme == "https":
+        if u.scheme == "https" and u.hostname:
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 u.hostname, u.port, timeout=self.timeout, context=self.ssl_context
             )
-        elif u.scheme == "http":
+        elif u.scheme == "http" and u.hostname:
             conn = http.client.HTTPConnection(u.hostname, u.port, timeout=self.timeout)
         else:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -301,7 +307,7 @@ class StdlibHTTP:
                 # `Connection: close` response arrives) and, with attested TLS, checked before any
                 # request byte leaves.
                 conn.connect()
-                tls = _spki_sha256(conn.sock.getpeercert(binary_form=True))
+                tls = _spki_sha256(cast(ssl.SSLSocket, conn.sock).getpeercert(binary_form=True))
                 if self.attested_tls:
                     if self.pin_spki_sha256 is not None and tls != self.pin_spki_sha256:
                         raise VerificationError("tls: the server's TLS key is not the attested one")
@@ -337,7 +343,7 @@ class StdlibHTTP:
 class _HttpxClientHTTP:
     """An httpx2.Client (its transport, event hooks and timeouts); raw bytes, never decoded."""
 
-    def __init__(self, client) -> None:
+    def __init__(self, client: _httpx2.Client) -> None:
         self.client = client
 
     def open(self, method: str, url: str, headers: Mapping[str, str], body: bytes = b"") -> _Raw:
@@ -352,7 +358,7 @@ class _HttpxClientHTTP:
 class _HttpxTransportHTTP:
     """A bare httpx2 transport (what VerifyingTransport wraps); `timeout` as the Client would set it."""
 
-    def __init__(self, transport, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, transport: _httpx2.BaseTransport, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.transport = transport
         self.timeout = timeout
 
@@ -362,13 +368,14 @@ class _HttpxTransportHTTP:
             extensions={"timeout": _httpx2.Timeout(self.timeout).as_dict()},
         )
         resp = self.transport.handle_request(req)
+        stream = cast(_httpx2.SyncByteStream, resp.stream)  # a sync transport answers with a sync stream
         return _Raw(
             resp.status_code, _header_map(resp.headers.raw), req.url.raw_path.decode("ascii"),
-            iter(resp.stream), resp.stream.close, _httpx_tls(resp),
+            iter(stream), stream.close, _httpx_tls(resp),
         )
 
 
-def _httpx_tls(resp) -> str | None:
+def _httpx_tls(resp: _httpx2.Response) -> str | None:
     try:
         stream = resp.extensions.get("network_stream")
         ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
@@ -377,15 +384,23 @@ def _httpx_tls(resp) -> str | None:
         return None
 
 
-def _as_http(http):
+class _HTTP(Protocol):
+    """What attest() and verified_request() send requests with: StdlibHTTP, or an adapter of an
+    httpx2 client or transport (or a test's fake)."""
+
+    def open(self, method: str, url: str, headers: Mapping[str, str], body: bytes = b"") -> _Raw: ...
+
+
+def _as_http(http: object) -> _HTTP:
+    """`http` as given (anything with `open`), an httpx2.Client or transport adapted, or StdlibHTTP for None."""
     if http is None:
         return StdlibHTTP()
     if hasattr(http, "open"):
-        return http
+        return cast(_HTTP, http)
     if hasattr(http, "build_request") and hasattr(http, "send"):
-        return _HttpxClientHTTP(http)
+        return _HttpxClientHTTP(cast(_httpx2.Client, http))
     if hasattr(http, "handle_request"):
-        return _HttpxTransportHTTP(http)
+        return _HttpxTransportHTTP(cast(_httpx2.BaseTransport, http))
     raise TypeError("http: an httpx2.Client, an httpx2 transport, or None (the standard library)")
 
 
@@ -397,7 +412,7 @@ def attest(
     base_url: str,
     *,
     policy: Policy,
-    http=None,
+    http: object = None,
     now: float | None = None,
     random_bytes: RandomBytes = secrets.token_bytes,
     observed_tls_sha256: str | None = None,
@@ -559,7 +574,7 @@ class StreamVerifier:
             raise VerificationError(f"stream: bad signature on the checkpoint at event {i}") from None
 
 
-def _verified_chunks(chunks, verifier: StreamVerifier, close: Callable[[], None]) -> Iterator[bytes]:
+def _verified_chunks(chunks: Iterable[bytes], verifier: StreamVerifier, close: Callable[[], None]) -> Iterator[bytes]:
     """Raw stream chunks in, verified events out (joined per release); closes the source when done."""
     try:
         for chunk in chunks:
@@ -591,7 +606,7 @@ class VerifiedHTTPResponse:
     def is_stream(self) -> bool:
         return self._events is not None
 
-    def json(self):
+    def json(self) -> Any:
         if self.body is None:
             raise ValueError("a stream has no JSON body")
         return json.loads(self.body)
@@ -612,7 +627,7 @@ def verified_request(
     *,
     body: bytes = b"",
     headers: Mapping[str, str] | None = None,
-    http=None,
+    http: object = None,
     random_bytes: RandomBytes = secrets.token_bytes,
 ) -> VerifiedHTTPResponse:
     """Send one request to the attested appliance with a fresh nonce; verify what comes back."""
@@ -642,12 +657,16 @@ def verified_request(
 # httpx2 transport (openai 3.x)
 
 
-_BaseTransport = _httpx2.BaseTransport if _httpx2 is not None else object
-_SyncByteStream = _httpx2.SyncByteStream if _httpx2 is not None else object
+if TYPE_CHECKING:
+    _BaseTransport = _httpx2.BaseTransport
+    _SyncByteStream = _httpx2.SyncByteStream
+else:
+    _BaseTransport = _httpx2.BaseTransport if _httpx2 is not None else object
+    _SyncByteStream = _httpx2.SyncByteStream if _httpx2 is not None else object
 
 
 class _VerifiedByteStream(_SyncByteStream):
-    def __init__(self, inner, verifier: StreamVerifier) -> None:
+    def __init__(self, inner: _httpx2.SyncByteStream, verifier: StreamVerifier) -> None:
         self._inner = inner
         self._verifier = verifier
 
@@ -678,16 +697,18 @@ class VerifyingTransport(_BaseTransport):
         *,
         policy: Policy | None = None,
         appliance: AttestedAppliance | None = None,
-        transport=None,
+        transport: _httpx2.BaseTransport | None = None,
         random_bytes: RandomBytes = secrets.token_bytes,
         now: Callable[[], float] | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         if _httpx2 is None:
             raise ImportError("VerifyingTransport needs httpx2 (pip install httpx2, or openai>=3)")
-        if appliance is None and (url is None or policy is None):
+        if appliance is not None:
+            url = url if url is not None else appliance.base_url
+        elif url is None or policy is None:
             raise ValueError("VerifyingTransport: give url and policy, or an attested appliance")
-        self.base_url = normalize_base_url(url if url is not None else appliance.base_url)
+        self.base_url = normalize_base_url(url)
         self.policy = policy
         self._appliance = appliance
         self._inner = transport if transport is not None else _httpx2.HTTPTransport()
@@ -704,13 +725,15 @@ class VerifyingTransport(_BaseTransport):
         """The attested appliance, attesting now if that has not happened yet."""
         with self._lock:
             if self._appliance is None:
+                if self.policy is None:  # __init__ requires a policy when no appliance is given
+                    raise ValueError("VerifyingTransport: no policy to attest with")
                 self._appliance = attest(
                     self.base_url, policy=self.policy, http=_HttpxTransportHTTP(self._inner),
                     now=self._now() if self._now else None, random_bytes=self._random_bytes,
                 )
             return self._appliance
 
-    def handle_request(self, request):
+    def handle_request(self, request: _httpx2.Request) -> _httpx2.Response:
         url = request.url
         if _origin(url.scheme, url.host, url.port) != self._origin:
             raise VerificationError(
@@ -723,22 +746,24 @@ class VerifyingTransport(_BaseTransport):
         # A Content-Digest the caller added travels with the request; the response is then bound by it.
         info = RequestInfo(request.method, url.raw_path.decode("ascii"), body, nonce, request.headers.get("content-digest"))
         response = self._inner.handle_request(request)
+        raw = cast(_httpx2.SyncByteStream, response.stream)  # a sync transport answers with a sync stream
         headers = _header_map(response.headers.raw)
+        stream: _httpx2.SyncByteStream
         try:
             if _is_stream(headers):
                 verifier = StreamVerifier(appliance.signing_key, request=info, status=response.status_code, headers=headers)
-                stream = _VerifiedByteStream(response.stream, verifier)
+                stream = _VerifiedByteStream(raw, verifier)
                 self.verified_streams += 1
             else:
-                data = _read_bounded(response.stream, self._max_response, "response")
+                data = _read_bounded(raw, self._max_response, "response")
                 verify_response(appliance.signing_key, request=info, status=response.status_code, headers=headers, body=data)
                 stream = _httpx2.ByteStream(data)
                 self.verified_responses += 1
         except BaseException:
-            response.stream.close()
+            raw.close()
             raise
         if not isinstance(stream, _VerifiedByteStream):
-            response.stream.close()
+            raw.close()
         return _httpx2.Response(
             response.status_code, headers=response.headers.raw, stream=stream, extensions=response.extensions
         )
@@ -747,7 +772,14 @@ class VerifyingTransport(_BaseTransport):
         self._inner.close()
 
 
-def verified_openai_client(url: str, *, policy: Policy, api_key: str | None = "none", transport=None, **kwargs):
+def verified_openai_client(
+    url: str,
+    *,
+    policy: Policy,
+    api_key: str | None = "none",
+    transport: _httpx2.BaseTransport | None = None,
+    **kwargs: Any,
+) -> openai.OpenAI:
     """An `openai.OpenAI` client for the appliance at `url` whose every response is verified.
 
     `api_key` None, "" or "none" sends no Authorization header (an appliance without API keys).
@@ -756,7 +788,7 @@ def verified_openai_client(url: str, *, policy: Policy, api_key: str | None = "n
     import openai
 
     vt = VerifyingTransport(url, policy=policy, transport=transport)
-    hooks = {}
+    hooks: dict[str, list[Callable[[_httpx2.Request], object]]] = {}
     if not api_key or api_key == "none":
         hooks = {"request": [lambda request: request.headers.pop("authorization", None)]}
     http_client = _httpx2.Client(transport=vt, event_hooks=hooks, timeout=kwargs.pop("timeout", DEFAULT_TIMEOUT))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["MEASUREMENT_DOMAIN", "model_event", "event_digest", "replay", "ReplayError"]
 
@@ -24,16 +26,16 @@ class ReplayError(ValueError):
     pass
 
 
-def model_event(name: str, sha256_hex: str) -> dict:
+def model_event(name: str, sha256_hex: str) -> dict[str, Any]:
     return {"event": "model-load", "name": name, "sha256": sha256_hex}
 
 
-def event_digest(event: dict) -> bytes:
+def event_digest(event: dict[str, Any]) -> bytes:
     desc = json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     return hashlib.sha384(MEASUREMENT_DOMAIN + desc).digest()
 
 
-def replay(events: list[dict], initial: bytes = _ZERO) -> bytes:
+def replay(events: Sequence[object], initial: bytes = _ZERO) -> bytes:
     """The register value after extending every event's digest in order."""
     value = initial
     for i, ev in enumerate(events):

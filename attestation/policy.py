@@ -33,6 +33,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Policy", "PolicyError", "load_policy", "ALL_PROVIDERS"]
 
@@ -54,18 +55,18 @@ class Policy:
     binary_sha256: tuple[str, ...] = ()
     model_sha256: tuple[str, ...] = ()
     required_models: tuple[str, ...] = ()
-    tdx: dict = field(default_factory=dict)
-    sev_snp: dict = field(default_factory=dict)
-    nitro: dict = field(default_factory=dict)
-    sgx: dict = field(default_factory=dict)
-    roots: dict = field(default_factory=dict)
+    tdx: dict[str, Any] = field(default_factory=dict)
+    sev_snp: dict[str, Any] = field(default_factory=dict)
+    nitro: dict[str, Any] = field(default_factory=dict)
+    sgx: dict[str, Any] = field(default_factory=dict)
+    roots: dict[str, Any] = field(default_factory=dict)
     """Extra trusted root certificates by vendor (PEM paths): for tests and private PKIs only."""
 
     def with_simulated(self) -> Policy:
         return Policy(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "allow_simulated": True})
 
     @classmethod
-    def from_dict(cls, data: dict) -> Policy:
+    def from_dict(cls, data: dict[str, Any]) -> Policy:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -90,7 +91,7 @@ class Policy:
         return cls(**out)
 
     @classmethod
-    def from_manifest(cls, path: Path | str, **overrides) -> Policy:
+    def from_manifest(cls, path: Path | str, **overrides: Any) -> Policy:
         """Expected binary and model digests from a build manifest (`make binary` writes one)."""
         m = json.loads(Path(path).read_text())
         data = {"binary_sha256": [m["binary"]["sha256"]]}

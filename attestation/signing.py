@@ -23,6 +23,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
 
 import http_sf
 from cryptography.exceptions import InvalidSignature as _CryptoInvalid
@@ -31,6 +32,7 @@ from http_message_signatures import HTTPMessageSigner, HTTPMessageVerifier, algo
 from http_message_signatures.digests import ContentDigest
 from http_message_signatures.exceptions import HTTPMessageSignaturesException
 from http_message_signatures.resolvers import HTTPSignatureComponentResolver, HTTPSignatureKeyResolver
+from http_message_signatures.structures import VerifyResult
 from http_sf.compat import InnerList, Item
 
 __all__ = [
@@ -77,6 +79,7 @@ STREAM_SCHEME = "sha256-chain-v1"
 CHECKPOINT_PREFIX = b": appliance-checkpoint "
 FINAL_PREFIX = b": appliance-final "
 SSE_DONE = b"data: [DONE]\n\n"
+_T = TypeVar("_T")
 _SKEW = 60  # seconds of clock skew tolerated for a response's created time
 _AUTHORITY = "http://appliance.invalid"  # @authority and @scheme are not covered; a fixed base parses the target
 _TARGET_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?")
@@ -142,7 +145,7 @@ def check_content_digest(value: str, body: bytes) -> None:
 # Message adapters for http-message-signatures (duck-typed, requests-style)
 
 
-class _Headers(dict):
+class _Headers(dict[str, str]):
     """Lower-cased header names; the library reads items() and writes with []."""
 
     def __init__(self, items: Iterable[tuple[str, str]] | Mapping[str, str] = ()) -> None:
@@ -162,7 +165,13 @@ class _Headers(dict):
     def __delitem__(self, key: str) -> None:
         super().__delitem__(key.lower())
 
-    def get(self, key: str, default=None):
+    @overload
+    def get(self, key: str, default: None = None) -> str | None: ...
+    @overload
+    def get(self, key: str, default: str) -> str: ...
+    @overload
+    def get(self, key: str, default: _T) -> str | _T: ...
+    def get(self, key: str, default: object = None) -> object:
         return super().get(key.lower(), default)
 
 
@@ -218,7 +227,7 @@ class _Resp:
 class _Verifier(HTTPMessageVerifier):
     """The library's verifier without its wall-clock check: we check times against an injected clock."""
 
-    def validate_created_and_expires(self, sig_input, max_age=None) -> None:
+    def validate_created_and_expires(self, sig_input: object, max_age: object = None) -> None:
         return None
 
 
@@ -227,10 +236,10 @@ class _Keys(HTTPSignatureKeyResolver):
         self._private = private
         self._public = public
 
-    def resolve_private_key(self, key_id: str):
+    def resolve_private_key(self, key_id: str) -> Ed25519PrivateKey | None:
         return self._private
 
-    def resolve_public_key(self, key_id: str):
+    def resolve_public_key(self, key_id: str) -> Ed25519PublicKey | None:
         return self._public
 
 
@@ -333,7 +342,8 @@ def _plain_signature_base(msg: _Resp, covered: tuple[str, ...], created: int, ki
     if not (_bare(kid) and _bare(nonce) and 0 <= created <= 999_999_999_999_999):
         return None
     items, keys, inner = _covered(covered)
-    resolver = HTTPSignatureComponentResolver(msg)
+    # http-message-signatures leaves the resolver's __init__ unannotated (a third-party edge).
+    resolver = HTTPSignatureComponentResolver(msg)  # type: ignore[no-untyped-call]
     lines = []
     for item, key in zip(items, keys):
         value = resolver.resolve(item)
@@ -353,7 +363,7 @@ def request_digest(request: RequestInfo) -> str:
     return b64(hashlib.sha256(_REQUEST_DOMAIN + "\n".join(parts).encode()).digest())
 
 
-def _canonical(obj: dict) -> bytes:
+def _canonical(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
@@ -420,7 +430,7 @@ def verify_request(
         raise VerificationError("request signature: body does not match Content-Digest") from None
 
     class _Resolver(HTTPSignatureKeyResolver):
-        def resolve_public_key(self, key_id: str):
+        def resolve_public_key(self, key_id: str) -> Ed25519PublicKey:
             key = public_keys.get(key_id)
             if key is None:
                 raise HTTPMessageSignaturesException("unknown key id")
@@ -466,7 +476,9 @@ class StreamChain:
         body = {"v": 1, "seq": self.seq, "chain": b64(self.head), "sig": b64(sig)}
         return CHECKPOINT_PREFIX + _canonical(body) + b"\n\n"
 
-    def final_fields(self, request: RequestInfo, finish_reason: str | None, usage: dict | None) -> dict:
+    def final_fields(
+        self, request: RequestInfo, finish_reason: str | None, usage: dict[str, Any] | None
+    ) -> dict[str, Any]:
         return {
             "v": 1,
             "seq": self.seq,
@@ -476,7 +488,9 @@ class StreamChain:
             "usage": usage,
         }
 
-    def final_line(self, private_key: Ed25519PrivateKey, request: RequestInfo, finish_reason, usage) -> bytes:
+    def final_line(
+        self, private_key: Ed25519PrivateKey, request: RequestInfo, finish_reason: str | None, usage: dict[str, Any] | None
+    ) -> bytes:
         fields = self.final_fields(request, finish_reason, usage)
         fields["sig"] = b64(private_key.sign(_FINAL_DOMAIN + _canonical(fields)))
         return FINAL_PREFIX + _canonical(fields) + b"\n\n"
@@ -500,7 +514,7 @@ class VerifiedStream:
     created: int
     events: list[bytes] = field(default_factory=list)
     finish_reason: str | None = None
-    usage: dict | None = None
+    usage: dict[str, Any] | None = None
 
 
 def _verify_headers(
@@ -512,7 +526,7 @@ def _verify_headers(
     streaming: bool,
     max_age: datetime.timedelta | None,
     now: float | None = None,
-):
+) -> tuple[VerifyResult, _Headers]:
     h = _Headers(headers)
     if "signature" not in h or "signature-input" not in h:
         raise VerificationError("signature: the response carries no Signature/Signature-Input")
@@ -541,7 +555,7 @@ def _verify_headers(
     if not isinstance(created, int):
         raise VerificationError("signature: created is required")
     # The signed body binding must be the digest of the body this client sent.
-    if by_field:
+    if by_field and request.content_digest is not None:  # by_field: it is not None
         check_content_digest(request.content_digest, request.body)
     elif h.get(REQUEST_DIGEST_HEADER) != request.body_digest:
         raise VerificationError(
@@ -562,7 +576,7 @@ def verify_stream_headers(
     *,
     max_age: datetime.timedelta | None = None,
     now: float | None = None,
-):
+) -> tuple[VerifyResult, _Headers]:
     """Check a stream's header signature before any event arrives (incremental verifiers)."""
     return _verify_headers(public_key, request, status, headers, streaming=True, max_age=max_age, now=now)
 
@@ -588,7 +602,7 @@ def verify_response(
         ContentDigest.verify(h["content-digest"], body)
     except HTTPMessageSignaturesException:
         raise VerificationError("content-digest: the body does not match the signed digest") from None
-    return VerifiedResponse(result.parameters["keyid"], int(result.parameters["created"]), result.covered_components, body)
+    return VerifiedResponse(str(result.parameters["keyid"]), int(result.parameters["created"]), result.covered_components, body)
 
 
 def _events(transcript: bytes) -> list[bytes]:
@@ -632,7 +646,7 @@ def verify_stream(
             if rest != [SSE_DONE]:
                 raise VerificationError("stream: events after the final checkpoint other than data: [DONE]")
             return VerifiedStream(
-                result.parameters["keyid"], int(result.parameters["created"]), data, fin.get("finish_reason"), fin.get("usage")
+                str(result.parameters["keyid"]), int(result.parameters["created"]), data, fin.get("finish_reason"), fin.get("usage")
             )
         elif ev == SSE_DONE:
             raise VerificationError("stream: data: [DONE] before the final checkpoint")
@@ -642,7 +656,7 @@ def verify_stream(
     raise VerificationError("stream: truncated (no final checkpoint)")
 
 
-def _json_line(ev: bytes, prefix: bytes, what: str) -> dict:
+def _json_line(ev: bytes, prefix: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(ev[len(prefix) :].strip())
     except ValueError:
@@ -652,7 +666,7 @@ def _json_line(ev: bytes, prefix: bytes, what: str) -> dict:
     return obj
 
 
-def _check_sig(public_key: Ed25519PublicKey, payload: bytes, sig_b64, what: str) -> None:
+def _check_sig(public_key: Ed25519PublicKey, payload: bytes, sig_b64: Any, what: str) -> None:
     try:
         public_key.verify(base64.b64decode(sig_b64 or "", validate=True), payload)
     except (_CryptoInvalid, ValueError, TypeError):

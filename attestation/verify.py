@@ -12,6 +12,7 @@ import binascii
 import hmac
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -30,12 +31,12 @@ MAX_CLAIMS_BYTES = 64 * 1024
 @dataclass
 class VerificationReport:
     factors: list[Factor] = field(default_factory=list)
-    claims: dict | None = None
+    claims: dict[str, Any] | None = None
     claims_bytes: bytes = b""
     provider: str | None = None
     format: str | None = None
     signing_key: Ed25519PublicKey | None = None
-    measurements: dict = field(default_factory=dict)
+    measurements: dict[str, str] = field(default_factory=dict)
 
     def add(self, name: str, status: str, detail: str) -> None:
         self.factors.append(Factor(name, status, detail))
@@ -61,7 +62,7 @@ class AttestationFailed(Exception):
         self.report = report
 
 
-def _b64(doc: dict, key: str, limit: int, report: VerificationReport, *, optional: bool = False) -> bytes | None:
+def _b64(doc: dict[str, Any], key: str, limit: int, report: VerificationReport, *, optional: bool = False) -> bytes | None:
     value = doc.get(key)
     if value is None and optional:
         return None
@@ -79,7 +80,7 @@ def _b64(doc: dict, key: str, limit: int, report: VerificationReport, *, optiona
 
 
 def verify_attestation(
-    doc: dict,
+    doc: dict[str, Any],
     *,
     nonce: str,
     policy: Policy,
@@ -102,7 +103,8 @@ def verify_attestation(
     report.format = doc.get("format")
 
     # 1. The evidence: signed by the hardware, and its report data equals SHA-512 over the claims.
-    handler = FORMATS.get(report.format)
+    # A JSON list or object here is not a format name (and not hashable): unknown, like any other.
+    handler = FORMATS.get(report.format) if isinstance(report.format, str) else None
     if handler is None:
         report.add("evidence-format", "fail", f"unknown evidence format {report.format!r}")
         raise AttestationFailed(report)

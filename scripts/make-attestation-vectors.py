@@ -7,7 +7,7 @@ Deterministic: fixed digests, nonce and times, the published RFC 9421 `test-key-
 appliance's signing key, and Ed25519 signatures are deterministic (RFC 8032). Claims, report data
 and simulated evidence go through the appliance's own code (`attestation.claims.Claims`,
 `attestation.claims.report_data`, `appliance.evidence.SimulatedProvider`, `appliance.trust.identity`);
-the document is assembled as `appliance.evidence.attestor.AttestationResource` assembles it. `--check`
+the document is assembled as `appliance.web.resources.attestation.Attestation` assembles it. `--check`
 compares with what is on disk instead of writing (exit 1 on a difference).
 
 Hardware formats (`tdx-*`, `sgx-*`, `snp-*`, `nitro-*`): the byte-exact evidence is built by the test
@@ -126,7 +126,7 @@ def claims(nonce: str = NONCE, *, timestamp: int = TIMESTAMP, key: Ed25519Privat
 def document(claims_bytes: bytes, *, evidence: bytes | None = None, claims_obj: dict | None = None,
              provider: str = "simulated", fmt: str = "simulated-v1", aux: bytes | None = None, log: list[dict] | None = None,
              **override) -> dict:
-    """The document as AttestationResource serves it; evidence defaults to simulated evidence over the claims.
+    """The document as the attestation resource serves it; evidence defaults to simulated evidence over the claims.
     `log` (default: the simulated provider's) is what the claims' runtime_measurements were made from."""
     rd = report_data(claims_bytes)
     if evidence is None:

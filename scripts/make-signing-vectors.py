@@ -6,7 +6,7 @@
 Deterministic: fixed public test keys, fixed `created` times and fixed nonces, and Ed25519 signatures
 are deterministic (RFC 8032), so running it twice writes the same bytes. The signing goes through
 the server's own code paths (`appliance.trust.identity.Identity` for response headers,
-`appliance.trust.signing.SignedStream` for streams) and `attestation.signing.sign_request` for
+`appliance.web.streams.SignedStream` for streams) and `attestation.signing.sign_request` for
 client requests. `--check` compares with what is on disk instead of writing (exit 1 on a difference).
 
 Keys (published test keys; never use them for anything real):
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import load_der_private_key  #
 from http_message_signatures import HTTPMessageSigner, algorithms  # noqa: E402
 
 from appliance.trust.identity import Identity  # noqa: E402
-from appliance.trust.signing import CHECKPOINT_EVERY, SignedStream  # noqa: E402
+from appliance.web.streams import CHECKPOINT_EVERY, GenerationStream, SignedStream, StreamOutcome  # noqa: E402
 from attestation import signing as s  # noqa: E402
 
 OUT = ROOT / "spec" / "vectors" / "signing"
@@ -182,7 +182,10 @@ def signed_stream(info: s.RequestInfo, *, rid: str, sig_nonce: str):
     # The server yields events in uneven pieces; SignedStream re-frames them, as it does in the server.
     raw = b"".join(chat_chunks())
     pieces = [raw[i : i + 97] for i in range(0, len(raw), 97)]
-    transcript = b"".join(SignedStream(iter(pieces), ident, info, signed["Signature"]))
+    # What the generation's body reports when it ends (the values of the chunks above).
+    outcome = StreamOutcome("length", {"prompt_tokens": 12, "completion_tokens": 20, "total_tokens": 32})
+    body = GenerationStream(iter(pieces), outcome, on_close=lambda: None)
+    transcript = b"".join(SignedStream(body, ident, info, signed["Signature"]))
     return {"status": 200, "headers": headers, "body_b64": b64(transcript)}, transcript
 
 

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from appliance.engine.modelfile import file_sha256
+from appliance.digests import file_sha256
 
 HERE = Path(__file__).resolve().parent
 SOURCE_TYPE = "Q4_K_M"

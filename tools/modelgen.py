@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import os
 import shutil
 import struct
@@ -27,6 +26,8 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
+
+from appliance.digests import file_sha256
 
 __all__ = ["ModelSpec", "write_model", "PRESETS", "main"]
 
@@ -422,14 +423,6 @@ def _write_model(
 # --- CLI ----------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.modelgen", description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="output .gguf path")
@@ -458,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"params: {n_params:,}  bytes: {out.stat().st_size:,}", file=sys.stderr)
     print(out)
-    print(_sha256(out))
+    print(file_sha256(out))
     return 0
 
 

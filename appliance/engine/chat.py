@@ -24,12 +24,15 @@ import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from appliance.web.errors import BadRequest
+from appliance.engine.errors import InvalidPrompt, NoChatTemplate
+
+if TYPE_CHECKING:
+    from appliance.engine.llama import LlamaModel
 
 __all__ = [
     "ChatTemplate",
@@ -87,17 +90,13 @@ class ChatTemplate:
             return cls("config", name=name)
         return cls("config", jinja=text)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         return {"source": self.source, "name": self.name}
 
     def describe(self) -> str:
         what = f"llama.cpp's built-in '{self.name}' template" if self.name else "a Jinja template"
         where = {"gguf": "from the GGUF metadata", "config": "from the chat_template setting"}
         return f"{what}, {where.get(self.source, 'chosen for this model')}"
-
-
-class NoChatTemplate(BadRequest):
-    code = "no_chat_template"
 
 
 # -- choosing (at load, in the thread pool) -------------------------------------------------------
@@ -136,7 +135,7 @@ def detect_builtin(
     return None
 
 
-def model_chat_template(model, configured: str | None) -> ChatTemplate | None:
+def model_chat_template(model: LlamaModel, configured: str | None) -> ChatTemplate | None:
     """The chat template for a loaded model (`engine.llama.LlamaModel`); blocking C calls: run it in
     the thread pool, not on the event loop."""
     if configured:
@@ -160,14 +159,14 @@ def model_chat_template(model, configured: str | None) -> ChatTemplate | None:
     return ChatTemplate("builtin", name=name) if name else None
 
 
-def _llama_default_template(model) -> str | None:
+def _llama_default_template(model: LlamaModel) -> str | None:
     import llama_cpp.llama_cpp as C
 
     raw = C.llama_model_chat_template(model.ptr, None)
     return raw.decode("utf-8", "replace") if raw else None
 
 
-def _is_special_token(model, marker: str) -> bool:
+def _is_special_token(model: LlamaModel, marker: str) -> bool:
     """Whether the vocabulary holds `marker` as one control or user-defined token."""
     import llama_cpp.llama_cpp as C
 
@@ -180,7 +179,7 @@ def _is_special_token(model, marker: str) -> bool:
 # -- rendering (per request) ----------------------------------------------------------------------
 
 
-def _raise(message: str):
+def _raise(message: str) -> NoReturn:
     raise jinja2.TemplateError(message)
 
 
@@ -192,13 +191,19 @@ def _compile(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
+def _tojson(
+    value: Any,
+    indent: int | str | None = None,
+    ensure_ascii: bool = False,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
 
 
 def render_chat(
     template: ChatTemplate | None,
-    messages: list[dict],
+    messages: list[dict[str, Any]],
     *,
     model_name: str,
     bos_token: str,
@@ -213,8 +218,7 @@ def render_chat(
             f"The model '{model_name}' has no chat template and none of llama.cpp's built-in templates "
             "fits its vocabulary, so it cannot serve chat requests (completions work). Set the model's "
             "chat_template setting to a Jinja template or to a built-in template's name (e.g. gemma, "
-            "llama3, chatml).",
-            param="model",
+            "llama3, chatml)."
         )
     if template.name is not None:
         return _apply_builtin(template.name, messages)
@@ -228,19 +232,19 @@ def render_chat(
             strftime_now=when.strftime,
         )
     except jinja2.TemplateError as e:
-        raise BadRequest(f"messages: the model's chat template rejected them: {e.message}", param="messages") from None
+        raise InvalidPrompt(f"the model's chat template rejected them: {e.message}") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError):
-        raise BadRequest("messages: the model's chat template could not render them", param="messages") from None
+        raise InvalidPrompt("the model's chat template could not render them") from None
 
 
-def _apply_builtin(name: str, messages: list[dict]) -> str:
+def _apply_builtin(name: str, messages: list[dict[str, Any]]) -> str:
     import llama_cpp.llama_cpp as C
 
     encoded = []
     for m in messages:
         content = (m.get("content") or "").encode("utf-8")
         if b"\0" in content:  # C strings: the rest of the message would silently vanish
-            raise BadRequest("messages: a message contains a NUL character", param="messages")
+            raise InvalidPrompt("a message contains a NUL character")
         encoded.append((_BUILTIN_ROLES.get(m["role"], m["role"]).encode(), content))
     chat = (C.llama_chat_message * len(encoded))(*(C.llama_chat_message(r, c) for r, c in encoded))
     size = 2 * sum(len(c) for _, c in encoded) + 256
@@ -248,8 +252,8 @@ def _apply_builtin(name: str, messages: list[dict]) -> str:
         buf = ctypes.create_string_buffer(size)
         n = C.llama_chat_apply_template(name.encode(), chat, len(encoded), True, buf, size)
         if n < 0:
-            raise BadRequest(f"messages: llama.cpp's '{name}' chat template could not render them", param="messages")
+            raise InvalidPrompt(f"llama.cpp's '{name}' chat template could not render them")
         if n <= size:
             return buf.raw[:n].decode("utf-8", "replace")
         size = n
-    raise BadRequest(f"messages: llama.cpp's '{name}' chat template could not render them", param="messages")
+    raise InvalidPrompt(f"llama.cpp's '{name}' chat template could not render them")

@@ -27,6 +27,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 __all__ = ["BackendChoice", "ProbeResult", "choose_backend", "llama_lib_dir", "rank_modules", "probe_module", "KERNEL_TYPES"]
 
@@ -55,7 +60,7 @@ class ProbeResult:
     detail: str  # what ran, or how it failed: "killed by SIGILL", "q4_k through AMX: cosine 0.01"
     seconds: float
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -72,7 +77,7 @@ class BackendChoice:
     def fell_back(self) -> bool:
         return any(not p.ok for p in self.probes)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "module": self.module,
             "extra_buffers": self.extra_buffers,
@@ -81,7 +86,7 @@ class BackendChoice:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> BackendChoice:
+    def from_dict(cls, d: dict[str, Any]) -> BackendChoice:
         return cls(d["module"], d["extra_buffers"], d["reason"], tuple(ProbeResult(**p) for p in d["probes"]))
 
 
@@ -176,7 +181,7 @@ def probe_module(lib_dir: Path, tag: str, extra_buffers: bool, n_threads: int) -
     return ProbeResult(tag, extra_buffers, bool(payload["ok"]), str(payload["detail"]), seconds)
 
 
-def run_in_child(fn: Callable[..., object], *args: object, timeout: float) -> tuple[str, object]:
+def run_in_child(fn: Callable[..., object], *args: object, timeout: float) -> tuple[str, Any]:
     """Run fn(*args) in a forked child and return ("ok", its JSON-able result), or a failure.
 
     The failure says how the child ended: "killed by SIGILL", "exited with 3", "timed out after 60 s".
@@ -192,7 +197,7 @@ def run_in_child(fn: Callable[..., object], *args: object, timeout: float) -> tu
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-def _run_in_child(fn: Callable[..., object], args: tuple, timeout: float) -> tuple[str, object]:
+def _run_in_child(fn: Callable[..., object], args: tuple[object, ...], timeout: float) -> tuple[str, Any]:
     fork, waitpid, select = _originals()
     r, w = os.pipe()
     pid = fork()
@@ -272,31 +277,27 @@ def _signal_name(sig: int) -> str:
         return f"signal {sig}"
 
 
-def _originals():
+def _originals() -> tuple[
+    Callable[[], int],
+    Callable[[int, int], tuple[int, int]],
+    Callable[[list[int], list[int], list[int], float | None], tuple[list[int], list[int], list[int]]],
+]:
     """fork, waitpid and select as the OS has them, also in a worker gevent has monkey-patched
     (gevent's fork would re-initialise the event loop in the child; its select would wait on a hub)."""
-    import select as select_mod
+    from appliance import osthreads
 
-    try:
-        from gevent import monkey
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        return os.fork, os.waitpid, select_mod.select
-    return (
-        monkey.get_original("os", "fork"),
-        monkey.get_original("os", "waitpid"),
-        monkey.get_original("select", "select"),
-    )
+    return osthreads.fork, osthreads.waitpid, osthreads.select_fds
 
 
 # ---------------------------------------------------------------------------------------------
 # What the children run (never in the serving process)
 
 
-def _rank_in_child(lib_dir: str) -> list[list]:
+def _rank_in_child(lib_dir: str) -> list[list[Any]]:
     import llama_cpp.llama_cpp as C
 
     _ = C._lib  # the modules need the libggml-base that libllama brings in
-    scored = []
+    scored: list[list[Any]] = []
     for module in sorted(Path(lib_dir).glob("libggml-cpu-*.so")):
         try:
             lib = ctypes.CDLL(str(module))
@@ -355,7 +356,7 @@ def _bind(lib: ctypes.CDLL) -> None:
 FAULT_ENV = "APPLIANCE_FAULT_CPU_PROBE"
 
 
-def _probe_in_child(lib_dir: str, tag: str, extra_buffers: bool, n_threads: int) -> dict:
+def _probe_in_child(lib_dir: str, tag: str, extra_buffers: bool, n_threads: int) -> dict[str, Any]:
     import numpy as np
 
     if extra_buffers and tag in os.environ.get(FAULT_ENV, "").split(","):
@@ -405,7 +406,7 @@ def _probe_in_child(lib_dir: str, tag: str, extra_buffers: bool, n_threads: int)
     return {"ok": True, "detail": f"{products} products of {len(KERNEL_TYPES)} weight types through {via}"}
 
 
-def _quantize(ggml: ctypes.CDLL, type_id: int, weights) -> bytes:
+def _quantize(ggml: ctypes.CDLL, type_id: int, weights: NDArray[np.float32]) -> bytes:
     import numpy as np
 
     src = np.ascontiguousarray(weights, dtype=np.float32)
@@ -415,7 +416,9 @@ def _quantize(ggml: ctypes.CDLL, type_id: int, weights) -> bytes:
     return dst.raw
 
 
-def _matmul(ggml, backend, dev, buft, extra: bool, type_id: int, packed: bytes, x):
+def _matmul(
+    ggml: ctypes.CDLL, backend: int, dev: int, buft: int, extra: bool, type_id: int, packed: bytes, x: NDArray[np.float32]
+) -> NDArray[np.float32] | None:
     """x @ W.T with W held in `buft` (None if that buffer does not take W for this product)."""
     import numpy as np
 

@@ -7,13 +7,15 @@ the hub's thread pool), never from a greenlet on the event loop.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import functools
 import logging
 import threading
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp.llama_cpp as C
 import numpy as np
@@ -22,7 +24,7 @@ from appliance.buildinfo import verify_bundle
 
 __all__ = [
     "LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams",
-    "backend_init", "backend_ready", "backend_devices", "set_cpu_backend", "cpu_backend_choice", "set_backend_choice",
+    "BackendConfig", "backend_init", "backend_ready", "backend_devices", "cpu_backend_choice",
 ]
 
 if TYPE_CHECKING:
@@ -32,12 +34,39 @@ log = logging.getLogger("appliance.llama")
 
 # ggml.h: NONE=0 DEBUG=1 INFO=2 WARN=3 ERROR=4 CONT=5 (llama-cpp-python's _logger comment is out of date).
 _GGML_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
-_backend_lock = threading.Lock()
-_backend_ready = False
 
 
-@C.llama_log_callback
-def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+@dataclass(frozen=True)
+class BackendConfig:
+    """Which CPU build of llama.cpp to load, passed in by whoever builds the model registry.
+
+    `preference`: a build tag ("haswell") or "auto". In a gunicorn worker the master has already chosen
+    and probed one before forking (`preset`, or `preset_error`: why none runs here); elsewhere (tests,
+    the bench) the first load chooses. `on_chosen(module, extra_buffers)` records the build once loaded.
+    """
+
+    preference: str = "auto"
+    preset: BackendChoice | None = None
+    preset_error: str | None = None
+    on_chosen: Callable[[str, bool], None] | None = None
+
+
+class _Loaded:
+    """What this process's ggml has loaded. ggml's backend registry is itself one per process (a
+    module loaded twice would register its devices twice), so this is the one piece of state kept
+    per process rather than per registry: the first load decides, later registries see the same."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ready = False
+        self.choice: BackendChoice | None = None  # the CPU build in use and why
+        self.devices: list[dict[str, Any]] | None = None  # fixed once the backends are loaded
+
+
+_LOADED = _Loaded()
+
+
+def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # llama.cpp's own diagnostics only (it never logs prompts): warnings and errors reach our log,
     # the chatty INFO/DEBUG stream is dropped.
     py_level = _GGML_LEVELS.get(level)
@@ -45,7 +74,10 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         log.log(py_level, text.decode("utf-8", "replace").rstrip())
 
 
-def backend_init() -> None:
+_log_callback = C.llama_log_callback(_log)  # the C function pointer llama.cpp calls (kept alive here)
+
+
+def backend_init(config: BackendConfig | None = None) -> None:
     """Initialise llama.cpp once per process (in the worker, never in the pre-fork master).
 
     Our libllama is built with ggml's backends as loadable modules (GGML_BACKEND_DL): one CPU module
@@ -54,22 +86,23 @@ def backend_init() -> None:
     run on this CPU without dying or computing garbage, else the next one; only that one is loaded
     here. Non-CPU modules (ggml-cuda) load if their driver is there; the CPU always remains.
     """
-    global _backend_ready, _devices, _choice
-    with _backend_lock:
-        if not _backend_ready:
+    config = config or BackendConfig()
+    loaded = _LOADED
+    with loaded.lock:
+        if not loaded.ready:
             C.llama_log_set(_log_callback, ctypes.c_void_p(0))
             lib_dir = _lib_dir()
             if any(lib_dir.glob("libggml-cpu-*.so")):
                 from appliance.engine.cpuprobe import choose_backend
                 from appliance.settings import default_threads
 
-                if _preset_error is not None:  # the master found no build that runs here
-                    raise RuntimeError(_preset_error)
-                if _preset is not None:  # chosen (probed) by the gunicorn master
-                    choice = _preset
+                if config.preset_error is not None:  # the master found no build that runs here
+                    raise RuntimeError(config.preset_error)
+                if config.preset is not None:  # chosen (probed) by the gunicorn master
+                    choice = config.preset
                 else:
                     try:
-                        choice = choose_backend(lib_dir, _cpu_preference, n_threads=default_threads())
+                        choice = choose_backend(lib_dir, config.preference, n_threads=default_threads())
                     except RuntimeError as e:
                         log.error("llama.cpp: %s", e)
                         raise
@@ -85,51 +118,23 @@ def backend_init() -> None:
                             raise RuntimeError(f"llama.cpp's {tag} build passed its probe but did not load")
                 if not any(d["type"] == "cpu" for d in _scan_devices()):
                     raise RuntimeError(f"ggml loaded no CPU backend from {lib_dir}")
-                _choice = choice
-                if _on_chosen is not None:
-                    _on_chosen(choice.module, choice.extra_buffers)
+                loaded.choice = choice
+                if config.on_chosen is not None:
+                    config.on_chosen(choice.module, choice.extra_buffers)
             C.llama_backend_init()
-            _devices = devices = _scan_devices()
-            _backend_ready = True
+            loaded.devices = devices = _scan_devices()
+            loaded.ready = True
             log.info("llama.cpp backends: %s", ", ".join(f"{d['name']} ({d['module']})" for d in devices))
-            if _choice is not None and not _choice.fell_back:
-                log.info("llama.cpp CPU backend: %s (%s)", _choice.module, _choice.reason)
+            if loaded.choice is not None and not loaded.choice.fell_back:
+                log.info("llama.cpp CPU backend: %s (%s)", loaded.choice.module, loaded.choice.reason)
             gpu_module = next(iter(sorted(lib_dir.glob("libggml-cuda*.so"))), None)
             if gpu_module is not None and not any(d["type"] == "gpu" for d in devices):
                 log.warning("CUDA build without a usable GPU, serving on the CPU: %s", _why_not_loaded(gpu_module))
 
 
-_choice: BackendChoice | None = None  # the CPU build in use and why (backend_init)
-
-
 def cpu_backend_choice() -> BackendChoice | None:
-    """The CPU build llama.cpp runs here and why, once the backends are loaded."""
-    return _choice
-
-
-_cpu_preference = "auto"
-_preset: BackendChoice | None = None
-_preset_error: str | None = None
-_on_chosen: Callable[[str, bool], None] | None = None
-
-
-def set_backend_choice(
-    choice: BackendChoice | None, error: str | None, on_chosen: Callable[[str, bool], None] | None = None
-) -> None:
-    """Before the first model: the CPU build the gunicorn master chose (and probed) for this worker,
-    or why it found none; `on_chosen` records the build once it is loaded."""
-    global _preset, _preset_error, _on_chosen
-    with _backend_lock:
-        _preset, _preset_error, _on_chosen = choice, error, on_chosen
-
-
-def set_cpu_backend(level: str) -> None:
-    """Load this CPU backend build (e.g. "haswell") instead of the best one; before the first model."""
-    global _cpu_preference
-    with _backend_lock:
-        if _backend_ready and level != _cpu_preference:
-            raise RuntimeError("the CPU backend is chosen when the first model loads")
-        _cpu_preference = level
+    """The CPU build llama.cpp runs in this process and why, once the backends are loaded."""
+    return _LOADED.choice
 
 
 def _why_not_loaded(module: Path) -> str:
@@ -145,80 +150,74 @@ def _why_not_loaded(module: Path) -> str:
 
 
 def backend_ready() -> bool:
-    return _backend_ready
+    return _LOADED.ready
 
 
 def _lib_dir() -> Path:
     return Path(C._base_path)
 
 
-_ggml_lib = None
-
-
+@functools.cache
 def _ggml() -> ctypes.CDLL:
     """libggml: the very object libllama links, or backends would register in a second copy.
 
     By soname: libllama's DT_NEEDED names libggml.so.0 and dlopen returns the loaded object of that
     name (the wheel holds libggml.so and libggml.so.0 as separate copies, so a path could differ).
     """
-    global _ggml_lib
-    if _ggml_lib is None:
-        _ = C._lib  # libllama, and with it its libggml, is loaded
-        lib = ctypes.CDLL("libggml.so.0")
-        lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-        lib.ggml_backend_load_all_from_path.restype = None
-        lib.ggml_backend_load.argtypes = [ctypes.c_char_p]
-        lib.ggml_backend_load.restype = ctypes.c_void_p
-        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-        for fn in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
-            getattr(lib, fn).argtypes = [ctypes.c_void_p]
-            getattr(lib, fn).restype = ctypes.c_char_p
-        lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_dev_type.restype = ctypes.c_int
-        _ggml_lib = lib
-    return _ggml_lib
+    _ = C._lib  # libllama, and with it its libggml, is loaded
+    lib = ctypes.CDLL("libggml.so.0")
+    lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_load_all_from_path.restype = None
+    lib.ggml_backend_load.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_load.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    for fn in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(lib, fn).argtypes = [ctypes.c_void_p]
+        getattr(lib, fn).restype = ctypes.c_char_p
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    return lib
 
 
 _DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 
 
-_devices: list[dict] | None = None  # fixed once the backends are loaded (backend_init)
 
 
-def backend_devices() -> list[dict]:
+def backend_devices() -> list[dict[str, Any]]:
     """The devices ggml can use, each with the backend module that provides it.
 
     `module` is the loaded library's variant tag (libggml-cpu-zen4.so -> "cpu-zen4"), or "builtin"
     for a build without loadable backends. Scanned once after loading; /status reads the copy.
     """
-    if _devices is not None:
-        return [dict(d) for d in _devices]
+    if _LOADED.devices is not None:
+        return [dict(d) for d in _LOADED.devices]
     return _scan_devices()
 
 
-def _scan_devices() -> list[dict]:
+def _scan_devices() -> list[dict[str, Any]]:
     ggml = _ggml()
     modules = _loaded_backend_modules()
-    out = []
+    out: list[dict[str, Any]] = []
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)
         kind = _DEV_TYPES.get(ggml.ggml_backend_dev_type(dev), "other")
         name = (ggml.ggml_backend_dev_name(dev) or b"").decode("utf-8", "replace")
         family = "cpu" if kind == "cpu" else name.rstrip("0123456789").lower()
         module = next((m for m in modules if m == family or m.startswith(family + "-")), "builtin")
-        device = {
+        device: dict[str, Any] = {
             "name": name,
             "type": kind,
             "description": (ggml.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
             "module": module,
         }
-        if kind == "cpu" and _choice is not None:
+        if kind == "cpu" and _LOADED.choice is not None:
             device.update(
-                extra_buffers=_choice.extra_buffers,
-                reason=_choice.reason,
-                probes=[p.to_dict() for p in _choice.probes],
+                extra_buffers=_LOADED.choice.extra_buffers,
+                reason=_LOADED.choice.reason,
+                probes=[p.to_dict() for p in _LOADED.choice.probes],
             )
         out.append(device)
     return out
@@ -243,16 +242,18 @@ def _loaded_backend_modules() -> list[str]:
 class LlamaModel:
     """A loaded GGUF model: weights, vocabulary and metadata. Thread-safe for reads."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
-        backend_init()
+    def __init__(
+        self, path: Path, *, n_gpu_layers: int = 0, use_mmap: bool = True, backend: BackendConfig | None = None
+    ) -> None:
+        backend_init(backend)
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
         # This llama.cpp has load_mode where older ones had use_mmap (a ctypes Structure would take
         # `params.use_mmap = ...` as a plain attribute and silently ignore it).
         params.load_mode = C.LLAMA_LOAD_MODE_MMAP if use_mmap else C.LLAMA_LOAD_MODE_NONE
         # Without AMX / repacked weight buffers when the CPU probe found them unsafe here.
-        params.use_extra_bufts = _choice.extra_buffers if _choice is not None else True
-        self._ptr = C.llama_model_load_from_file(str(path).encode(), params)
+        params.use_extra_bufts = _LOADED.choice.extra_buffers if _LOADED.choice is not None else True
+        self._ptr: int | None = C.llama_model_load_from_file(str(path).encode(), params)
         if not self._ptr:
             raise ValueError("llama.cpp could not load the model file")
         self.path = path
@@ -270,7 +271,7 @@ class LlamaModel:
         self.description = desc.value.decode("utf-8", "replace")
 
     @property
-    def ptr(self):
+    def ptr(self) -> int | None:
         return self._ptr
 
     def meta(self, key: str) -> str | None:
@@ -376,7 +377,7 @@ class LlamaContext:
             "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attn]
-        self._ptr = C.llama_init_from_model(model.ptr, params)
+        self._ptr: int | None = C.llama_init_from_model(model.ptr, params)
         if not self._ptr:
             raise ValueError("llama.cpp could not create a context (out of memory?)")
         self.model = model
@@ -386,7 +387,7 @@ class LlamaContext:
         self._threads = (n_threads, n_threads_batch)
 
     @property
-    def ptr(self):
+    def ptr(self) -> int | None:
         return self._ptr
 
     def set_threads(self, n_threads: int, n_threads_batch: int) -> None:
@@ -395,7 +396,8 @@ class LlamaContext:
             self._threads = (n_threads, n_threads_batch)
 
     def decode(self, batch: Batch) -> int:
-        return C.llama_decode(self._ptr, batch.struct)
+        rc: int = C.llama_decode(self._ptr, batch.struct)
+        return rc
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
         return bool(C.llama_memory_seq_rm(self.memory, seq, p0, p1))
@@ -429,20 +431,22 @@ class Batch:
         self._seq_ptrs = (seq_ptr_t * capacity)(
             *[ctypes.cast(base + 4 * i, seq_ptr_t) for i in range(capacity)]
         )
+        # llama_cpp annotates llama_batch's pointer fields as arrays; the C struct holds pointers.
         self.struct = C.llama_batch()
-        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(C.llama_token))
-        self.struct.embd = None
-        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(C.llama_pos))
-        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.struct.seq_id = self._seq_ptrs
-        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(C.llama_token))  # type: ignore[assignment]
+        self.struct.embd = None  # type: ignore[assignment]
+        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(C.llama_pos))  # type: ignore[assignment]
+        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))  # type: ignore[assignment]
+        self.struct.seq_id = self._seq_ptrs  # type: ignore[assignment]
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))  # type: ignore[assignment]
         self.n = 0
         # Plain memoryviews over the same buffers, for add_one: a numpy slice assignment touches far
         # more code, which runs cache-cold right after a decode has streamed the weights through.
-        self._token_mv = memoryview(self.token).cast("B").cast("i")
-        self._pos_mv = memoryview(self.pos).cast("B").cast("i")
-        self._seq_mv = memoryview(self.seq).cast("B").cast("i")
-        self._logits_mv = memoryview(self.logits).cast("B").cast("b")
+        # (ndarray.data: the array's buffer as a memoryview, what memoryview(array) gives.)
+        self._token_mv = self.token.data.cast("B").cast("i")
+        self._pos_mv = self.pos.data.cast("B").cast("i")
+        self._seq_mv = self.seq.data.cast("B").cast("i")
+        self._logits_mv = self.logits.data.cast("B").cast("b")
 
     def clear(self) -> None:
         self.n = 0
@@ -458,7 +462,7 @@ class Batch:
         self.struct.n_tokens = i + 1
         return i
 
-    def add(self, tokens, start_pos: int, seq: int, want_last_logits: bool) -> int:
+    def add(self, tokens: Sequence[int], start_pos: int, seq: int, want_last_logits: bool) -> int:
         """Append tokens of one sequence; returns the batch index of the last one."""
         k = len(tokens)
         a, b = self.n, self.n + k
@@ -485,13 +489,22 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int = 0
 
+    @classmethod
+    def with_overrides(cls, **values: float | int | None) -> SamplingParams:
+        """These defaults, with every value given that is not None (a request's unset fields)."""
+        given: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
+        return dataclasses.replace(cls(), **given)
+
 
 class SamplerChain:
     """A per-sequence sampler chain, in llama.cpp's usual order (penalties, top-k, top-p, min-p, temp)."""
 
     def __init__(self, model: LlamaModel, p: SamplingParams) -> None:
         self._ptr = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-        add = lambda s: C.llama_sampler_chain_add(self._ptr, s)  # noqa: E731
+
+        def add(s: Any) -> None:
+            C.llama_sampler_chain_add(self._ptr, s)
+
         if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             add(
                 C.llama_sampler_init_penalties(
@@ -512,7 +525,8 @@ class SamplerChain:
 
     def sample(self, ctx: LlamaContext, i: int) -> int:
         # llama_sampler_sample also accepts the token into the chain (penalty history).
-        return C.llama_sampler_sample(self._ptr, ctx.ptr, i)
+        token: int = C.llama_sampler_sample(self._ptr, ctx.ptr, i)
+        return token
 
     def close(self) -> None:
         if self._ptr:

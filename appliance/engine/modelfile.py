@@ -16,35 +16,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.web.errors import BadRequest
+from appliance.engine.errors import LoadRefused
 
-__all__ = ["GGUF_MAGIC", "SealedModel", "check_gguf", "file_sha256", "read_sealed", "shmem_huge_pages"]
+__all__ = ["GGUF_MAGIC", "SealedModel", "check_gguf", "read_sealed", "shmem_huge_pages"]
 
 GGUF_MAGIC = b"GGUF"
 _HEADER = 24  # magic, version, tensor count, KV count
 
 
-def check_gguf(path: Path, param: str = "model_path") -> None:
+def check_gguf(path: Path) -> None:
     """Refuse what is plainly not a GGUF file, before llama.cpp sees it."""
     try:
         with open(path, "rb") as f:
             head = f.read(_HEADER)
     except FileNotFoundError:
-        raise BadRequest(f"{param}: no such file", param=param) from None
+        raise LoadRefused("no such file") from None
     except IsADirectoryError:
-        raise BadRequest(f"{param}: is a directory, not a GGUF file", param=param) from None
+        raise LoadRefused("is a directory, not a GGUF file") from None
     except OSError:
-        raise BadRequest(f"{param}: cannot be read", param=param) from None
+        raise LoadRefused("cannot be read") from None
     if len(head) < _HEADER or head[:4] != GGUF_MAGIC:
-        raise BadRequest(f"{param}: not a GGUF file (bad magic)", param=param)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+        raise LoadRefused("not a GGUF file (bad magic)")
 
 
 _CHUNK = 1 << 22

@@ -6,19 +6,25 @@ llama.cpp loading, freeing) run in the hub's thread pool, so other models keep s
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import gevent
-
+from appliance.digests import file_sha256
 from appliance.engine.chat import ChatTemplate, model_chat_template
-from appliance.engine.modelfile import SealedModel, check_gguf, file_sha256, read_sealed, shmem_huge_pages
-from appliance.engine.scheduler import EngineObserver, ModelEngine
+from appliance.engine.cpuprobe import BackendChoice
+from appliance.engine.errors import Conflict, LoadRefused, ModelNotReady, UnknownModel
+from appliance.engine.events import EngineObserver
+from appliance.engine.llama import BackendConfig, LlamaModel, backend_devices, backend_ready, cpu_backend_choice
+from appliance.engine.modelfile import SealedModel, check_gguf, read_sealed, shmem_huge_pages
+from appliance.engine.prompt import Message, chat_tokens, text_tokens, token_ids
+from appliance.engine.scheduler import ModelEngine
+from appliance.osthreads import off_loop
 from appliance.settings import ModelSettings, default_threads
-from appliance.web.errors import BadRequest, Conflict, Forbidden, ModelNotFound, NotReady
 
 __all__ = ["ModelRecord", "ModelRegistry"]
 
@@ -41,7 +47,7 @@ class ModelRecord:
     engine: ModelEngine | None = None
     mmap: bool = False  # the weights are mapped from the file on disk (vouched for), not read into memory
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         e = self.engine
         return {
             "name": self.name,
@@ -68,15 +74,16 @@ class ModelRegistry:
         *,
         observer: EngineObserver | None = None,
         wall_clock: Callable[[], float] = time.time,
-        engine_factory: Callable[..., object] | None = None,
+        engine_factory: Callable[[ModelSettings, EngineObserver | None, Path], ModelEngine] | None = None,
         allowed_sha256: frozenset[str] = frozenset(),
         on_loaded: Callable[[str, str], None] | None = None,
         default_mmap: bool = False,
         after_read: Callable[[Path], None] | None = None,
+        backend: BackendConfig | None = None,
     ) -> None:
         """`default_mmap`: map model files from disk unless a model's use_mmap says otherwise (only
         where no TEE provider is active). `after_read`: a test hook run between reading a model's
-        bytes and loading them."""
+        bytes and loading them. `backend`: which CPU build of llama.cpp to load at the first model."""
         self._default_mmap = default_mmap
         self._after_read = after_read
         self._huge_pages_said = False
@@ -85,9 +92,14 @@ class ModelRegistry:
         self._records: dict[str, ModelRecord] = {}
         self._observer = observer
         self._wall_clock = wall_clock
-        self._engine_factory = engine_factory or _build_engine
+        self._engine_factory = engine_factory or functools.partial(_build_engine, backend=backend)
 
     # -- queries (event loop) ----------------------------------------------------------------
+
+    def on_loaded(self, fn: Callable[[str, str], None]) -> None:
+        """Call fn(name, sha256) in the loading thread once a model's digest is known, before it serves
+        (the runtime measurement)."""
+        self._on_loaded = fn
 
     def records(self) -> list[ModelRecord]:
         return list(self._records.values())
@@ -95,26 +107,44 @@ class ModelRegistry:
     def get(self, name: str) -> ModelEngine:
         rec = self._records.get(name)
         if rec is None or rec.state in ("failed", "unloading"):
-            raise ModelNotFound(name)
+            raise UnknownModel(name)
         if rec.state != "ready":
-            raise NotReady(f"The model '{name}' is {rec.state}", headers={"Retry-After": "1"})
+            raise ModelNotReady(name, rec.state)
+        if rec.engine is None:  # never: the engine is set before the state becomes "ready"
+            raise UnknownModel(name)
         return rec.engine
+
+    def text_prompt(self, name: str, prompt: str | Sequence[int]) -> tuple[ModelEngine, list[int]]:
+        """The model's engine and a completion's prompt tokens (tokenized off the event loop)."""
+        engine = self.get(name)
+        if isinstance(prompt, str):
+            return engine, off_loop(text_tokens, engine.model, prompt)
+        return engine, token_ids(engine.model, prompt)
+
+    def chat_prompt(self, name: str, messages: list[Message]) -> tuple[ModelEngine, list[int]]:
+        """The model's engine and a chat's prompt tokens: its template rendered and tokenized off the
+        event loop (a built-in template is a llama.cpp call too)."""
+        engine = self.get(name)
+        template = self._records[name].chat_template
+        return engine, off_loop(chat_tokens, engine.model, template, messages, model_name=name)
 
     def record(self, name: str) -> ModelRecord:
         rec = self._records.get(name)
         if rec is None:
-            raise ModelNotFound(name)
+            raise UnknownModel(name)
         return rec
 
-    def devices(self) -> list[dict]:
+    def devices(self) -> list[dict[str, Any]]:
         """The compute devices llama.cpp uses (after the first load), with the backend module of each."""
-        from appliance.engine.llama import backend_devices, backend_ready
-
         return backend_devices() if backend_ready() else []
+
+    def cpu_backend(self) -> BackendChoice | None:
+        """The CPU build llama.cpp runs (after a probe, perhaps a fallback), once one is loaded."""
+        return cpu_backend_choice()
 
     def ready(self) -> bool:
         ready = [r for r in self._records.values() if r.state == "ready"]
-        return bool(ready) and all(r.engine.healthy for r in ready)
+        return bool(ready) and all(r.engine is not None and r.engine.healthy for r in ready)
 
     # -- changes (event loop; blocking work goes to the thread pool) ----------------------------
 
@@ -122,15 +152,15 @@ class ModelRegistry:
         """Load a model: blocks the calling greenlet, never the event loop."""
         existing = self._records.get(settings.name)
         if existing is not None and existing.state != "failed":
-            raise Conflict(f"A model named '{settings.name}' is already {existing.state}", param="model_name")
+            raise Conflict(f"A model named '{settings.name}' is already {existing.state}")
         check_gguf(settings.path)
         mmap = self._mmap_for_load(settings)
         rec = ModelRecord(settings.name, settings, mmap=mmap)
         self._records[settings.name] = rec
         t0 = time.perf_counter()
         try:
-            engine, sha, template = gevent.get_hub().threadpool.apply(self._load_blocking, (settings, mmap))
-        except Forbidden:
+            engine, sha, template = off_loop(self._load_blocking, settings, mmap)
+        except LoadRefused:
             rec.state = "failed"
             rec.error = "digest not in model_policy.allowed_sha256"
             raise
@@ -138,7 +168,7 @@ class ModelRegistry:
             rec.state = "failed"
             rec.error = "llama.cpp could not load the file" if isinstance(e, ValueError) else "load failed"
             log.warning("model %s failed to load: %s", settings.name, type(e).__name__)
-            raise BadRequest(f"model_path: {rec.error}", param="model_path") from None
+            raise LoadRefused(rec.error) from None
         rec.engine = engine
         rec.sha256 = sha
         rec.chat_template = template
@@ -175,9 +205,9 @@ class ModelRegistry:
         if mmap or _SEALED_OPENABLE.is_dir():
             return mmap
         if settings.use_mmap is False:
-            raise BadRequest(
+            raise LoadRefused(
                 f"model {settings.name}: use_mmap = false needs /proc (its sealed copy is opened as "
-                "/proc/self/fd/N), and /proc is not mounted here", param="use_mmap")
+                "/proc/self/fd/N), and /proc is not mounted here", subject="use_mmap")
         log.warning("model %s: /proc is not mounted, so its file is mapped from disk instead of read into sealed "
                     "memory (the claims say mmap: true)", settings.name)
         return True
@@ -193,7 +223,7 @@ class ModelRegistry:
                 "llama.cpp maps rather than repacks decode up to ~8%% slower (measured on a Q8_0 model); set "
                 "it to within_size in this machine's kernel (README, Trust)", mode)
 
-    def _load_blocking(self, settings: ModelSettings, mmap: bool):
+    def _load_blocking(self, settings: ModelSettings, mmap: bool) -> tuple[ModelEngine, str, ChatTemplate | None]:
         sealed: SealedModel | None = None
         if mmap:
             # The disk is trusted by configuration: hashed, then mapped (what the claims then say).
@@ -208,7 +238,7 @@ class ModelRegistry:
             self._say_once_about_huge_pages()
         try:
             if self._allowed and sha not in self._allowed:
-                raise Forbidden("model_path: this model file's sha256 is not allowed", param="model_path")
+                raise LoadRefused("this model file's sha256 is not allowed", forbidden=True)
             engine = self._engine_factory(settings, self._observer, source)
         finally:
             if sealed is not None:
@@ -222,11 +252,12 @@ class ModelRegistry:
     def unload(self, name: str, *, timeout: float = 60.0) -> ModelRecord:
         rec = self._records.get(name)
         if rec is None or rec.state in ("failed", "unloading"):
-            raise ModelNotFound(name)
+            raise UnknownModel(name)
         if rec.state == "loading":
-            raise Conflict(f"The model '{name}' is still loading", param="model_name")
+            raise Conflict(f"The model '{name}' is still loading")
         rec.state = "unloading"
-        gevent.get_hub().threadpool.apply(rec.engine.stop, kwds={"timeout": timeout})
+        if rec.engine is not None:  # a "ready" record always has its engine
+            off_loop(rec.engine.stop, timeout=timeout)
         self._records.pop(name, None)
         return rec
 
@@ -238,12 +269,12 @@ class ModelRegistry:
         self._records.clear()
 
 
-def _build_engine(settings: ModelSettings, observer: EngineObserver | None, source: Path) -> ModelEngine:
+def _build_engine(
+    settings: ModelSettings, observer: EngineObserver | None, source: Path, *, backend: BackendConfig | None = None
+) -> ModelEngine:
     """`source`: the file llama.cpp opens, the model file itself or its sealed copy (/proc/self/fd/N),
     mapped either way: a copy in memory is mapped, not copied again."""
-    from appliance.engine.llama import LlamaModel
-
-    model = LlamaModel(source, n_gpu_layers=settings.n_gpu_layers, use_mmap=True)
+    model = LlamaModel(source, n_gpu_layers=settings.n_gpu_layers, use_mmap=True, backend=backend)
     try:
         threads = settings.n_threads or default_threads()
         return ModelEngine(

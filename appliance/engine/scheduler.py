@@ -10,308 +10,54 @@ does not patch, so the scheduler thread blocks on it as a real thread.
 from __future__ import annotations
 
 import codecs
+import enum
 import logging
 import math
 import time
 from _queue import SimpleQueue  # the C queue: never monkey-patched, safe between a greenlet and a thread
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable
+from typing import Final, cast
 
-import gevent
 import numpy as np
-from gevent import monkey
-from gevent.hub import Waiter
 
-from appliance.engine.llama import Batch, LlamaContext, LlamaModel, SamplerChain, SamplingParams
-from appliance.web.errors import ApiError, ContextLengthExceeded, EngineFailure, ModelNotFound, Overloaded
+from appliance.engine.errors import Busy, EngineCrashed, EngineError, PromptTooLong, QueueFull, UnknownModel
+from appliance.engine.events import (
+    Delta,
+    Done,
+    EngineObserver,
+    Event,
+    Failed,
+    GenerationRequest,
+    NullObserver,
+    Timings,
+    TokenLogprob,
+    Usage,
+)
+from appliance.engine.llama import Batch, LlamaContext, LlamaModel, SamplerChain
+from appliance.engine.mailbox import Generation
+from appliance.engine.slots import (
+    MIN_REUSE,
+    ActiveSlot,
+    PairCost,
+    Slot,
+    common_prefix,
+    runs,
+    scan_stops,
+    worth_taking,
+)
+from appliance.osthreads import real_lock, start_thread
 
-__all__ = [
-    "GenerationRequest",
-    "Generation",
-    "Delta",
-    "DeltaSink",
-    "Done",
-    "Failed",
-    "Usage",
-    "Timings",
-    "TokenLogprob",
-    "ModelEngine",
-    "EngineObserver",
-]
+__all__ = ["ModelEngine"]
 
 log = logging.getLogger("appliance.engine")
 
-_start_thread = monkey.get_original("_thread", "start_new_thread")
-_allocate_lock = monkey.get_original("_thread", "allocate_lock")
-_MIN_REUSE = 16
-"""Cached tokens worth keeping: a prefix this long is reused (and copied to another slot if need be);
-a shorter one only when the prompt continues the whole cached sequence."""
+
+class _Stop(enum.Enum):
+    STOP = enum.auto()
 
 
-# ---------------------------------------------------------------------------------------------
-# What a request asks for and what comes back
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: tuple[int, ...]
-    max_tokens: int
-    sampling: SamplingParams
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    """None: no logprobs; k >= 0: the chosen token's logprob plus the k most likely alternatives."""
-    n_threads: int | None = None
-    n_ctx: int | None = None
-    """A per-request context cap (the original API's n_ctx), at most the slot's context."""
-    stream: bool = True
-    """False: the consumer wants the whole answer, so its greenlet is woken once, at the end, rather
-    than for every token (each wake-up costs both threads CPU that the decode would otherwise get)."""
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: str
-    bytes: tuple[int, ...]
-    logprob: float
-    top: tuple[tuple[str, tuple[int, ...], float], ...]
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
-    n_tokens: int
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-
-@dataclass(frozen=True)
-class Timings:
-    prompt_n: int
-    prompt_ms: float
-    predicted_n: int
-    predicted_ms: float
-    queued_ms: float
-
-    @property
-    def prompt_per_second(self) -> float:
-        return self.prompt_n / (self.prompt_ms / 1000) if self.prompt_ms > 0 else 0.0
-
-    @property
-    def predicted_per_second(self) -> float:
-        return self.predicted_n / (self.predicted_ms / 1000) if self.predicted_ms > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class Done:
-    finish_reason: str
-    usage: Usage
-    timings: Timings
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: ApiError
-
-
-Event = Delta | Done | Failed
-DeltaSink = Callable[[Delta], bool]
-"""Takes a streamed delta on the scheduler thread; returns whether to go on (see Generation.events)."""
-
-
-class Generation:
-    """The greenlet's side of one request: iterate its events; cancel() frees the slot within a step.
-
-    The scheduler thread appends events to a deque and calls `send()` on this generation's async
-    watcher, the one libev primitive that may be poked from another thread. The watcher stays started
-    for the generation's life, so no wake-up is lost and the loop stays alive while we wait. Its
-    callback, run by the hub, switches straight into the waiting greenlet (a gevent Event would
-    schedule that switch for another turn of the loop: measurable per token).
-
-    A streaming consumer may instead have its deltas handed to a sink on the scheduler thread, between
-    two decodes (see `events(sink=...)`): then a streamed token costs no turn of the event loop at all.
-    """
-
-    def __init__(self, request: GenerationRequest) -> None:
-        self.request = request
-        self.cancelled = False  # written by the greenlet, read by the scheduler thread (a plain bool)
-        self.finished = False
-        self._items: deque = deque()  # appended to by the scheduler thread (deque.append is atomic)
-        self._waiter: Waiter | None = None  # set while the greenlet waits for items
-        self._watcher_lock = _allocate_lock()  # a real lock: close() and _wake() race across threads
-        self._watcher = gevent.get_hub().loop.async_()
-        self._watcher.start(self._on_wake)
-        self._sink: DeltaSink | None = None
-        # A real lock over "is there a sink? else queue": setting a sink only while nothing is queued,
-        # atomically with the scheduler's choice, is what keeps the order of events.
-        self._sink_lock = _allocate_lock()
-
-    def _on_wake(self) -> None:  # the hub, when the watcher fires
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            waiter.switch(None)
-
-    def _wake(self) -> None:  # scheduler thread
-        with self._watcher_lock:
-            if self._watcher is not None:
-                self._watcher.send()
-
-    def _put_delta(self, delta: Delta) -> bool:
-        """Scheduler thread: a streamed delta to the sink, or else to the queue; True if queued."""
-        with self._sink_lock:
-            sink = self._sink
-            if sink is not None:
-                try:
-                    if not sink(delta):
-                        self._sink = None
-                    return False
-                except Exception:
-                    # A bug, not the client: the greenlet carries on from this delta (a signed stream's
-                    # client would see the mismatch, never silently wrong text).
-                    log.error("a stream's direct writer failed; its greenlet takes over", exc_info=True)
-                    self._sink = None
-            self._items.append(delta)
-            return True
-
-    def events(self, sink: DeltaSink | None = None) -> Iterator[Event]:
-        """Yield the events in order. With `sink`, whenever this greenlet would wait with nothing
-        queued (so everything yielded so far has been consumed), the deltas that follow go to
-        `sink(delta)` on the scheduler thread instead: it takes the delta and returns whether to go
-        on; False hands the next ones back to this iterator (and the sink is offered again at the next
-        wait). Done and Failed always come through here. The sink must never block."""
-        try:
-            while not self.finished:
-                while self._items:
-                    event = self._items.popleft()
-                    if isinstance(event, (Done, Failed)):
-                        self.finished = True
-                    yield event
-                    if self.finished:
-                        return
-                if self.cancelled:  # the client is gone: stop waiting, the scheduler frees the slot
-                    return
-                if sink is not None and self._sink is None:  # only this greenlet sets it
-                    with self._sink_lock:
-                        if not self._items:
-                            self._sink = sink
-                    if self._items:
-                        continue  # events came first: yield those, then offer the sink again
-                # Nothing can arrive unseen in between: the hub (which runs _on_wake) is this thread,
-                # and a send() made before the waiter is set still fires once we switch to the hub.
-                self._waiter = Waiter()
-                self._waiter.get()
-        finally:
-            self._waiter = None
-            self.close()
-
-    def cancel(self) -> None:
-        """Abandon the request (client gone): the slot is freed within a step, the waiter returns."""
-        self.cancelled = True
-        self._wake()  # the watcher wakes the waiting greenlet (from any thread or greenlet)
-
-    def close(self) -> None:
-        if not self.finished:
-            self.cancelled = True
-        # Waits out a sink call under way (it never blocks): none runs after this, which matters
-        # because the server closes the client's socket once the response is closed, and its fd
-        # number may then be reused by another connection.
-        with self._sink_lock:
-            self._sink = None
-        with self._watcher_lock:
-            if self._watcher is not None:
-                self._watcher.close()
-                self._watcher = None
-
-
-class EngineObserver(Protocol):
-    def first_token(self, model: str, seconds: float) -> None: ...
-    def tokens_generated(self, model: str, n: int) -> None: ...
-    def prompt_tokens(self, model: str, n: int) -> None: ...
-
-
-class _NullObserver:
-    def first_token(self, model: str, seconds: float) -> None:
-        pass
-
-    def tokens_generated(self, model: str, n: int) -> None:
-        pass
-
-    def prompt_tokens(self, model: str, n: int) -> None:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------
-# The scheduler
-
-
-@dataclass
-class _Slot:
-    seq: int
-    kv: list[int] = field(default_factory=list)
-    """Tokens in this sequence's KV cache, positions 0..len-1 (kept after a request for prefix reuse)."""
-    last_used: float = 0.0
-    gen: Generation | None = None
-    req: GenerationRequest | None = None
-    sampler: SamplerChain | None = None
-    pending: list[int] = field(default_factory=list)
-    """Prompt tokens not yet decoded."""
-    limit: int = 0
-    cached: int = 0
-    n_generated: int = 0
-    last_token: int = -1
-    text: str = ""
-    emitted: int = 0
-    held_logprobs: list[TokenLogprob] = field(default_factory=list)
-    decoder: codecs.IncrementalDecoder | None = None
-    t_queued: float = 0.0
-    t_admitted: float = 0.0
-    t_first: float = 0.0
-    batch_index: int = -1
-    n_batch_tokens: int = 0
-
-
-class _PairCost:
-    """Whether two generating sequences decode faster as two one-token passes than as one two-token pass.
-
-    It depends on the kernels: llama.cpp's x86 CPU path for Q8_0 weights takes a matrix-vector
-    product for one token and a tiled GEMM from two on, and here a two-token step took 21.5 ms
-    against 10.3 for one, so two passes win; on a GPU one pass costs about what a one-token one does.
-    So both are timed as they happen (an exponential average of llama_decode's wall time) and the
-    cheaper is taken; every _PROBE-th pair step goes the other way, so that estimate stays current.
-    """
-
-    _PROBE = 32
-    _MARGIN = 0.97  # split only for a clear gain: the two passes must beat 97% of one pair pass
-
-    def __init__(self) -> None:
-        self.one = 0.0
-        self.pair = 0.0
-        self._steps = 0
-
-    def observe(self, n_tokens: int, seconds: float) -> None:
-        if n_tokens == 1:
-            self.one = seconds if not self.one else 0.8 * self.one + 0.2 * seconds
-        elif n_tokens == 2:
-            self.pair = seconds if not self.pair else 0.8 * self.pair + 0.2 * seconds
-
-    def split(self) -> bool:
-        """Called once per step with exactly two generating sequences and nothing to prefill."""
-        self._steps += 1
-        if not self.pair:
-            return False  # time one pair pass first
-        better = bool(self.one) and 2 * self.one < self._MARGIN * self.pair
-        return not better if self._steps % self._PROBE == 0 else better
-
-
-_STOP = object()
+_STOP: Final = _Stop.STOP  # the inbox item that stops the scheduler
 _REPORT_EVERY_S = 0.5
 
 
@@ -339,15 +85,15 @@ class ModelEngine:
         self.max_queue = max_queue
         self.n_threads = n_threads
         self.n_threads_batch = n_threads_batch
-        self._observer = observer or _NullObserver()
+        self._observer = observer or NullObserver()
         self._clock = clock
-        self._inbox: SimpleQueue = SimpleQueue()
-        self._lock = _allocate_lock()
+        self._inbox: SimpleQueue[tuple[Generation, float] | _Stop] = SimpleQueue()
+        self._lock = real_lock()
         self._waiting = 0
         self._busy = 0
         self._accepting = True
         self._healthy = True
-        self._exited = _allocate_lock()
+        self._exited = real_lock()
         self._exited.acquire()
         # The context is created here, in the loading thread, so a failure is reported to the loader;
         # from start() on only the scheduler thread touches it.
@@ -362,10 +108,10 @@ class ModelEngine:
         )
         self.n_ctx = self._ctx.n_ctx_seq
         self._batch = Batch(self._ctx.n_batch)
-        self._slots = [_Slot(seq=i) for i in range(parallel)]
-        self._active: list[_Slot] = []
+        self._slots = [Slot(seq=i) for i in range(parallel)]
+        self._active: list[ActiveSlot] = []
         """Slots serving a request, in slot order (the only ones a step has to look at)."""
-        self._pairs = _PairCost()
+        self._pairs = PairCost()
         self._queue: deque[tuple[Generation, float]] = deque()
         self._held: list[tuple[Generation, Event]] = []
         """Events not yet handed to their greenlets: they go just before the next decode (_hand_over)."""
@@ -388,25 +134,17 @@ class ModelEngine:
         return self._healthy
 
     def start(self) -> None:
-        _start_thread(self._thread_main, ())
+        start_thread(self._thread_main)
 
     def submit(self, request: GenerationRequest) -> Generation:
         if not self._accepting:
-            raise ModelNotFound(self.name)
+            raise UnknownModel(self.name)
         limit = min(self.n_ctx, request.n_ctx or self.n_ctx)
         if len(request.prompt) >= limit:
-            whose = "This request's context (n_ctx)" if limit < self.n_ctx else "This model's context"
-            raise ContextLengthExceeded(
-                f"{whose} is {limit} tokens; the prompt has {len(request.prompt)} tokens"
-                " and leaves no room for a completion",
-                param="prompt",
-            )
+            raise PromptTooLong(limit=limit, length=len(request.prompt), request_limit=limit < self.n_ctx)
         with self._lock:
             if self._waiting >= self.max_queue + max(0, self.parallel - self._busy):
-                raise Overloaded(
-                    f"Model '{self.name}' has {self._waiting} requests waiting; try again shortly",
-                    headers={"Retry-After": "1"},
-                )
+                raise QueueFull(self.name, self._waiting)
             self._waiting += 1
         gen = Generation(request)
         self._inbox.put((gen, self._clock()))
@@ -430,7 +168,7 @@ class ModelEngine:
         except BaseException:  # never let the thread die silently with requests waiting
             log.exception("scheduler for model %s failed", self.name)
             self._healthy = False
-            self._fail_all(EngineFailure())
+            self._fail_all(EngineCrashed())
         finally:
             for s in self._slots:
                 if s.sampler:
@@ -460,7 +198,7 @@ class ModelEngine:
                     self._compact()
                 self._step()
 
-    def _take(self, item) -> bool:
+    def _take(self, item: tuple[Generation, float] | _Stop) -> bool:
         if item is _STOP:
             return True
         self._queue.append(item)
@@ -493,7 +231,7 @@ class ModelEngine:
         for gen in woken:
             gen._wake()
 
-    def _fail_all(self, error: ApiError) -> None:
+    def _fail_all(self, error: EngineError) -> None:
         out, self._held = self._held, []
         for s in self._slots:
             if s.gen is not None:
@@ -529,12 +267,12 @@ class ModelEngine:
             self._unreported_prompt = 0
         self._reported_at = now
 
-    def _release(self, s: _Slot) -> None:
+    def _release(self, s: Slot) -> None:
         self._report(self._clock())
         if s.sampler:
             s.sampler.close()
         if s.gen is not None:
-            self._active.remove(s)
+            self._active.remove(cast(ActiveSlot, s))
         s.sampler = None
         s.gen = None
         s.req = None
@@ -552,7 +290,7 @@ class ModelEngine:
                 self._dec_waiting()
             self._queue = kept
 
-    def _admit(self, out: list) -> None:
+    def _admit(self, out: list[tuple[Generation, Event]]) -> None:
         while self._queue:
             free = [s for s in self._slots if s.gen is None]
             if not free:
@@ -570,11 +308,11 @@ class ModelEngine:
             # system prompt), then the least recently used. A much longer cached prefix elsewhere still
             # wins: _compact() then copies it into place, which is cheaper than recomputing it.
             busy = {a.seq for a in self._active}
-            shared = {a.seq: _common_prefix(a.kv, prompt) for a in free}
-            worth = {a.seq: _worth_taking(shared[a.seq], len(a.kv), len(prompt)) for a in free}
-            contiguous = min(free, key=lambda a: (_runs(busy | {a.seq}), -worth[a.seq], a.last_used))
+            shared = {a.seq: common_prefix(a.kv, prompt) for a in free}
+            worth = {a.seq: worth_taking(shared[a.seq], len(a.kv), len(prompt)) for a in free}
+            contiguous = min(free, key=lambda a: (runs(busy | {a.seq}), -worth[a.seq], a.last_used))
             reuse = min(free, key=lambda a: (-worth[a.seq], a.last_used))
-            s = reuse if worth[reuse.seq] >= worth[contiguous.seq] + _MIN_REUSE else contiguous
+            s = reuse if worth[reuse.seq] >= worth[contiguous.seq] + MIN_REUSE else contiguous
             # Whatever the slot, what it shares is reused (a BOS token is a prompt token less to decode).
             keep = min(shared[s.seq], len(prompt) - 1)  # at least one token must be decoded for logits
             if keep < len(s.kv):
@@ -587,13 +325,13 @@ class ModelEngine:
             except Exception:
                 log.exception("sampler setup failed")
                 self._dec_waiting()
-                out.append((gen, Failed(EngineFailure())))
+                out.append((gen, Failed(EngineCrashed())))
                 continue
             with self._lock:  # one step, so submit() never sees the request in neither count
                 self._waiting -= 1
                 self._busy += 1
             s.gen, s.req, s.sampler = gen, req, sampler
-            self._active.append(s)
+            self._active.append(cast(ActiveSlot, s))  # its decoder is set below, before the next step
             self._active.sort(key=lambda a: a.seq)
             s.pending = prompt[keep:]
             s.cached = keep
@@ -631,8 +369,8 @@ class ModelEngine:
     def _step(self) -> None:
         batch = self._batch
         batch.clear()
-        in_batch: list[_Slot] = []
-        prefilling: list[_Slot] = []
+        in_batch: list[ActiveSlot] = []
+        prefilling: list[ActiveSlot] = []
         hinted = False
         # Generating sequences first: one token each, so streams never stall behind a long prompt.
         for s in self._active:
@@ -688,7 +426,7 @@ class ModelEngine:
             rc = self._ctx.decode(batch)
             if rc != 0:
                 log.error("llama_decode returned %d for model %s", rc, self.name)
-                err = Overloaded("No room in the model's cache; try again", headers={"Retry-After": "1"}) if rc == 1 else EngineFailure()
+                err: EngineError = Busy("No room in the model's cache; try again") if rc == 1 else EngineCrashed()
                 for s in in_batch:
                     self._held.append((s.gen, Failed(err)))
                     self._ctx.seq_rm(s.seq, -1, -1)
@@ -721,7 +459,7 @@ class ModelEngine:
         if now - self._reported_at >= _REPORT_EVERY_S:
             self._report(now)
 
-    def _on_token(self, s: _Slot, token: int, out: list) -> None:
+    def _on_token(self, s: ActiveSlot, token: int, out: list[tuple[Generation, Event]]) -> None:
         req = s.req
         lp = self._logprob(s, token) if req.logprobs is not None else None
         finish: str | None = None
@@ -735,7 +473,7 @@ class ModelEngine:
                 s.held_logprobs.append(lp)
             safe = len(s.text)
             if req.stop:
-                cut, safe = _scan_stops(s.text, s.emitted, req.stop)
+                cut, safe = scan_stops(s.text, s.emitted, req.stop)
                 if cut is not None:
                     s.text = s.text[:cut]
                     finish = "stop"
@@ -776,12 +514,12 @@ class ModelEngine:
         )
         self._release(s)
 
-    def _logprob(self, s: _Slot, token: int) -> TokenLogprob:
+    def _logprob(self, s: ActiveSlot, token: int) -> TokenLogprob:
         logits = self._ctx.logits(s.batch_index).astype(np.float64)
         m = logits.max()
         lse = m + math.log(np.exp(logits - m).sum())
         k = s.req.logprobs or 0
-        top: tuple = ()
+        top: tuple[tuple[str, tuple[int, ...], float], ...] = ()
         if k > 0:
             idx = np.argpartition(-logits, k - 1)[:k]
             idx = idx[np.argsort(-logits[idx])]
@@ -790,48 +528,3 @@ class ModelEngine:
 
     def _tok_str(self, token: int) -> str:
         return self.model.piece(token).decode("utf-8", "replace")
-
-
-def _runs(seqs: set[int]) -> int:
-    """How many runs of consecutive ids a set of sequence ids makes ({0, 1, 3} -> 2)."""
-    return sum(1 for i in seqs if i - 1 not in seqs)
-
-
-def _worth_taking(shared: int, n_cached: int, n_prompt: int) -> int:
-    """A slot's shared prefix as a reason to take that slot: 0 when it is only a short shared head.
-
-    The BOS token or a chat template's opening is common to unrelated prompts: taking a slot for
-    that would throw away its cache (another client's conversation) for nothing.
-    """
-    return shared if shared >= _MIN_REUSE or (shared and shared in (n_cached, n_prompt)) else 0
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int32) != np.asarray(b[:n], dtype=np.int32))
-    return int(diff[0]) if diff.size else n
-
-
-def _scan_stops(text: str, emitted: int, stops: tuple[str, ...]) -> tuple[int | None, int]:
-    """(index where the first stop string starts, or None; how far the text is safe to emit).
-
-    Text that could be the start of a stop string is held back until it can no longer match.
-    """
-    longest = max(len(x) for x in stops)
-    start = max(0, emitted - longest + 1)
-    cut = None
-    for stop in stops:
-        i = text.find(stop, start)
-        if i != -1 and (cut is None or i < cut):
-            cut = i
-    if cut is not None:
-        return cut, cut
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
-                break
-    return None, max(emitted, len(text) - hold)

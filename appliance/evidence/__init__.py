@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = ["Evidence", "EvidenceProvider", "SimulatedProvider", "ProviderError", "detect_provider", "MeasurementEvent"]
 
@@ -37,14 +37,15 @@ class MeasurementEvent:
     register: str  # e.g. "rtmr3" or "pcr16"
     algorithm: str  # sha384 for RTMR, sha384 for Nitro PCRs
     digest: str
-    description: dict = field(default_factory=dict)
+    description: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"register": self.register, "algorithm": self.algorithm, "digest": self.digest, "event": self.description}
 
 
 class EvidenceProvider(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def evidence(self, report_data: bytes) -> Evidence: ...
 
@@ -87,7 +88,9 @@ def detect_provider(
     if kind in ("configfs-tsm", "auto") and configfs_root.is_dir():
         from appliance.evidence.configfs import ConfigfsTsmProvider
 
-        return ConfigfsTsmProvider(configfs_root, **({"rtmr_path": rtmr_path} if rtmr_path else {}))
+        if rtmr_path:
+            return ConfigfsTsmProvider(configfs_root, rtmr_path=rtmr_path)
+        return ConfigfsTsmProvider(configfs_root)
     if kind in ("nitro", "auto") and nsm_device.exists():
         from appliance.evidence.nitro import NitroProvider
 

@@ -1,32 +1,34 @@
-"""`GET /v1/attestation?nonce=<64 hex>`: claims + the TEE's raw evidence binding them.
+"""Claims and the TEE's raw evidence binding them, and the runtime measurement log.
 
 The claims name this binary, the loaded models, the effective configuration and the signing key, and
-carry the client's nonce; the TEE signs SHA-512 over their exact bytes (attestation.claims). The
-answer is itself a signed response, like every other.
+carry the client's nonce; the TEE signs SHA-512 over their exact bytes (attestation.claims). The web
+layer serves the document at `GET /v1/attestation?nonce=<64 hex>` as a signed response, like every other.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-import math
 import time
 from collections.abc import Callable
-
-import gevent
-from gevent import monkey
+from typing import Any
 
 from appliance.buildinfo import VERSION, binary_digest, variant
+from appliance.engine.registry import ModelRegistry
 from appliance.evidence import EvidenceProvider, MeasurementEvent, ProviderError
+from appliance.osthreads import off_loop, real_lock
 from appliance.settings import Settings
-from appliance.trust.auth import RateLimiter
-from appliance.web.errors import BadRequest, NotReady, RateLimited
-from attestation.claims import NONCE_RE, Claims, ModelClaim, report_data
+from appliance.trust.identity import Identity
+from attestation.claims import Claims, ModelClaim, report_data
 from attestation.measurements import event_digest, model_event
 
-__all__ = ["Attestor", "AttestationResource"]
+__all__ = ["Attestor", "AttestationDisabled"]
 
 log = logging.getLogger("appliance.attestation")
+
+
+class AttestationDisabled(Exception):
+    """No evidence provider is configured (attestation.provider = "none")."""
 
 
 class Attestor:
@@ -35,8 +37,8 @@ class Attestor:
     def __init__(
         self,
         settings: Settings,
-        identity,
-        models,
+        identity: Identity,
+        models: ModelRegistry,
         provider: EvidenceProvider | None,
         *,
         clock: Callable[[], float] = time.time,
@@ -48,17 +50,17 @@ class Attestor:
         self.provider = provider
         self.clock = clock
         self.tls_public_key_sha256 = tls_public_key_sha256
-        self.event_log: list[dict] = []
+        self.event_log: list[dict[str, Any]] = []
         self._config_sha256 = settings.public_digest()
         self._variant = settings.attestation.variant
         # A real lock: models load on pool threads, and the log must list extends in their order.
-        self._measure_lock = monkey.get_original("_thread", "allocate_lock")()
+        self._measure_lock = real_lock()
         # Read once here (at worker start): for configfs it probes the kernel interface.
         self.provider_name = provider.name if provider else "none"
 
     def claims(self, nonce: str) -> Claims:
         kind, digest = binary_digest()
-        ready = [r for r in self.models.records() if r.state == "ready" and r.sha256]
+        ready = [(r, r.sha256) for r in self.models.records() if r.state == "ready" and r.sha256]
         return Claims(
             appliance_version=VERSION,
             variant=self._variant or variant(),
@@ -70,10 +72,10 @@ class Attestor:
             nonce=nonce,
             timestamp=int(self.clock()),
             provider=self.provider_name,
-            models=tuple(ModelClaim(r.name, r.sha256, mmap=r.mmap) for r in ready),
+            models=tuple(ModelClaim(r.name, sha256, mmap=r.mmap) for r, sha256 in ready),
             tls_public_key_sha256=self.tls_public_key_sha256,
             runtime_measurements=tuple(self.event_log),
-            backend=_backend_claim(),
+            backend=_backend_claim(self.models),
         )
 
     def measure_model(self, name: str, sha256_hex: str) -> None:
@@ -96,30 +98,17 @@ class Attestor:
             self.event_log.append({**m.to_dict(), "extended": bool(extended)})
 
 
-class AttestationResource:
-    def __init__(self, attestor: Attestor, settings: Settings, clock: Callable[[], float] = time.time) -> None:
-        self.attestor = attestor
-        self.limiter = RateLimiter(settings.attestation.rate_per_minute, max(1, settings.attestation.rate_per_minute // 6 or 1), clock)
-
-    def on_get(self, req, resp) -> None:
-        nonce = req.get_param("nonce")
-        if not nonce or not NONCE_RE.match(nonce):
-            raise BadRequest("nonce: required, 64 lowercase hex characters (32 random bytes)", param="nonce")
-        wait = self.limiter.take(f"ip:{req.remote_addr}")
-        if wait is not None:
-            raise RateLimited("Too many attestation requests", headers={"Retry-After": str(max(1, math.ceil(wait)))})
-        a = self.attestor
-        if a.provider is None:
-            raise NotReady("Attestation is disabled on this appliance")
-        claims = a.claims(nonce)
+    def document(self, nonce: str) -> dict[str, Any]:
+        """Claims for this nonce, and evidence binding them (blocks only this greenlet: the TEE
+        interface is called off the event loop). Raises AttestationDisabled, or ProviderError when
+        the TEE gives no evidence right now."""
+        if self.provider is None:
+            raise AttestationDisabled("Attestation is disabled on this appliance")
+        claims = self.claims(nonce)
         raw = claims.encode()
         rd = report_data(raw)
-        try:
-            ev = gevent.get_hub().threadpool.apply(a.provider.evidence, (rd,))
-        except ProviderError as e:
-            log.error("attestation evidence failed: %s", e)
-            raise NotReady("TEE evidence is unavailable right now", headers={"Retry-After": "1"}) from None
-        resp.media = {
+        ev = off_loop(self.provider.evidence, rd)
+        return {
             "version": 1,
             "provider": ev.provider,
             "format": ev.format,
@@ -128,15 +117,13 @@ class AttestationResource:
             "report_data": rd.hex(),
             "evidence_b64": base64.b64encode(ev.data).decode(),
             "aux_b64": base64.b64encode(ev.aux).decode() if ev.aux else None,
-            "event_log": list(a.event_log),
+            "event_log": list(self.event_log),
         }
 
 
-def _backend_claim() -> dict | None:
+def _backend_claim(models: ModelRegistry) -> dict[str, Any] | None:
     """The CPU build llama.cpp really runs (after a probe, perhaps a fallback), once one is loaded."""
-    from appliance.engine.llama import cpu_backend_choice
-
-    choice = cpu_backend_choice()
+    choice = models.cpu_backend()
     if choice is None:
         return None
     return {"cpu": choice.module, "extra_buffers": choice.extra_buffers, "fallback": choice.fell_back}

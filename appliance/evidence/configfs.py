@@ -31,13 +31,10 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from gevent import monkey
-
-# A real OS lock: providers run on pool threads, and gevent's patched Lock is a greenlet lock.
-_real_lock = monkey.get_original("_thread", "allocate_lock")
-
-from appliance.evidence import Evidence, MeasurementEvent, ProviderError  # noqa: E402 (after the real lock)
+from appliance.evidence import Evidence, MeasurementEvent, ProviderError
+from appliance.osthreads import real_lock
 
 __all__ = ["ConfigfsTsmProvider", "FileOps", "MAX_OUTBLOB", "DEFAULT_RTMR_PATH"]
 
@@ -54,6 +51,8 @@ KINDS = {
 }
 
 _counter = itertools.count(1)
+
+_T = TypeVar("_T")
 
 
 class FileOps:
@@ -118,8 +117,8 @@ class ConfigfsTsmProvider:
         self.backoff = backoff
         self.sleep = sleep
         self._kind: str | None = None  # configfs provider value, once seen
-        self._lock = _real_lock()
-        self._extend_lock = _real_lock()
+        self._lock = real_lock()  # a real OS lock: providers run on pool threads
+        self._extend_lock = real_lock()  # a real OS lock: providers run on pool threads
 
     # -- identity -------------------------------------------------------------------------------
 
@@ -177,7 +176,7 @@ class ConfigfsTsmProvider:
             log.info("configfs-tsm: attempt %d failed, retrying: %s", attempt + 1, last)
         raise ProviderError(f"configfs-tsm: no report after {self.attempts} attempts: {last}")
 
-    def _op(self, op: str, fn, *args):
+    def _op(self, op: str, fn: Callable[..., _T], *args: object) -> _T:
         try:
             return fn(*args)
         except OSError as e:
@@ -202,8 +201,8 @@ class ConfigfsTsmProvider:
             out = self._op("read outblob", self.fs.read, entry / "outblob", MAX_OUTBLOB)
             if len(out) > MAX_OUTBLOB:
                 raise ProviderError(f"configfs-tsm: outblob larger than {MAX_OUTBLOB} bytes")
-            kind = self._op("read provider", self.fs.read, entry / "provider", MAX_SMALL)
-            kind = kind.decode("ascii", "replace").strip()
+            raw_kind = self._op("read provider", self.fs.read, entry / "provider", MAX_SMALL)
+            kind = raw_kind.decode("ascii", "replace").strip()
             try:
                 aux = self._op("read auxblob", self.fs.read, entry / "auxblob", MAX_OUTBLOB)
             except OSError as e:

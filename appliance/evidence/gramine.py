@@ -14,13 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gevent import monkey
-
-# A real OS lock: providers run on pool threads, and gevent's patched Lock is a greenlet lock.
-_real_lock = monkey.get_original("_thread", "allocate_lock")
-
-from appliance.evidence import Evidence, MeasurementEvent, ProviderError  # noqa: E402 (after the lock, as in configfs)
-from appliance.evidence.configfs import FileOps  # noqa: E402 (after the lock, as in configfs)
+from appliance.evidence import Evidence, MeasurementEvent, ProviderError
+from appliance.evidence.configfs import FileOps
+from appliance.osthreads import real_lock
 
 __all__ = ["GramineProvider", "MAX_QUOTE"]
 
@@ -35,7 +31,7 @@ class GramineProvider:
     def __init__(self, root: Path | str = Path("/dev/attestation"), *, fs: FileOps | None = None) -> None:
         self.root = Path(root)
         self.fs = fs if fs is not None else FileOps()
-        self._lock = _real_lock()
+        self._lock = real_lock()  # a real OS lock: providers run on pool threads
 
     def evidence(self, report_data: bytes) -> Evidence:
         if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != 64:

@@ -31,16 +31,18 @@ import errno
 import fcntl
 import logging
 import os
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from appliance.evidence import Evidence, MeasurementEvent, ProviderError
+from appliance.osthreads import Lock, real_lock
 
 try:
     import cbor2
 except ImportError:  # pragma: no cover
-    cbor2 = None
+    _HAVE_CBOR2 = False
+else:
+    _HAVE_CBOR2 = True
 
 __all__ = ["NitroProvider", "NsmDevice", "NSM_IOCTL_RAW", "NSM_REQUEST_MAX_SIZE", "NSM_RESPONSE_MAX_SIZE", "RUNTIME_PCR"]
 
@@ -68,14 +70,9 @@ def _iowr(magic: int, nr: int, size: int) -> int:
 NSM_IOCTL_RAW = _iowr(NSM_MAGIC, 0, ctypes.sizeof(_NsmRaw))  # 0xC0200A00
 
 
-def _os_lock():
+def _os_lock() -> Lock:
     """A real OS lock even under gevent's monkey patching: providers run on pool threads."""
-    try:
-        from gevent import monkey
-
-        return monkey.get_original("_thread", "allocate_lock")()
-    except ImportError:  # pragma: no cover
-        return threading.Lock()
+    return real_lock()
 
 
 class NsmDevice:
@@ -100,7 +97,7 @@ class NsmDevice:
         try:
             fcntl.ioctl(fd, NSM_IOCTL_RAW, msg, True)
         except OSError as e:
-            code = errno.errorcode.get(e.errno, e.errno)
+            code = errno.errorcode.get(e.errno, e.errno) if e.errno is not None else None
             raise ProviderError(f"NSM ioctl failed: {code} {e.strerror or ''}".rstrip()) from None
         finally:
             os.close(fd)
@@ -123,14 +120,14 @@ class NitroProvider:
         *,
         seal_on_evidence: bool = False,
     ) -> None:
-        if cbor2 is None:
+        if not _HAVE_CBOR2:
             raise ProviderError("the cbor2 package is required for the Nitro provider")
         self.device_path = Path(device_path)
         self._transport = transport if transport is not None else NsmDevice(self.device_path)
         self._lock = _os_lock()
         self._seal_on_evidence = seal_on_evidence
 
-    def _call(self, request, op: str):
+    def _call(self, request: Mapping[str, object], op: str) -> object:
         """One request/answer, decoded; NSM errors and malformed answers raise ProviderError."""
         raw = self._transport(cbor2.dumps(request))
         try:
@@ -141,7 +138,7 @@ class NitroProvider:
             raise ProviderError(f"NSM {op} failed: {answer['Error']}")
         return answer
 
-    def _field(self, answer, op: str, key: str) -> bytes:
+    def _field(self, answer: object, op: str, key: str) -> bytes:
         body = answer.get(op) if isinstance(answer, Mapping) else None
         value = body.get(key) if isinstance(body, Mapping) else None
         if not isinstance(value, bytes):

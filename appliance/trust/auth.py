@@ -15,24 +15,65 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
-import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-
-import falcon
+from typing import NoReturn
 
 from appliance.metrics import Metrics
 from appliance.settings import Settings
-from appliance.web.errors import Forbidden, Overloaded, RateLimited, Unauthorized
-from attestation.signing import CLIENT_HEADER, VerificationError, public_key_from_b64, verify_request
+from attestation.signing import RequestInfo, VerificationError, public_key_from_b64, verify_request
 
-__all__ = ["Auth", "RateLimiter", "ReplayCache", "PUBLIC_ROUTES", "ADMIN_ROUTES"]
+__all__ = [
+    "Auth", "Credentials", "RateLimiter", "ReplayCache", "PUBLIC_ROUTES", "ADMIN_ROUTES",
+    "AuthError", "Unauthenticated", "NotPermitted", "TooManyRequests", "ReplayCacheFull",
+]
 
 PUBLIC_ROUTES = frozenset({"/health", "/readiness", "/v1/keys", "/v1/attestation"})
 ADMIN_ROUTES = frozenset({"/load_model", "/unload_model", "/metrics"})
 _REFUSED = "Invalid or missing credentials"
+
+
+class AuthError(Exception):
+    """A refused request; `message` is safe to show (it never says which check failed)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Unauthenticated(AuthError):
+    """No valid credentials (401)."""
+
+
+class NotPermitted(AuthError):
+    """Valid credentials without the scope, or a route that is closed in this mode (403)."""
+
+
+class TooManyRequests(AuthError):
+    """A rate limit (429); `retry_after` seconds until the bucket has a token again."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a request presents, read by the web layer: no framework types cross into trust."""
+
+    route: str
+    method: str
+    remote_addr: str
+    headers: Mapping[str, str]
+    """Header names as sent (any case); looked up case-insensitively."""
+    request: Callable[[], RequestInfo]
+    """The request as signed (target, body, nonce): built only when a signature is checked."""
+
+    def header(self, name: str) -> str | None:
+        lower = name.lower()
+        return next((v for k, v in self.headers.items() if k.lower() == lower), None)
 
 
 @dataclass(frozen=True)
@@ -69,8 +110,12 @@ class RateLimiter:
         return wait
 
 
-class ReplayCacheFull(Exception):
+class ReplayCacheFull(AuthError):
     """Every remembered nonce is still valid: refuse rather than forget one (that would allow a replay)."""
+
+    def __init__(self, message: str = "Too many signed requests in flight; retry shortly") -> None:
+        super().__init__(message)
+        self.retry_after = 1.0
 
 
 class ReplayCache:
@@ -119,78 +164,75 @@ class Auth:
         self.ip_limit = RateLimiter(lim.rate_per_minute_per_ip, lim.rate_burst, clock)
         self.key_limit = RateLimiter(lim.rate_per_minute_per_key, lim.rate_burst, clock)
 
-    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
-        route = req.uri_template
-        if resource is None or route is None or route in PUBLIC_ROUTES:
-            return
-        self._limit(f"ip:{req.remote_addr}")
-        if req.method == "OPTIONS":
-            return  # the framework's OPTIONS responder (CORS preflight, which never carries credentials)
+    def authenticate(self, creds: Credentials) -> str | None:
+        """The principal's name, or None where the route is public or open; raises AuthError."""
+        route = creds.route
+        if route in PUBLIC_ROUTES:
+            return None
+        self._limit(f"ip:{creds.remote_addr}")
+        if creds.method == "OPTIONS":
+            return None  # the framework's OPTIONS responder (CORS preflight, which never carries credentials)
         scope = "admin" if route in ADMIN_ROUTES else "inference"
-        principal = self._authenticate(req)
+        principal = self._authenticate(creds)
         if principal is None:
             if self.open and scope == "inference":
-                return
+                return None
             if self.open and self.loopback:
-                return  # the original appliance: loopback and no keys means open, admin included
+                return None  # the original appliance: loopback and no keys means open, admin included
             if self.open:
-                self._refuse("no_admin_key", Forbidden("Model management is disabled: no admin key is configured"))
-            self._refuse("missing", Unauthorized(_REFUSED))
+                self._refuse("no_admin_key", NotPermitted("Model management is disabled: no admin key is configured"))
+            self._refuse("missing", Unauthenticated(_REFUSED))
         if scope not in principal.scopes:
-            self._refuse("scope", Forbidden(f"This key lacks the {scope} scope"))
+            self._refuse("scope", NotPermitted(f"This key lacks the {scope} scope"))
         self._limit(f"key:{principal.name}")
-        req.context.principal = principal.name
-        resp.set_header(CLIENT_HEADER, principal.name)  # bound into the response signature
+        return principal.name
 
-    def _authenticate(self, req: falcon.Request) -> Principal | None:
-        signed = req.get_header("Signature") is not None or req.get_header("Signature-Input") is not None
+    def _authenticate(self, creds: Credentials) -> Principal | None:
+        signed = creds.header("Signature") is not None or creds.header("Signature-Input") is not None
         if self.require_signed and not signed:
-            self._refuse("unsigned", Unauthorized(_REFUSED))
+            self._refuse("unsigned", Unauthenticated(_REFUSED))
         if signed:
-            return self._verify_signature(req)
-        auth = req.get_header("Authorization")
+            return self._verify_signature(creds)
+        auth = creds.header("Authorization")
         if auth is None or self.open:
             # No keys configured: there is nothing to check a token against. OpenAI clients always
             # send one (often a placeholder), so it is ignored rather than refused.
             return None
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            self._refuse("malformed", Unauthorized(_REFUSED))
+            self._refuse("malformed", Unauthenticated(_REFUSED))
         digest = hashlib.sha256(token.strip().encode()).digest()
         found = None
         for stored, principal in self._api_keys:  # every digest compared, in constant time each
             if hmac.compare_digest(stored, digest):
                 found = principal
         if found is None:
-            self._refuse("invalid_key", Unauthorized(_REFUSED))
+            self._refuse("invalid_key", Unauthenticated(_REFUSED))
         return found
 
-    def _verify_signature(self, req: falcon.Request) -> Principal:
-        from appliance.trust.signing import request_info
-
-        info = request_info(req)
-        headers = {k: v for k, v in req.headers.items()}
+    def _verify_signature(self, creds: Credentials) -> Principal:
+        info = creds.request()
         try:
             v = verify_request(
-                self._client_keys, method=info.method, target=info.target, headers=headers,
+                self._client_keys, method=info.method, target=info.target, headers=dict(creds.headers),
                 body=info.body, now=self.clock(), window=self.window,
             )
         except VerificationError:
-            self._refuse("bad_signature", Unauthorized(_REFUSED))
+            self._refuse("bad_signature", Unauthenticated(_REFUSED))
         try:
             fresh = self.replay.check_and_add(v.keyid, v.nonce, v.expires)
         except ReplayCacheFull:
             self.metrics.auth_failures.labels("replay_cache_full").inc()
-            raise Overloaded("Too many signed requests in flight; retry shortly", headers={"Retry-After": "1"}) from None
+            raise
         if not fresh:
-            self._refuse("replay", Unauthorized(_REFUSED))
+            self._refuse("replay", Unauthenticated(_REFUSED))
         return self._client_principals[v.keyid]
 
     def _limit(self, key: str) -> None:
         wait = (self.ip_limit if key.startswith("ip:") else self.key_limit).take(key)
         if wait is not None:
-            raise RateLimited("Too many requests; slow down", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            raise TooManyRequests("Too many requests; slow down", retry_after=wait)
 
-    def _refuse(self, reason: str, error: Exception):
+    def _refuse(self, reason: str, error: AuthError) -> NoReturn:
         self.metrics.auth_failures.labels(reason).inc()
         raise error

@@ -10,6 +10,7 @@ import base64
 import datetime
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -37,7 +38,7 @@ class Identity:
     def __repr__(self) -> str:  # never the key material
         return f"Identity(kid={self.kid!r})"
 
-    def public_jwk(self) -> dict:
+    def public_jwk(self) -> dict[str, str]:
         x = base64.urlsafe_b64encode(self.public_raw).rstrip(b"=").decode()
         return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.kid, "alg": "EdDSA", "use": "sig"}
 
@@ -58,5 +59,7 @@ class Identity:
     def stream_checkpoint(self, chain: StreamChain) -> bytes:
         return chain.checkpoint_line(self._key)
 
-    def stream_final(self, chain: StreamChain, request: RequestInfo, finish_reason, usage) -> bytes:
+    def stream_final(
+        self, chain: StreamChain, request: RequestInfo, finish_reason: str | None, usage: dict[str, Any] | None
+    ) -> bytes:
         return chain.final_line(self._key, request, finish_reason, usage)

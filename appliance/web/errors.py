@@ -1,10 +1,22 @@
-"""One exception tree for everything a client can be told, mapped to HTTP in one place (app.py).
+"""Everything a client can be told, in the OpenAI error shape, and the one table that maps the
+engine's and the trust layer's errors to it (`from_engine`, `from_trust`).
 
 Each error carries the OpenAI error fields. A 500 never echoes the underlying exception: only
 `ApiError` subclasses reach the wire with their message; anything else becomes `InternalError`.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any, Literal, cast
+
+import falcon
+
+from appliance.engine import errors as engine
+from appliance.trust import auth as trust
 
 __all__ = [
     "ApiError",
@@ -23,6 +35,13 @@ __all__ = [
     "NotReady",
     "InternalError",
     "EngineFailure",
+    "NoChatTemplate",
+    "PromptParam",
+    "from_engine",
+    "from_trust",
+    "to_api_error",
+    "retry_after",
+    "handle_error",
 ]
 
 
@@ -48,7 +67,7 @@ class ApiError(Exception):
             self.code = code
         self.headers = dict(headers or {})
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         return {
             "error": {
                 "message": self.message,
@@ -148,3 +167,105 @@ class EngineFailure(InternalError):
     """The inference engine failed; the message is generic, details go to the log only."""
 
     code = "engine_error"
+
+
+class NoChatTemplate(BadRequest):
+    code = "no_chat_template"
+
+
+PromptParam = Literal["prompt", "messages", "input"]
+"""The request field that holds a prompt: `prompt` (completions), `messages` (chat)."""
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """The Retry-After header for a wait of `seconds` (whole seconds, at least 1)."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def from_engine(e: engine.EngineError, *, prompt_param: PromptParam = "prompt") -> ApiError:
+    """The one table from engine errors to the wire. `prompt_param`: the field a prompt error names."""
+    match e:
+        case engine.QueueFull() | engine.Busy():
+            return Overloaded(e.message, headers=retry_after(e.retry_after))
+        case engine.PromptTooLong():
+            return ContextLengthExceeded(e.message, param=prompt_param)
+        case engine.NoChatTemplate():
+            return NoChatTemplate(e.message, param="model")
+        case engine.InvalidPrompt():
+            return BadRequest(f"{prompt_param}: {e.message}", param=prompt_param)
+        case engine.UnknownModel():
+            return ModelNotFound(e.name)
+        case engine.ModelNotReady():
+            return NotReady(e.message, headers=retry_after(e.retry_after))
+        case engine.Conflict():
+            return Conflict(e.message, param="model_name")
+        case engine.LoadRefused(subject="use_mmap"):
+            return BadRequest(e.message, param="use_mmap")
+        case engine.LoadRefused(forbidden=True):
+            return Forbidden(f"model_path: {e.message}", param="model_path")
+        case engine.LoadRefused():
+            param = "model_name" if e.subject == "name" else "model_path"
+            return BadRequest(f"{param}: {e.message}", param=param)
+        case _:  # EngineCrashed, and any engine error this table has not learnt yet
+            return EngineFailure()
+
+
+def from_trust(e: trust.AuthError) -> ApiError:
+    """The trust layer's refusals on the wire."""
+    match e:
+        case trust.TooManyRequests():
+            return RateLimited(e.message, headers=retry_after(e.retry_after))
+        case trust.ReplayCacheFull():
+            return Overloaded(e.message, headers=retry_after(e.retry_after))
+        case trust.NotPermitted():
+            return Forbidden(e.message)
+        case _:
+            return Unauthorized(e.message)
+
+
+def to_api_error(e: Exception, *, prompt_param: PromptParam = "prompt") -> ApiError | None:
+    """An ApiError as it is, engine and trust errors through their tables; None for anything else (a
+    bug: a 500)."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, engine.EngineError):
+        return from_engine(e, prompt_param=prompt_param)
+    if isinstance(e, trust.AuthError):
+        return from_trust(e)
+    return None
+
+
+log = logging.getLogger("appliance.http")
+
+
+def send_error(resp: falcon.Response, err: ApiError) -> None:
+    resp.status = err.status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps(err.body())
+    for k, v in err.headers.items():
+        resp.set_header(k, v)
+
+
+def handle_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: object) -> None:
+    """Falcon's handler for every exception: each leaves in the OpenAI shape, a 500 without details."""
+    err = to_api_error(ex, prompt_param=getattr(req.context, "prompt_param", "prompt")) or _framework_error(req, ex)
+    send_error(resp, err)
+
+
+def _framework_error(req: falcon.Request, ex: Exception) -> ApiError:
+    if isinstance(ex, falcon.HTTPRouteNotFound | falcon.HTTPNotFound):
+        return NotFound(f"No route {req.method} {req.path}")
+    if isinstance(ex, falcon.HTTPMethodNotAllowed):
+        err = MethodNotAllowed(f"Method {req.method} is not allowed on {req.path}")
+        # falcon builds HTTPMethodNotAllowed's headers as a dict (with Allow in it)
+        allow = cast("Mapping[str, str]", ex.headers).get("Allow") if ex.headers else None
+        if allow:
+            err.headers["Allow"] = allow
+        return err
+    if isinstance(ex, falcon.HTTPError):
+        http_err = ApiError(ex.title or "Request error", headers=dict(ex.headers or {}))
+        http_err.status = ex.status_code
+        http_err.type = "invalid_request_error" if ex.status_code < 500 else "server_error"
+        return http_err
+    log.error("unhandled %s on %s", type(ex).__name__, req.uri_template or "unmatched", exc_info=ex)
+    return InternalError()

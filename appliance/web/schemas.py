@@ -7,7 +7,7 @@ not support (n > 1, echo, suffix, tools, logit_bias) are refused with a message 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -159,7 +159,7 @@ class UnloadModelRequest(_Body):
     model_name: Annotated[str, Field(min_length=1, max_length=128)]
 
 
-def _legacy_chat(body: dict) -> dict:
+def _legacy_chat(body: dict[str, Any]) -> dict[str, Any]:
     """The second seed service's chat shape: {"model-name", "prompt", "max-token", "device"}."""
     if "prompt" not in body:
         raise BadRequest("prompt: Field required", param="prompt")
@@ -173,8 +173,10 @@ def _legacy_chat(body: dict) -> dict:
 
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|tuple)$|[\[\(]")
 
+_Model = TypeVar("_Model", bound=BaseModel)
 
-def parse(model: type[BaseModel], body: Any):
+
+def parse(model: type[_Model], body: Any) -> _Model:
     """Validate a parsed JSON body; the first error becomes a 400 naming the field."""
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")

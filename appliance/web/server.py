@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gunicorn.app.base import BaseApplication
@@ -31,9 +32,17 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from appliance.buildinfo import binary_digest
 from appliance.desired import CONFIG, RUNTIME, SharedState
+from appliance.engine.errors import Conflict
+from appliance.osthreads import off_loop
 from appliance.settings import Settings
-from appliance.web.errors import Conflict
 from appliance.web.streams import DirectWrites
+
+if TYPE_CHECKING:
+    from wsgiref.types import WSGIApplication
+
+    from appliance.settings import ModelSettings
+    from appliance.trust.tls import AttestedTls
+    from appliance.web.state import AppState
 
 __all__ = ["ApplianceServer", "bind_address"]
 
@@ -44,15 +53,15 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-class _QuietLogger(Logger):
+class _QuietLogger(Logger):  # type: ignore[misc]  # gunicorn is untyped
     """gunicorn's logger without its access log: ours is structured and never holds request data."""
 
-    def access(self, resp, req, environ, request_time) -> None:
+    def access(self, resp: object, req: object, environ: object, request_time: object) -> None:
         pass
 
 
 # Why a worker may have died, for the log line that names the signal.
-_SIGNAL_NOTES = {
+_SIGNAL_NOTES: dict[int, str] = {
     signal.SIGKILL: "perhaps the OOM killer",
     signal.SIGILL: "an illegal instruction in native code: a CPU backend this CPU cannot run? see server.cpu_backend",
     signal.SIGSEGV: "a crash in native code",
@@ -76,7 +85,7 @@ def describe_exit(code: int | None, sig: int | None, core_dumped: bool = False, 
     return "unknown", "ended (its exit status was not seen)"
 
 
-class _Arbiter(Arbiter):
+class _Arbiter(Arbiter):  # type: ignore[misc]  # gunicorn is untyped
     """gunicorn's master, told how each worker ended.
 
     gunicorn's hooks (`child_exit`, `worker_exit`) get the worker but not its wait status, and
@@ -126,13 +135,13 @@ class _Arbiter(Arbiter):
             )
 
 
-class ApplianceServer(BaseApplication):
-    def __init__(self, settings: Settings, app_factory: Callable[..., tuple]) -> None:
+class ApplianceServer(BaseApplication):  # type: ignore[misc]  # gunicorn is untyped
+    def __init__(self, settings: Settings, app_factory: Callable[..., tuple[WSGIApplication, AppState]]) -> None:
         from appliance.trust.identity import Identity
 
         self.settings = settings
         self.app_factory = app_factory
-        self.state = None
+        self.state: AppState | None = None  # the worker's, once load() built the app
         # No core files: a crashing worker (SIGILL, SIGSEGV in native code) would write its memory,
         # the signing key included, to a disk the trust model does not trust. Workers inherit this.
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -143,8 +152,8 @@ class ApplianceServer(BaseApplication):
         binary_digest()
         # Also before the fork: the desired models and the restart count outlive every worker.
         self.shared = SharedState(settings.models)
-        self._replacing: dict | None = None  # master: the death the next worker replaces
-        self.tls = None
+        self._replacing: dict[str, Any] | None = None  # master: the death the next worker replaces
+        self.tls: AttestedTls | None = None
         if settings.server.tls == "attested":
             from appliance.trust.tls import make_attested_tls
 
@@ -221,7 +230,7 @@ class ApplianceServer(BaseApplication):
             extra={"pid": pid, "cause": cause, "restarts": totals["restarts"], "desired_models": n},
         )
 
-    def load(self):
+    def load(self) -> WSGIApplication:
         app, self.state = self.app_factory(
             self.settings, self.identity, self.tls.spki_sha256 if self.tls is not None else None, shared=self.shared
         )
@@ -229,7 +238,7 @@ class ApplianceServer(BaseApplication):
             return DirectWrites(app)  # streamed tokens may then be written by a scheduler thread
         return app
 
-    def _when_ready(self, server) -> None:
+    def _when_ready(self, server: Arbiter) -> None:
         # Master, bound and not yet forked: choose the CPU build once, here, where no thread can hold a
         # lock a forked probe child would need (a worker loading models in its thread pool can).
         self._choose_cpu_backend()
@@ -250,18 +259,24 @@ class ApplianceServer(BaseApplication):
             return
         self.shared.backends.choose(choice.to_dict())
 
-    def _pre_fork(self, server, worker) -> None:
+    def _pre_fork(self, server: Arbiter, worker: GeventWorker) -> None:
         # Master, before the fork: tell the new worker whether it replaces a dead one (not a reload's).
         worker.replaces, self._replacing = self._replacing, None
 
-    def _post_worker_init(self, worker) -> None:
+    def _post_worker_init(self, worker: GeventWorker) -> None:
         # Serve at once (/health answers while models load; /readiness says 503 until every desired
         # model is back); load the desired models in the background.
         restore = gevent.spawn(self._restore, getattr(worker, "replaces", None))
         if self.settings.attestation.seal_after_startup:
             gevent.spawn(self._seal_after, [restore])
 
-    def _restore(self, last: dict | None) -> None:
+    def _worker_state(self) -> AppState:
+        """The worker's app state: load() builds it in the worker before anything here runs."""
+        if self.state is None:
+            raise RuntimeError("the worker's app is not built yet")
+        return self.state
+
+    def _restore(self, last: dict[str, Any] | None) -> None:
         """Load the desired models: the configured ones together (as at first boot), then those loaded
         at run time, one by one in the order they were loaded (the same order, the same memory)."""
         desired = self.shared.desired.settings()
@@ -275,7 +290,8 @@ class ApplianceServer(BaseApplication):
             if origin == RUNTIME and ms.name in self.shared.desired.names():  # not unloaded meanwhile
                 self._load_model(ms, "runtime-loaded")
         if last is not None:
-            ready = {r.name for r in self.state.models.records() if r.state == "ready"}
+            state = self._worker_state()
+            ready = {r.name for r in state.models.records() if r.state == "ready"}
             missing = [n for n in self.shared.desired.names() if n not in ready]
             seconds = round(time.monotonic() - last["monotonic"], 3)
             if missing:
@@ -286,24 +302,26 @@ class ApplianceServer(BaseApplication):
                     extra={"seconds_since_death": seconds},
                 )
 
-    def _seal_after(self, loads) -> None:
+    def _seal_after(self, loads: list[gevent.Greenlet]) -> None:
         gevent.joinall(loads)
-        provider = getattr(self.state.attestor, "provider", None)
+        state = self._worker_state()
+        provider = getattr(state.attestor, "provider", None)
         seal = getattr(provider, "seal", None)
         if seal is None:
             log.warning("attestation.seal_after_startup: the %s provider has nothing to seal", getattr(provider, "name", "none"))
             return
-        sealed = gevent.get_hub().threadpool.apply(seal)
+        sealed = off_loop(seal)
         log.info("runtime measurement register sealed: %s", bool(sealed))
 
-    def _load_model(self, ms, kind: str) -> None:
+    def _load_model(self, ms: ModelSettings, kind: str) -> None:
         try:
-            self.state.models.load(ms)
+            state = self._worker_state()
+            state.models.load(ms)
         except Conflict:  # loaded (or loading) again through POST /load_model meanwhile
             log.info("%s model %s was loaded meanwhile", kind, ms.name)
         except Exception as e:  # the model is recorded as failed; /status and /readiness show it
             log.error("%s model %s failed to load: %s", kind, ms.name, getattr(e, "message", type(e).__name__))
 
-    def _worker_exit(self, server, worker) -> None:
+    def _worker_exit(self, server: Arbiter, worker: GeventWorker) -> None:
         if self.state is not None:
             self.state.models.stop_all(timeout=self.settings.server.graceful_timeout)

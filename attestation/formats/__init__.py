@@ -9,7 +9,10 @@ raise for bad evidence: a truncated, oversized or forged document is a failed fa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..policy import Policy
 
 __all__ = ["Factor", "FormatResult", "FormatHandler", "FORMATS", "register"]
 
@@ -37,7 +40,9 @@ class FormatResult:
 class FormatHandler(Protocol):
     format: str
 
-    def check(self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy, now: float) -> FormatResult: ...
+    def check(
+        self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy: Policy, now: float
+    ) -> FormatResult: ...
 
 
 FORMATS: dict[str, FormatHandler] = {}
@@ -48,7 +53,7 @@ def register(handler: FormatHandler) -> FormatHandler:
     return handler
 
 
-def expect_measurements(result: FormatResult, expected: dict, what: str) -> None:
+def expect_measurements(result: FormatResult, expected: dict[str, Any], what: str) -> None:
     """Compare the policy's expected registers with the evidence's; skip when the policy sets none."""
     if not expected:
         result.add("measurements", "skip", f"no expected {what} measurements in the policy")

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from .. import roots as _roots
+from ..policy import Policy
 from . import FormatResult
 
 __all__ = [
@@ -126,10 +127,10 @@ class _Reader:
         return out
 
     def u16(self, field: str) -> int:
-        return struct.unpack("<H", self.take(2, field))[0]
+        return int(struct.unpack("<H", self.take(2, field))[0])
 
     def u32(self, field: str) -> int:
-        return struct.unpack("<I", self.take(4, field))[0]
+        return int(struct.unpack("<I", self.take(4, field))[0])
 
     def rest(self) -> bytes:
         return self.data[self.pos :]
@@ -295,11 +296,11 @@ def _verify_chain(certs: list[x509.Certificate], trusted: dict[str, x509.Certifi
     return leaf, None
 
 
-def check_signatures(result: FormatResult, quote: Quote, *, policy, now: float) -> None:
+def check_signatures(result: FormatResult, quote: Quote, *, policy: Policy, now: float) -> None:
     """Add `evidence-signature` and `certificate-chain` factors for an Intel ECDSA quote."""
     # The PCK chain first: its leaf key signs the QE report.
     try:
-        trusted = _roots.trusted_roots(policy, "intel")
+        trusted = {root.sha256: root.cert for root in _roots.trusted_roots("intel", policy)}
     except _roots.RootsError as e:
         chain_error: str | None = str(e)
         leaf, root_fp = None, ""
@@ -329,10 +330,10 @@ def check_signatures(result: FormatResult, quote: Quote, *, policy, now: float) 
     else:
         result.add("evidence-signature", "pass", "quote signed by the attestation key, which the PCK-signed QE report binds")
 
-    if chain_error:
-        result.add("certificate-chain", "fail", chain_error)
+    if chain_error or leaf is None:  # a chain without error always has its leaf
+        result.add("certificate-chain", "fail", chain_error or "no PCK certificate")
     else:
-        intel = root_fp in _roots.PINNED.get("intel", ())
+        intel = _roots.is_pinned("intel", root_fp)
         anchor = "the pinned Intel SGX Root CA" if intel else f"root {root_fp[:16]}... from policy.roots (NOT Intel's)"
         result.add("certificate-chain", "pass", f"PCK chain {_short(leaf)!r} up to {anchor}")
 
@@ -342,7 +343,7 @@ def check_report_data(result: FormatResult, actual: bytes, expected: bytes) -> N
     result.add("report-data", "pass" if ok else "fail", "binds these claims" if ok else "REPORTDATA does not match the claims")
 
 
-def check_debug(result: FormatResult, debug: bool, *, what: str, policy) -> None:
+def check_debug(result: FormatResult, debug: bool, *, what: str, policy: Policy) -> None:
     if not debug:
         result.add("debug", "pass", f"not a debug {what}")
     elif getattr(policy, "allow_debug", False):

@@ -12,7 +12,7 @@ The document (aws-nitro-enclaves-nsm-api docs/attestation_process.md; RFC 9052):
 Checks: the signature (ES384, raw r||s of 96 bytes) over Sig_structure
 ["Signature1", protected, b"", payload] with the leaf certificate's P-384 key; the chain
 leaf <- cabundle[-1] <- ... <- cabundle[0], where cabundle[0] must be byte-identical to the pinned
-AWS Nitro root G1 (SHA-256 of its DER 641a0321…bb5b; see `_roots_amd_aws`) or to an extra root
+AWS Nitro root G1 (SHA-256 of its DER 641a0321…bb5b; see `attestation.roots`) or to an extra root
 from `policy.roots["aws"]`, every certificate valid at the document's timestamp (leaf
 certificates live about three hours, so "now" would reject any stored document); `user_data`
 must equal the expected 64 bytes (the appliance's binding: `nonce` and `public_key` may be
@@ -34,6 +34,7 @@ import hmac
 import io
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -45,10 +46,13 @@ from cryptography.hazmat.primitives.serialization import Encoding
 try:  # cbor2 is needed only to verify Nitro documents; the rest of the package works without it
     import cbor2
 except ImportError:  # pragma: no cover
-    cbor2 = None
+    _HAVE_CBOR2 = False
+else:
+    _HAVE_CBOR2 = True
 
+from ..policy import Policy
+from ..roots import RootsError, fingerprint, trusted_roots
 from . import FormatResult, expect_measurements, register
-from ._roots_amd_aws import der_sha256, trusted_roots
 from ._x509 import link_problem
 
 __all__ = ["NitroFormat", "MAX_DOCUMENT_BYTES", "RUNTIME_PCR", "decode_document", "NitroFormatError"]
@@ -66,7 +70,7 @@ class NitroFormatError(ValueError):
     pass
 
 
-def _decode_one(data: bytes, what: str):
+def _decode_one(data: bytes, what: str) -> Any:
     """Exactly one CBOR item, no duplicate keys, shallow; trailing bytes refused. Indefinite-length
     items are allowed: the NSM itself writes the payload as an indefinite-length map (0xBF ... 0xFF)."""
     f = io.BytesIO(data)
@@ -79,7 +83,7 @@ def _decode_one(data: bytes, what: str):
     return item
 
 
-def _bstr(value, name: str, *, optional: bool = False, limit: int = _MAX_FIELD) -> bytes | None:
+def _bstr(value: object, name: str, *, optional: bool = False, limit: int = _MAX_FIELD) -> bytes | None:
     if value is None and optional:
         return None
     if not isinstance(value, bytes):
@@ -89,9 +93,9 @@ def _bstr(value, name: str, *, optional: bool = False, limit: int = _MAX_FIELD) 
     return value
 
 
-def decode_document(evidence: bytes) -> dict:
+def decode_document(evidence: bytes) -> dict[str, Any]:
     """Parse a COSE_Sign1 attestation document; raise NitroFormatError on anything malformed."""
-    if cbor2 is None:
+    if not _HAVE_CBOR2:
         raise NitroFormatError("the cbor2 package is required to verify Nitro documents")
     if not isinstance(evidence, (bytes, bytearray)) or not evidence:
         raise NitroFormatError("empty document")
@@ -170,7 +174,9 @@ def _load_cert(der: bytes) -> x509.Certificate:
 class NitroFormat:
     format = "nitro-cose-sign1"
 
-    def check(self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy, now: float) -> FormatResult:
+    def check(
+        self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy: Policy, now: float
+    ) -> FormatResult:
         result = FormatResult(provider="nitro")
         try:
             doc = decode_document(evidence)
@@ -233,17 +239,19 @@ class NitroFormat:
         return result
 
     @staticmethod
-    def _chain(result: FormatResult, leaf: x509.Certificate, bundle: list[x509.Certificate], doc: dict, policy) -> None:
+    def _chain(
+        result: FormatResult, leaf: x509.Certificate, bundle: list[x509.Certificate], doc: dict[str, Any], policy: Policy
+    ) -> None:
         when = datetime.fromtimestamp(doc["timestamp_ms"] / 1000, tz=UTC)
         try:
             roots = trusted_roots("aws", policy)
-        except (OSError, ValueError) as e:
+        except RootsError as e:
             result.add("certificate-chain", "fail", f"extra AWS root from the policy is unusable: {e}")
             return
         first = bundle[0].public_bytes(Encoding.DER)
         name = next((n for n, c in roots if hmac.compare_digest(c.public_bytes(Encoding.DER), first)), None)
         if name is None:
-            result.add("certificate-chain", "fail", f"cabundle starts at an untrusted root (sha256 {der_sha256(bundle[0])})")
+            result.add("certificate-chain", "fail", f"cabundle starts at an untrusted root (sha256 {fingerprint(bundle[0])})")
             return
         chain = bundle + [leaf]  # root, intermediates..., leaf
         why = link_problem(bundle[0], bundle[0], when)

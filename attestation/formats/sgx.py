@@ -15,6 +15,7 @@ qe_mrsigner; a policy's [sgx] table may pin any of them (as strings). SGX has no
 
 from __future__ import annotations
 
+from ..policy import Policy
 from . import FormatResult, expect_measurements, register
 from ._intel import (
     HEADER_LEN,
@@ -44,7 +45,9 @@ class SgxQuoteV3:
     format = "sgx-quote-v3"
     provider = "gramine-sgx"
 
-    def check(self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy, now: float) -> FormatResult:
+    def check(
+        self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy: Policy, now: float
+    ) -> FormatResult:
         result = FormatResult(provider=self.provider)
         try:
             quote = parse_quote(evidence, version=3, tee_type=TEE_TYPE_SGX, body_len=SGX_REPORT_LEN)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 
+from ..policy import Policy
 from . import FormatResult, register
 
 __all__ = ["SimulatedFormat"]
@@ -13,7 +14,9 @@ __all__ = ["SimulatedFormat"]
 class SimulatedFormat:
     format = "simulated-v1"
 
-    def check(self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy, now: float) -> FormatResult:
+    def check(
+        self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy: Policy, now: float
+    ) -> FormatResult:
         result = FormatResult(provider="simulated")
         try:
             doc = json.loads(evidence)

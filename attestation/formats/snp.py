@@ -22,7 +22,7 @@ ended by an all-zero entry. GUIDs, as in google/go-sev-guest abi and virtee/sev:
     ASK  4ab7b379-bbac-4fe4-a02f-05aef327c782    ARK  c0b406a4-a803-4952-9743-3fb6014cd0ae
 
 The ARK entry of the table is never trusted: the ASK must be issued by a pinned AMD ARK
-(`_roots_amd_aws`, Milan/Genoa/Turin) or by an extra root from `policy.roots["amd"]`.
+(`attestation.roots`, Milan/Genoa/Turin) or by an extra root from `policy.roots["amd"]`.
 
 Without certificates the chain factor is skipped (the VCEK can be fetched from AMD's KDS online,
 which this offline verifier does not do) and the signature factor FAILS: an unverifiable report
@@ -44,8 +44,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from ..policy import Policy
+from ..roots import RootsError, fingerprint, trusted_roots
 from . import FormatResult, expect_measurements, register
-from ._roots_amd_aws import der_sha256, trusted_roots
 from ._x509 import link_problem
 
 __all__ = ["SnpFormat", "REPORT_SIZE", "CERT_GUIDS", "parse_cert_table"]
@@ -119,7 +120,9 @@ def _at(now: float) -> datetime:
 class SnpFormat:
     format = "sev-snp-report"
 
-    def check(self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy, now: float) -> FormatResult:
+    def check(
+        self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy: Policy, now: float
+    ) -> FormatResult:
         result = FormatResult(provider="sev-snp")
         r = evidence
         if not isinstance(r, (bytes, bytearray)) or len(r) != REPORT_SIZE:
@@ -178,7 +181,7 @@ class SnpFormat:
         return result
 
     def _signature_and_chain(
-        self, result: FormatResult, r: bytes, aux: bytes | None, signing_key: int, policy, now: float
+        self, result: FormatResult, r: bytes, aux: bytes | None, signing_key: int, policy: Policy, now: float
     ) -> None:
         if signing_key not in (0, 1):
             result.add("evidence-signature", "fail", f"report is not signed by a VCEK or VLEK (SIGNING_KEY={signing_key})")
@@ -233,7 +236,7 @@ class SnpFormat:
             return
         try:
             roots = trusted_roots("amd", policy)
-        except (OSError, ValueError) as e:
+        except RootsError as e:
             result.add("certificate-chain", "fail", f"extra AMD root from the policy is unusable: {e}")
             return
         reasons = []
@@ -248,7 +251,7 @@ class SnpFormat:
                 if hw:
                     result.add("certificate-chain", "fail", hw)
                 else:
-                    chain = f"{leaf_name} <- {ask.subject.rfc4514_string()} <- {name} (sha256 {der_sha256(root)[:16]}…)"
+                    chain = f"{leaf_name} <- {ask.subject.rfc4514_string()} <- {name} (sha256 {fingerprint(root)[:16]}…)"
                     result.add("certificate-chain", "pass", chain)
                 return
             reasons.append(why)
@@ -262,9 +265,12 @@ class SnpFormat:
         Milan/Genoa HWIDs are the full 64-byte CHIP_ID; Turin's are 8 bytes (CHIP_ID's prefix)."""
         chip_id = r[0x1A0:0x1E0]
         try:
-            value = leaf.extensions.get_extension_for_oid(_OID_HWID).value.value
-        except (x509.ExtensionNotFound, AttributeError):
+            ext = leaf.extensions.get_extension_for_oid(_OID_HWID).value
+        except x509.ExtensionNotFound:
             return None
+        if not isinstance(ext, x509.UnrecognizedExtension):  # an unknown OID's extension: its raw bytes
+            return None
+        value = ext.value
         if len(value) >= 2 and value[0] == 0x04 and value[1] == len(value) - 2:  # DER OCTET STRING
             value = value[2:]
         if chip_id == bytes(64) or len(value) not in (8, 64) or hmac.compare_digest(value, chip_id[: len(value)]):

@@ -14,6 +14,7 @@ mrowner, mrownerconfig, and qe_mrsigner (the MRSIGNER of the quoting enclave's r
 
 from __future__ import annotations
 
+from ..policy import Policy
 from . import FormatResult, expect_measurements, register
 from ._intel import (
     HEADER_LEN,
@@ -51,7 +52,9 @@ class TdxQuoteV4:
     format = "tdx-quote-v4"
     provider = "tdx"
 
-    def check(self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy, now: float) -> FormatResult:
+    def check(
+        self, evidence: bytes, aux: bytes | None, *, report_data: bytes, policy: Policy, now: float
+    ) -> FormatResult:
         result = FormatResult(provider=self.provider)
         try:
             quote = parse_quote(evidence, version=4, tee_type=TEE_TYPE_TDX, body_len=TDX_REPORT_LEN)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from appliance.engine.modelfile import file_sha256 as sha256_file
+from appliance.digests import file_sha256 as sha256_file
 from attestation.policy import Policy, load_policy
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from appliance.engine.scheduler import Failed
+from appliance.engine.events import Failed
 from appliance.settings import Settings
 from appliance.web.app import ROUTES, create_app
 from appliance.web.errors import EngineFailure, Forbidden, RateLimited, Unauthorized

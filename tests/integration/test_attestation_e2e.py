@@ -24,7 +24,7 @@ import openai
 import pytest
 from appliance_it import ROOT, server_command
 
-from appliance.trust.signing import CHECKPOINT_EVERY
+from appliance.web.streams import CHECKPOINT_EVERY
 from attestation.client import AttestationFailed, VerificationError, VerifyingTransport, attest, verified_openai_client
 from attestation.policy import Policy
 

@@ -175,7 +175,7 @@ def test_prompt_longer_than_context(err_server):
     assert ok.status_code == 200, ok.text
     # Chat too.
     r = _post(err_server, "/v1/chat/completions", {"model": "small", "messages": [{"role": "user", "content": prompt}]})
-    assert_error(r, 400, INVALID, code="context_length_exceeded", param="prompt")
+    assert_error(r, 400, INVALID, code="context_length_exceeded", param="messages")  # chat has no `prompt` field
     # Streaming: refused before any event is sent, with a status, not an SSE error.
     r = _post(err_server, "/v1/completions", {"model": "small", "prompt": prompt, "stream": True})
     assert_error(r, 400, INVALID, code="context_length_exceeded")

@@ -10,7 +10,6 @@ wrapping transport that rewrites responses on their way to the verifier.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import re
@@ -49,6 +48,7 @@ from attestation.signing import (
     public_key_from_b64,
     verify_stream,
 )
+from tests.conftest import FakeRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGNING_VECTORS = ROOT / "spec" / "vectors" / "signing"
@@ -58,24 +58,13 @@ ALLOW = Policy(allow_simulated=True)
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-def _contract_conftest():
-    """FakeRegistry and friends from tests/contract/conftest.py (loaded under its own module name)."""
-    name = "appliance_contract_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "contract" / "conftest.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 def _settings(**attestation) -> Settings:
     return Settings.model_validate({"attestation": {"provider": "simulated", "rate_per_minute": 0, **attestation}})
 
 
 class Env:
     def __init__(self, settings: Settings | None = None, clock=time.time) -> None:
-        self.registry = _contract_conftest().FakeRegistry()
+        self.registry = FakeRegistry()
         self.registry.add("tiny")
         self.identity = Identity(clock=clock)
         self.app, self.state = create_app(settings or _settings(), models=self.registry, wall_clock=clock, identity=self.identity)

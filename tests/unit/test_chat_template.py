@@ -16,14 +16,14 @@ import pytest
 from appliance.engine.chat import (
     _BY_VOCABULARY,
     ChatTemplate,
-    NoChatTemplate,
     _is_special_token,
     builtin_templates,
     detect_builtin,
     model_chat_template,
     render_chat,
 )
-from appliance.web.errors import BadRequest
+from appliance.engine.errors import InvalidPrompt, NoChatTemplate
+from appliance.web.errors import from_engine
 
 GEMMA_MARKERS = {"<start_of_turn>", "<end_of_turn>"}
 LLAMA3_MARKERS = {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}
@@ -151,16 +151,17 @@ def test_a_prompt_longer_than_the_first_buffer_is_rendered_whole():
 
 
 def test_a_nul_character_is_a_400_not_a_truncated_prompt():
-    with pytest.raises(BadRequest) as e:
+    with pytest.raises(InvalidPrompt) as e:
         render(GEMMA, [{"role": "user", "content": "visible\0hidden"}])
-    assert e.value.param == "messages"
+    assert from_engine(e.value, prompt_param="messages").param == "messages"
 
 
 def test_no_template_is_a_400_naming_the_setting():
-    with pytest.raises(NoChatTemplate) as e:
+    with pytest.raises(NoChatTemplate) as raised:
         render(None, [{"role": "user", "content": "Hi"}])
-    err = e.value.body()["error"]
-    assert e.value.status == 400 and err["type"] == "invalid_request_error"
+    wire = from_engine(raised.value, prompt_param="messages")
+    err = wire.body()["error"]
+    assert wire.status == 400 and err["type"] == "invalid_request_error"
     assert err["code"] == "no_chat_template" and err["param"] == "model"
     assert "'m'" in err["message"] and "chat_template" in err["message"]
 
@@ -168,7 +169,7 @@ def test_no_template_is_a_400_naming_the_setting():
 def test_jinja_templates_still_render_in_the_sandbox():
     t = ChatTemplate("gguf", jinja="{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}")
     assert render(t, [{"role": "user", "content": "Hi"}]) == "<s>[user]Hi"
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidPrompt):
         render(ChatTemplate("config", jinja="{{ raise_exception('no') }}"), [{"role": "user", "content": "Hi"}])
 
 

@@ -228,10 +228,10 @@ def test_describe_exit_names_the_signal_or_code(code, sig, dumped, cause, needle
 @pytest.fixture
 def app_parts(tmp_path):
     import falcon.testing
-    from contract_fakes import FakeRegistry
 
     from appliance.settings import Settings
     from appliance.web.app import create_app
+    from tests.conftest import FakeRegistry
 
     gguf = tmp_path / "x.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))
@@ -289,10 +289,10 @@ def test_unloading_a_desired_model_that_failed_stops_readiness_waiting_for_it(ap
 
 def test_load_refused_when_the_desired_set_is_full(tmp_path):
     import falcon.testing
-    from contract_fakes import FakeRegistry
 
     from appliance.settings import Settings
     from appliance.web.app import create_app
+    from tests.conftest import FakeRegistry
 
     gguf = tmp_path / "x.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))

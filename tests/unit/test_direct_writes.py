@@ -14,7 +14,6 @@ import falcon.testing
 import gevent
 import gevent.socket
 import pytest
-from contract_fakes import FakeRegistry
 from gunicorn import util as gunicorn_util
 from gunicorn.config import Config
 from gunicorn.http.wsgi import Response as GunicornResponse
@@ -23,6 +22,7 @@ from appliance.settings import Settings
 from appliance.web.app import create_app
 from appliance.web.streams import DirectWrites, SocketWriter
 from attestation import signing
+from tests.conftest import FakeRegistry
 
 EVENT = b'data: {"choices":[{"text":"w\xc3\xb6rld"}]}\n\n'
 
@@ -278,7 +278,7 @@ def test_writes_cut_short_by_a_slow_reader_arrive_whole_and_in_order(real_regist
 
 
 def test_auto_has_the_scheduler_write_only_when_decoding_takes_every_cpu():
-    from appliance.web.inference import Inference
+    from appliance.web.resources.inference import Inference
 
     engine = SimpleNamespace(n_threads=4)
 

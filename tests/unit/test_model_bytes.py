@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from appliance.engine.events import Delta, Failed, GenerationRequest
 from appliance.engine.llama import SamplingParams
 from appliance.engine.modelfile import read_sealed
 from appliance.engine.registry import ModelRegistry
-from appliance.engine.scheduler import Delta, Failed, GenerationRequest
 from appliance.settings import Settings
 from tools.modelgen import ModelSpec, write_model
 

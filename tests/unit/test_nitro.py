@@ -421,6 +421,9 @@ class _Models:
     def records(self):
         return self.recs
 
+    def cpu_backend(self):
+        return None
+
 
 def _attestor(nsm, models: dict[str, str], monkeypatch) -> Attestor:
     monkeypatch.setenv("APPLIANCE_VARIANT", "cpu")

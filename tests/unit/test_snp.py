@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from attestation import roots  # noqa: E402
 from attestation.claims import Claims, ModelClaim, report_data  # noqa: E402
 from attestation.formats import FORMATS  # noqa: E402
-from attestation import roots  # noqa: E402
 from attestation.formats.snp import ARK_GUID, ASK_GUID, VCEK_GUID, VLEK_GUID, CertTableError, parse_cert_table  # noqa: E402
 from attestation.policy import Policy  # noqa: E402
 from attestation.signing import key_id  # noqa: E402

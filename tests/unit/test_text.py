@@ -2,7 +2,7 @@
 
 import pytest
 
-from appliance.engine.scheduler import _common_prefix, _scan_stops
+from appliance.engine.slots import common_prefix, scan_stops
 from appliance.web.errors import BadRequest
 from appliance.web.schemas import ChatRequest, CompletionRequest, parse
 
@@ -19,17 +19,17 @@ from appliance.web.schemas import ChatRequest, CompletionRequest, parse
     ],
 )
 def test_scan_stops(text, emitted, stops, expected):
-    assert _scan_stops(text, emitted, stops) == expected
+    assert scan_stops(text, emitted, stops) == expected
 
 
 def test_scan_stops_never_moves_backwards():
-    cut, safe = _scan_stops("abcd", 4, ("dz",))
+    cut, safe = scan_stops("abcd", 4, ("dz",))
     assert cut is None and safe == 4
 
 
 @pytest.mark.parametrize("a, b, n", [([], [1], 0), ([1, 2, 3], [1, 2, 4], 2), ([1, 2], [1, 2, 3], 2), ([5], [6], 0)])
 def test_common_prefix(a, b, n):
-    assert _common_prefix(a, b) == n
+    assert common_prefix(a, b) == n
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_union_type_tags_do_not_leak_into_errors():
     "text", ["", "Hello", ' "quoted" \\ back', "é ü 日本 😀", "\x00\x1f\u2028 ctrl", '"finish_reason":"stop"', "\x00appliance-text\x00"]
 )
 def test_token_chunk_template_gives_the_same_bytes_as_the_whole_object(chat, text):
-    from appliance.web.inference import sse_event, text_chunk_encoder
+    from appliance.web.openai import sse_event, text_chunk_encoder
 
     base = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m\"odel é", "system_fingerprint": None}
     choice = (

@@ -15,7 +15,6 @@ import os
 
 import falcon.testing
 import pytest
-from contract_fakes import FakeRegistry
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.engine.registry import ModelRegistry
@@ -24,6 +23,7 @@ from appliance.trust import auth as auth_module
 from appliance.trust.auth import RateLimiter, ReplayCache, ReplayCacheFull
 from appliance.web.app import create_app
 from attestation import signing
+from tests.conftest import FakeRegistry
 
 T0 = 1_700_000_000.0
 INFER_KEY = "sk-infer-" + "a" * 32

@@ -1,0 +1,115 @@
+"""What the engine can refuse or fail with, in the engine's own words: no statuses, no wire fields.
+
+The web package maps each class to the wire in one table (`appliance.web.errors.from_engine`): the
+HTTP status, the OpenAI error type and code, the request field to name (`messages` for a chat,
+`prompt` for a completion) and any retry hint as a header.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = [
+    "EngineError",
+    "Busy",
+    "QueueFull",
+    "PromptTooLong",
+    "InvalidPrompt",
+    "NoChatTemplate",
+    "ModelUnavailable",
+    "UnknownModel",
+    "ModelNotReady",
+    "Conflict",
+    "LoadRefused",
+    "EngineCrashed",
+]
+
+# What a load refusal is about: the model's file, its name, or its digest (the settings' allow-list).
+LoadSubject = Literal["path", "name", "use_mmap"]
+
+
+class EngineError(Exception):
+    """Every refusal and failure the engine reports; `message` is safe to show a client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Busy(EngineError):
+    """No room right now (the model's queue, or its KV cache); worth retrying after `retry_after` s."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueFull(Busy):
+    def __init__(self, model: str, waiting: int, *, retry_after: float = 1.0) -> None:
+        super().__init__(f"Model '{model}' has {waiting} requests waiting; try again shortly", retry_after=retry_after)
+        self.model = model
+        self.waiting = waiting
+
+
+class PromptTooLong(EngineError):
+    """The prompt leaves no room for a completion in its context (the model's, or the request's n_ctx)."""
+
+    def __init__(self, *, limit: int, length: int, request_limit: bool) -> None:
+        whose = "This request's context (n_ctx)" if request_limit else "This model's context"
+        super().__init__(f"{whose} is {limit} tokens; the prompt has {length} tokens and leaves no room for a completion")
+        self.limit = limit
+        self.length = length
+
+
+class InvalidPrompt(EngineError):
+    """The prompt cannot be turned into tokens: a template refused the messages, an id is out of range."""
+
+
+class NoChatTemplate(InvalidPrompt):
+    """The model has no chat template and none is configured (chat needs one; completions do not)."""
+
+
+class ModelUnavailable(EngineError):
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class UnknownModel(ModelUnavailable):
+    """Not loaded (never, failed, or being unloaded)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, f"The model '{name}' does not exist or is not loaded")
+
+
+class ModelNotReady(ModelUnavailable):
+    """Known, but not serving yet (loading); worth retrying."""
+
+    def __init__(self, name: str, state: str) -> None:
+        super().__init__(name, f"The model '{name}' is {state}")
+        self.state = state
+        self.retry_after = 1.0
+
+
+class Conflict(EngineError):
+    """A change that clashes with the current state (a name already in use, a model still loading)."""
+
+    def __init__(self, message: str, *, subject: LoadSubject = "name") -> None:
+        super().__init__(message)
+        self.subject = subject
+
+
+class LoadRefused(EngineError):
+    """A model the engine will not load; `forbidden`: by policy (not a bad file)."""
+
+    def __init__(self, message: str, *, subject: LoadSubject = "path", forbidden: bool = False) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.forbidden = forbidden
+
+
+class EngineCrashed(EngineError):
+    """llama.cpp failed under a request; details go to the log, never to the client."""
+
+    def __init__(self, message: str = "The server had an error while processing your request") -> None:
+        super().__init__(message)

@@ -1,0 +1,105 @@
+"""What a request asks the engine for, and the events that come back to it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from appliance.engine.errors import EngineError
+from appliance.engine.llama import SamplingParams
+
+__all__ = [
+    "GenerationRequest", "TokenLogprob", "Delta", "Usage", "Timings", "Done", "Failed", "Event", "DeltaSink",
+    "EngineObserver", "NullObserver",
+]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: the chosen token's logprob plus the k most likely alternatives."""
+    n_threads: int | None = None
+    n_ctx: int | None = None
+    """A per-request context cap (the original API's n_ctx), at most the slot's context."""
+    stream: bool = True
+    """False: the consumer wants the whole answer, so its greenlet is woken once, at the end, rather
+    than for every token (each wake-up costs both threads CPU that the decode would otherwise get)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[tuple[str, tuple[int, ...], float], ...]
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    n_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    prompt_n: int
+    prompt_ms: float
+    predicted_n: int
+    predicted_ms: float
+    queued_ms: float
+
+    @property
+    def prompt_per_second(self) -> float:
+        return self.prompt_n / (self.prompt_ms / 1000) if self.prompt_ms > 0 else 0.0
+
+    @property
+    def predicted_per_second(self) -> float:
+        return self.predicted_n / (self.predicted_ms / 1000) if self.predicted_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: EngineError
+
+
+Event = Delta | Done | Failed
+DeltaSink = Callable[[Delta], bool]
+"""Takes a streamed delta on the scheduler thread; returns whether to go on (see Generation.events)."""
+
+
+class EngineObserver(Protocol):
+    def first_token(self, model: str, seconds: float) -> None: ...
+    def tokens_generated(self, model: str, n: int) -> None: ...
+    def prompt_tokens(self, model: str, n: int) -> None: ...
+
+
+class NullObserver:
+    def first_token(self, model: str, seconds: float) -> None:
+        pass
+
+    def tokens_generated(self, model: str, n: int) -> None:
+        pass
+
+    def prompt_tokens(self, model: str, n: int) -> None:
+        pass

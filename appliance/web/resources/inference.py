@@ -1,0 +1,228 @@
+"""Completions and chat, on the OpenAI routes and the original appliance routes: JSON or SSE.
+
+A request's greenlet asks the registry for the model's engine and the prompt's tokens (tokenized off
+the event loop), submits, and waits for events; a watcher greenlet on the client's socket cancels the
+generation as soon as the client goes away, so its slot is free within one decode step, streaming or
+not. The wire format is web/openai.py; where the bytes go is web/streams.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import cast
+
+import falcon
+
+from appliance.engine.events import Delta, DeltaSink, Done, Failed, GenerationRequest, TokenLogprob
+from appliance.engine.llama import SamplingParams
+from appliance.engine.mailbox import Generation
+from appliance.engine.prompt import Message
+from appliance.engine.registry import ModelRegistry
+from appliance.engine.scheduler import ModelEngine
+from appliance.settings import LimitsSettings
+from appliance.web import openai
+from appliance.web.errors import BadRequest, InternalError, from_engine, to_api_error
+from appliance.web.schemas import ChatRequest, CompletionRequest, parse
+from appliance.web.streams import DirectOut, GenerationStream, StreamOutcome, Writer, finish, watch_disconnect
+
+__all__ = ["Inference"]
+
+log = logging.getLogger("appliance.http")
+
+
+class Inference:
+    """Shared by the OpenAI routes and the original appliance routes."""
+
+    def __init__(
+        self,
+        models: ModelRegistry,
+        limits: LimitsSettings,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        random_seed: Callable[[], int] = lambda: secrets.randbits(32),
+        default_seeds: Callable[[str], int | None] = lambda name: None,
+        stream_writes: str = "auto",
+        cpus: int = 1,
+        stream_written: Callable[[str], None] = lambda writer: None,
+    ) -> None:
+        self.models = models
+        self.limits = limits
+        self._stream_writes = stream_writes
+        self._cpus = cpus
+        self._stream_written = stream_written
+        self._wall_clock = wall_clock
+        self._random_seed = random_seed
+        self._default_seeds = default_seeds
+
+    # -- falcon responders -------------------------------------------------------------------
+
+    def on_post_completions(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.prompt_param = "prompt"
+        body = parse(CompletionRequest, req.context.json)
+        source = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+        # not a list[str] here: the validator allows exactly one string in one, and that was taken
+        engine, prompt = self.models.text_prompt(body.model, cast("str | list[int]", source))
+        if body.logprobs is not None and body.logprobs > self.limits.max_top_logprobs:
+            raise BadRequest(f"logprobs: at most {self.limits.max_top_logprobs}", param="logprobs")
+        limit = body.max_tokens if body.max_tokens is not None else self.limits.default_max_tokens
+        offset = len(body.prompt) if isinstance(body.prompt, str) else 0
+        x = openai.Exchange("completion", "cmpl-" + uuid.uuid4().hex, int(self._wall_clock()), body.model,
+                            body.logprobs is not None, body.include_usage, offset)
+        self._run(req, resp, x, body, engine, prompt, limit, body.logprobs, "max_tokens")
+
+    def on_post_chat(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.prompt_param = "messages"
+        body = parse(ChatRequest, req.context.json)
+        messages: list[Message] = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in body.messages
+        ]
+        engine, prompt = self.models.chat_prompt(body.model, messages)
+        top = None
+        if body.logprobs:
+            top = body.top_logprobs or 0
+            if top > self.limits.max_top_logprobs:
+                raise BadRequest(f"top_logprobs: at most {self.limits.max_top_logprobs}", param="top_logprobs")
+        limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        x = openai.Exchange("chat", "chatcmpl-" + uuid.uuid4().hex, int(self._wall_clock()), body.model,
+                            top is not None, body.include_usage)
+        self._run(req, resp, x, body, engine, prompt, body.token_limit, top, limit_param)
+
+    # -- the common path ---------------------------------------------------------------------
+
+    def _run(
+        self,
+        req: falcon.Request,
+        resp: falcon.Response,
+        x: openai.Exchange,
+        body: CompletionRequest | ChatRequest,
+        engine: ModelEngine,
+        prompt: list[int],
+        max_tokens: int | None,
+        logprobs: int | None,
+        limit_param: str,
+    ) -> None:
+        cap = self.limits.max_prompt_tokens
+        if cap and len(prompt) > cap:
+            param = x.prompt_param
+            raise BadRequest(f"{param}: the prompt has {len(prompt)} tokens; at most {cap} are allowed", param=param)
+        stops = body.stops()
+        if len(stops) > self.limits.max_stop:
+            raise BadRequest(f"stop: at most {self.limits.max_stop} stop strings", param="stop")
+        if any(len(s) > self.limits.max_stop_length for s in stops):
+            raise BadRequest(f"stop: each stop string is at most {self.limits.max_stop_length} characters", param="stop")
+        if max_tokens is None or max_tokens == -1:
+            max_tokens = self.limits.max_tokens
+        elif max_tokens > self.limits.max_tokens:
+            raise BadRequest(f"{limit_param}: at most {self.limits.max_tokens}", param=limit_param)
+        if body.n_ctx is not None and body.n_ctx > engine.n_ctx:
+            raise BadRequest(f"n_ctx: this model's context per request is at most {engine.n_ctx}", param="n_ctx")
+        seed = body.seed
+        if seed is None or seed == -1:
+            seed = self._default_seeds(body.model)
+            if seed is None:
+                seed = self._random_seed()
+        sampling = SamplingParams.with_overrides(
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            min_p=body.min_p,
+            repeat_penalty=body.repeat_penalty,
+            repeat_last_n=body.repeat_last_n,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            seed=seed & 0xFFFFFFFF,
+        )
+        gen = engine.submit(
+            GenerationRequest(
+                prompt=tuple(prompt),
+                max_tokens=max_tokens,
+                sampling=sampling,
+                stop=stops,
+                ignore_eos=body.ignore_eos,
+                logprobs=logprobs,
+                n_threads=body.n_threads,
+                n_ctx=body.n_ctx,
+                stream=bool(body.stream),
+            )
+        )
+        watcher = watch_disconnect(req.env.get("gunicorn.socket"), gen)
+        if body.stream:
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-store")
+            resp.set_header("X-Accel-Buffering", "no")
+            # Plain token chunks may be written by the scheduler thread (logprob chunks are built here).
+            direct = DirectOut() if logprobs is None and self._writes_from_scheduler(engine) else None
+            outcome = StreamOutcome()
+            resp.stream = GenerationStream(
+                self._sse(x, gen, outcome, direct), outcome, on_close=lambda: finish(gen, watcher), direct=direct
+            )
+            return
+        try:
+            resp.media = self._collect(x, gen)
+        finally:
+            finish(gen, watcher)
+
+    def _writes_from_scheduler(self, engine: ModelEngine) -> bool:
+        """Whether a streamed token should be written between two decodes rather than during one:
+        when the decode threads leave no CPU to the event loop (server.stream_writes = auto)."""
+        if self._stream_writes == "auto":
+            return engine.n_threads >= self._cpus
+        return self._stream_writes == "scheduler"
+
+    def _collect(self, x: openai.Exchange, gen: Generation) -> dict[str, object]:
+        text: list[str] = []
+        lps: list[TokenLogprob] = []
+        for ev in gen.events():
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+                lps.extend(ev.logprobs)
+            elif isinstance(ev, Failed):
+                raise from_engine(ev.error, prompt_param=x.prompt_param)
+            elif isinstance(ev, Done):
+                return openai.final_object(x, "".join(text), lps, ev)
+        raise InternalError()
+
+    def _sse(self, x: openai.Exchange, gen: Generation, outcome: StreamOutcome, direct: DirectOut | None) -> Iterator[bytes]:
+        text_chunk = openai.text_chunk_encoder(openai.chunk_base(x), chat=x.kind == "chat")
+        # Runs at the first next(), after the server has attached its writer (if it has one).
+        sink = _text_sink(direct.write, text_chunk) if direct is not None and direct.write is not None else None
+        self._stream_written("event_loop" if sink is None else "scheduler")
+        opening = openai.opening_chunk(x)
+        if opening is not None:
+            yield opening
+        offset = x.text_offset
+        plain = not x.logprobs
+        try:
+            for ev in gen.events(sink):
+                if plain and type(ev) is Delta:  # the usual event: one token's text
+                    if ev.text:
+                        yield text_chunk(ev.text)
+                    continue
+                if isinstance(ev, Done):
+                    outcome.finish_reason = ev.finish_reason
+                    outcome.usage = openai.usage(ev)
+                elif isinstance(ev, Failed):
+                    outcome.finish_reason = "error"
+                events, offset = openai.chunks(x, ev, text_chunk, offset)
+                yield from events
+                if not isinstance(ev, Delta):
+                    return
+        except Exception as e:
+            err = to_api_error(e, prompt_param=x.prompt_param)
+            if err is None:
+                log.exception("stream failed")
+                err = InternalError()
+            outcome.finish_reason = "error"
+            yield openai.error_event(err)
+
+
+def _text_sink(write: Writer, encode: Callable[[str], bytes]) -> DeltaSink:
+    def sink(delta: Delta) -> bool:  # the scheduler thread, between two decodes
+        return write(encode(delta.text)) if delta.text else True
+
+    return sink
