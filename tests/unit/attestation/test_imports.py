@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODULES = ["attestation", "attestation.client", "attestation.verify", "attestation.cli", "attestation.signing"]
 FORBIDDEN = ("appliance", "llama_cpp", "falcon", "gunicorn", "gevent")
 

@@ -50,7 +50,7 @@ from attestation.signing import (
 )
 from tests.conftest import FakeRegistry
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SIGNING_VECTORS = ROOT / "spec" / "vectors" / "signing"
 URL = "http://appliance.test"
 NOW = 1_700_000_000.0
