@@ -97,7 +97,13 @@ class ServerSettings(_Strict):
     """Seconds SIGTERM waits for in-flight requests before the worker is stopped."""
     worker_timeout: Annotated[int, Field(ge=0, le=3600)] = 60
     keepalive: Annotated[int, Field(ge=0, le=300)] = 5
-    worker_connections: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    """Seconds an idle keep-alive connection is kept, and the most a request's line and headers may
+    take to arrive (a slow sender is cut off)."""
+    body_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """Seconds a request's body may take to arrive; slower gets a 408 (a slow body holds a connection)."""
+    worker_connections: Annotated[int, Field(ge=1, le=100_000)] = 4096
+    """Connections served at once, idle keep-alive ones included; past it, a new connection waits for
+    one to close (at most `keepalive` seconds). The open-file limit is raised to fit at start."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
     cors_origins: list[str] = []

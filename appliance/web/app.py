@@ -142,7 +142,7 @@ def create_app(
     }
     middleware: list[Middleware] = [
         RequestContext(metrics),
-        BodyLimit(settings.limits.max_body_bytes),
+        BodyLimit(settings.limits.max_body_bytes, settings.server.body_timeout),
         ResponseSigning(identity),
         *([falcon.CORSMiddleware(allow_origins=settings.server.cors_origins, expose_headers=_CORS_EXPOSE)] if settings.server.cors_origins else []),
         Authentication(Auth(settings, metrics, clock=wall_clock)),

@@ -29,6 +29,7 @@ __all__ = [
     "MethodNotAllowed",
     "Conflict",
     "PayloadTooLarge",
+    "RequestTimeout",
     "UnsupportedMediaType",
     "RateLimited",
     "Overloaded",
@@ -122,6 +123,12 @@ class Conflict(ApiError):
     status = 409
     type = "invalid_request_error"
     code = "conflict"
+
+
+class RequestTimeout(ApiError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLarge(ApiError):

@@ -21,12 +21,14 @@ import time
 import uuid
 
 import falcon
+import gevent
+from gunicorn.http.errors import NoMoreData, ParseException
 
 from appliance.metrics import Metrics
 from appliance.settings import Settings
 from appliance.trust.auth import Auth, Credentials
 from appliance.trust.identity import Identity
-from appliance.web.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from appliance.web.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from appliance.web.streams import SignedStream, SseBody
 from attestation.signing import (
     CLIENT_HEADER,
@@ -88,12 +90,19 @@ class RequestContext:
         )
 
 
-class BodyLimit:
-    """Reads each request's body once, bounded (413 past the limit), for everything after it: the
-    signature binds the exact bytes received, the JSON parser and auth read the same copy."""
+class _SlowBody(Exception):
+    pass
 
-    def __init__(self, max_body_bytes: int) -> None:
+
+class BodyLimit:
+    """Reads each request's body once, bounded in size (413) and in time (408), for everything after
+    it: the signature binds the exact bytes received, the JSON parser and auth read the same copy.
+    A body that breaks its own framing (a bad chunk, or the client closing before Content-Length
+    bytes) is a 400, never a 500."""
+
+    def __init__(self, max_body_bytes: int, timeout: float = 30.0) -> None:
         self.max_body_bytes = max_body_bytes
+        self.timeout = timeout
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.raw_body = b""
@@ -104,7 +113,17 @@ class BodyLimit:
             # Without Content-Length (chunked), Falcon's bounded stream reads nothing: read the
             # server's decoded input directly, still bounded.
             stream = req.bounded_stream if length is not None else req.stream
-            raw = stream.read(self.max_body_bytes + 1)
+            try:
+                with gevent.Timeout(self.timeout, _SlowBody):
+                    raw = stream.read(self.max_body_bytes + 1)
+            except _SlowBody:
+                raise RequestTimeout(f"The request body did not arrive within {self.timeout:g} seconds") from None
+            except NoMoreData:
+                raise BadRequest("The request body ended before its Content-Length") from None
+            except ParseException as e:
+                raise BadRequest(f"The request body is malformed ({type(e).__name__})") from None
+            if length is not None and len(raw) < length:
+                raise BadRequest("The request body ended before its Content-Length")
             if len(raw) > self.max_body_bytes:
                 raise PayloadTooLarge(f"The request body exceeds {self.max_body_bytes} bytes")
             req.context.raw_body = raw

@@ -53,6 +53,20 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def _fit_open_files(connections: int) -> None:
+    """Raise the soft open-file limit (up to the hard one) to fit `connections` sockets plus the
+    models, logs and listeners; a container's default of 1024 would cap connections below the setting."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("open files are limited to %d (hard limit): fewer than server.worker_connections = %d "
+                        "connections can be open at once", new, connections)
+
+
 class _QuietLogger(Logger):  # type: ignore[misc]  # gunicorn is untyped
     """gunicorn's logger without its access log: ours is structured and never holds request data."""
 
@@ -145,6 +159,7 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]  # gunicorn is unt
         # No core files: a crashing worker (SIGILL, SIGSEGV in native code) would write its memory,
         # the signing key included, to a disk the trust model does not trust. Workers inherit this.
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        _fit_open_files(settings.server.worker_connections)
         # Made here, in the master, before the fork: a restarted worker keeps the same identity.
         self.identity = Identity()
         # The digest the claims name, taken from the bytes this process runs, at startup (cached and
