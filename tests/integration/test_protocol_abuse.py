@@ -153,7 +153,7 @@ def test_a_body_shorter_than_its_content_length_then_eof(abuse_server, measured)
                  b"Content-Length: 100\r\n\r\n{\"model\": \"m\"}")
     sock.shutdown(socket.SHUT_WR)
     raw = _closed_within(sock, BODY_TIMEOUT + 5)
-    assert all(400 <= s < 500 for s in _statuses(raw)), raw[:300]
+    assert _statuses(raw) == [400], raw[:300]  # the body ended early: a 400, not a 500 or a hang
     sock.close()
 
 
@@ -200,7 +200,7 @@ def test_chunked_encoding_errors_are_a_4xx(abuse_server, measured, chunks):
                  b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks)
     raw = _closed_within(sock, BODY_TIMEOUT + KEEPALIVE + 5)
     statuses = _statuses(raw)
-    assert len(statuses) <= 1 and all(400 <= s < 500 for s in statuses), raw[:300]
+    assert len(statuses) == 1 and 400 <= statuses[0] < 500, raw[:300]
     sock.close()
 
 
