@@ -57,6 +57,11 @@ class Attestor:
         self._measure_lock = real_lock()
         # Read once here (at worker start): for configfs it probes the kernel interface.
         self.provider_name = provider.name if provider else "none"
+        # How the last request for evidence went: /status says so when the TEE interface fails (the
+        # appliance keeps serving completions; only attestation answers 503 meanwhile).
+        self._evidence_ok: bool | None = None
+        self._evidence_error: str | None = None
+        self._evidence_at: float | None = None
 
     def claims(self, nonce: str) -> Claims:
         kind, digest = binary_digest()
@@ -107,7 +112,12 @@ class Attestor:
         claims = self.claims(nonce)
         raw = claims.encode()
         rd = report_data(raw)
-        ev = off_loop(self.provider.evidence, rd)
+        try:
+            ev = off_loop(self.provider.evidence, rd)
+        except ProviderError as e:
+            self._evidence_ok, self._evidence_error, self._evidence_at = False, str(e), self.clock()
+            raise
+        self._evidence_ok, self._evidence_error, self._evidence_at = True, None, self.clock()
         return {
             "version": 1,
             "provider": ev.provider,
@@ -119,6 +129,19 @@ class Attestor:
             "aux_b64": base64.b64encode(ev.aux).decode() if ev.aux else None,
             "event_log": list(self.event_log),
         }
+
+
+    def evidence_status(self) -> dict[str, Any]:
+        """For /status: the provider, and whether its last evidence request worked (`unavailable`
+        with the provider's error when the TEE interface failed; `untried` before the first)."""
+        if self.provider is None:
+            state = "disabled"
+        elif self._evidence_ok is None:
+            state = "untried"
+        else:
+            state = "ok" if self._evidence_ok else "unavailable"
+        return {"provider": self.provider_name, "evidence": state, "error": self._evidence_error,
+                "checked_at": self._evidence_at}
 
 
 def _backend_claim(models: ModelRegistry) -> dict[str, Any] | None:

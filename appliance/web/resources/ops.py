@@ -55,4 +55,5 @@ class Status:
             "uptime_seconds": round(self.state.wall_clock() - self.state.started, 3),
             "devices": self.state.models.devices(),
             "models": [r.status() for r in self.state.models.records()],
+            "attestation": self.state.attestor.evidence_status() if self.state.attestor is not None else None,
         }
