@@ -98,7 +98,9 @@ class RateLimiter:
             return None
         now = self.clock()
         tokens, last = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        # A wall clock stepped back (NTP, a restored VM) must not drain the bucket for as long as the
+        # step: time that runs backwards adds nothing, and the bucket goes on from the new time.
+        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
         if tokens >= 1.0:
             self._buckets[key] = (tokens - 1.0, now)
             wait = None

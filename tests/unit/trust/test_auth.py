@@ -440,6 +440,31 @@ def test_rate_limiter_is_bounded():
     assert RateLimiter(0, 1, clock).take("x") is None  # 0 = unlimited
 
 
+def test_a_clock_stepped_back_does_not_drain_the_rate_limits():
+    # A wall clock stepped back an hour (NTP, a restored VM) once made (now - last) * rate hugely
+    # negative: every key seen before was refused for the hour. Time running backwards adds nothing.
+    clock = Clock()
+    lim = RateLimiter(60, 2, clock)
+    assert lim.take("ip:a") is None and lim.take("ip:a") is None
+    assert lim.take("ip:a") is not None  # the burst is spent
+    clock.advance(-3600)
+    assert lim.take("ip:a") is not None  # still spent, but not an hour in debt
+    clock.advance(1.01)
+    assert lim.take("ip:a") is None  # one second at 60 per minute refills one token, as without the step
+    clock.advance(3600 * 5)  # a step forward refills to the burst, never beyond it
+    assert lim.take("ip:a") is None and lim.take("ip:a") is None and lim.take("ip:a") is not None
+
+
+def test_a_clock_step_keeps_replays_refused():
+    clock = Clock()
+    cache = ReplayCache(100, clock)
+    assert cache.check_and_add("k", "n", clock() + 60)
+    clock.advance(-3600)  # stepped back: the nonce is remembered for longer, never forgotten early
+    assert not cache.check_and_add("k", "n", clock() + 3600 + 60)
+    clock.advance(3600 + 30)  # back to where it was, the signature still valid: still a replay
+    assert not cache.check_and_add("k", "n", clock() + 30)
+
+
 # ---------------------------------------------------------------------------------------------
 # Headers: security headers, request id, CORS
 
