@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import gevent
 from gevent import monkey
 
 __all__ = ["Lock", "real_lock", "start_thread", "off_loop", "fork", "waitpid", "select_fds"]
@@ -39,8 +40,6 @@ def off_loop(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
     Exceptions propagate to the caller. Outside a gevent worker this is still correct, only slower
     than a plain call."""
-    import gevent
-
     result: T = gevent.get_hub().threadpool.apply(fn, args, kwargs)
     return result
 

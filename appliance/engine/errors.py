@@ -24,8 +24,8 @@ __all__ = [
     "EngineCrashed",
 ]
 
-# What a load refusal is about: the model's file, its name, or its digest (the settings' allow-list).
-LoadSubject = Literal["path", "name", "use_mmap"]
+# What a load refusal is about: the model's file (its path, contents or digest), or its use_mmap setting.
+LoadSubject = Literal["path", "use_mmap"]
 
 
 class EngineError(Exception):
@@ -93,10 +93,6 @@ class ModelNotReady(ModelUnavailable):
 
 class Conflict(EngineError):
     """A change that clashes with the current state (a name already in use, a model still loading)."""
-
-    def __init__(self, message: str, *, subject: LoadSubject = "name") -> None:
-        super().__init__(message)
-        self.subject = subject
 
 
 class LoadRefused(EngineError):

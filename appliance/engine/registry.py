@@ -76,7 +76,6 @@ class ModelRegistry:
         wall_clock: Callable[[], float] = time.time,
         engine_factory: Callable[[ModelSettings, EngineObserver | None, Path], ModelEngine] | None = None,
         allowed_sha256: frozenset[str] = frozenset(),
-        on_loaded: Callable[[str, str], None] | None = None,
         default_mmap: bool = False,
         after_read: Callable[[Path], None] | None = None,
         backend: BackendConfig | None = None,
@@ -88,7 +87,7 @@ class ModelRegistry:
         self._after_read = after_read
         self._huge_pages_said = False
         self._allowed = allowed_sha256
-        self._on_loaded = on_loaded
+        self._on_loaded: Callable[[str, str], None] | None = None  # on_loaded()
         self._records: dict[str, ModelRecord] = {}
         self._observer = observer
         self._wall_clock = wall_clock

@@ -211,8 +211,7 @@ def from_engine(e: engine.EngineError, *, prompt_param: PromptParam = "prompt") 
         case engine.LoadRefused(forbidden=True):
             return Forbidden(f"model_path: {e.message}", param="model_path")
         case engine.LoadRefused():
-            param = "model_name" if e.subject == "name" else "model_path"
-            return BadRequest(f"{param}: {e.message}", param=param)
+            return BadRequest(f"model_path: {e.message}", param="model_path")
         case _:  # EngineCrashed, and any engine error this table has not learnt yet
             return EngineFailure()
 
