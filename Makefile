@@ -109,6 +109,27 @@ lock-build:
 	cd build && uv pip compile requirements-build.in --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 --generate-hashes --no-header -o requirements-build.lock
 
+# --- Reliability (tests/fuzz/; README "Abuse and faults") --------------------------------------
+# schemathesis (pinned in requirements.lock) against spec/openapi.yaml and a real server on loopback:
+# every phase and check, plus every response's signature. FUZZ_EXAMPLES cases per operation and phase
+# (default 200: ~40,000 requests), FUZZ_SEED; FUZZ_ARGS go to `st run` (e.g. --include-path /tokenize).
+# `make test` runs a short seeded version (tests/integration/test_fuzz.py).
+.PHONY: fuzz
+FUZZ_EXAMPLES ?= 200
+FUZZ_SEED ?= 1
+fuzz: setup $(DEMO_MODEL)
+	$(BIN)/python -m tests.fuzz.run --examples $(FUZZ_EXAMPLES) --seed $(FUZZ_SEED) $(FUZZ_ARGS)
+
+# A long mixed load on the real model (tests/soak/run.py): errors, worker RSS / fds / threads, p50/p99.
+# SOAK_MINUTES (default 30) and SOAK_CLIENTS (default 8); the full report as JSON in var/soak.json.
+# `make test` runs a 2-minute version (tests/integration/test_soak.py).
+.PHONY: soak
+SOAK_MINUTES ?= 30
+SOAK_CLIENTS ?= 8
+soak: setup real-model
+	mkdir -p var
+	$(BIN)/python -m tests.soak.run --minutes $(SOAK_MINUTES) --clients $(SOAK_CLIENTS) --json var/soak.json
+
 # --- Performance (bench/; README "Performance") --------------------------------------------------
 # Builds llama.cpp's llama-server from the same pinned sdist (cached), generates the ~400M-parameter
 # Q8_0 benchmark model (cached), runs both servers side by side and prints ours/theirs ratios.

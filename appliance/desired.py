@@ -157,6 +157,19 @@ class DesiredModels:
 
         self._record.update(change)
 
+    def pin(self, name: str, sha256: str) -> None:
+        """Record the digest a desired model was loaded with (unless it has one): a restart then reloads
+        those bytes or refuses, never a file changed on disk meanwhile."""
+
+        def change(value: Any) -> dict[str, Any]:
+            entries = self._entries(value)
+            for e in entries:
+                if e["settings"]["name"] == name and e["settings"].get("sha256") is None:
+                    e["settings"] = {**e["settings"], "sha256": sha256}
+            return {"models": entries}
+
+        self._record.update(change)
+
     def remove(self, name: str) -> bool:
         """Drop a model (unloaded); False if it was not desired."""
         if name not in self.names():

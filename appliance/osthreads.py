@@ -38,10 +38,22 @@ def start_thread(fn: Callable[[], object]) -> None:
 def off_loop(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Call `fn` on one of the hub's pool threads and wait for it, blocking only this greenlet.
 
-    Exceptions propagate to the caller. Outside a gevent worker this is still correct, only slower
-    than a plain call."""
-    result: T = gevent.get_hub().threadpool.apply(fn, args, kwargs)
-    return result
+    Exceptions propagate to the caller, and only to it: the pool would also print each one's traceback
+    to stderr (gevent reports errors in pool threads to the hub), so a refused load or a prompt the
+    template rejects would leave a traceback in the log. Outside a gevent worker this is still
+    correct, only slower than a plain call."""
+
+    def caught() -> tuple[bool, Any]:
+        try:
+            return True, fn(*args, **kwargs)
+        except Exception as e:
+            return False, e
+
+    ok, value = gevent.get_hub().threadpool.apply(caught)
+    if ok:
+        result: T = value
+        return result
+    raise value
 
 
 def fork() -> int:

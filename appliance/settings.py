@@ -77,6 +77,9 @@ class ModelDefaults(_Strict):
 class ModelSettings(ModelDefaults):
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")]
     path: Path
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    """The file's expected sha256: a load of other bytes is refused. Unset, the first load pins the
+    digest it read, so a worker restart never serves a file that changed on disk since."""
 
 
 def cpu_backends() -> list[str]:

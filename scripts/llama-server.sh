@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's own llama-server from the llama.cpp tree inside the same pinned llama-cpp-python
 # sdist that our wheel is built from, with the same CPU flags, once; caches it outside the repo.
-# Prints the binary's path. Used by `make bench` to compare side by side.
+# Prints the binary's path. Used by `make bench` to compare side by side. With --cached it builds
+# nothing: it prints the path only where the build is already cached, else exits 3 (the parity tests).
 set -euo pipefail
 
 source "$(dirname "$0")/llama-sdist.sh"
@@ -19,6 +20,10 @@ OUT="$CACHE/llama-server/$VERSION-$KEY"
 if [[ -x $OUT/llama-server ]]; then
   echo "$OUT/llama-server"
   exit 0
+fi
+if [[ ${1:-} == --cached ]]; then
+  echo "llama-server is not built: bash scripts/llama-server.sh builds it once into $OUT" >&2
+  exit 3
 fi
 
 SDIST=$(PYTHON="$PY" llama_sdist)

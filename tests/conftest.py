@@ -13,11 +13,13 @@ from pathlib import Path
 from appliance.engine.chat import ChatTemplate
 from appliance.engine.errors import Conflict, LoadRefused, ModelNotReady, PromptTooLong, UnknownModel
 from appliance.engine.events import Delta, Done, Failed, GenerationRequest, Timings, TokenLogprob, Usage
-from appliance.engine.prompt import Message, chat_tokens, text_tokens, token_ids
+from appliance.engine.grammar import check_gbnf, schema_gbnf
+from appliance.engine.prompt import Message, chat_tokens, content_tokens, text_tokens, token_ids, token_pieces
 from appliance.engine.registry import ModelRecord
+from appliance.engine.scheduler import check_logit_bias
 from appliance.settings import ModelSettings
 
-__all__ = ["FIXED_NOW", "FakeModel", "FakeGeneration", "FakeEngine", "FakeRegistry"]
+__all__ = ["FIXED_NOW", "FakeModel", "FakeGeneration", "FakeEngine", "FakeGrammar", "FakeRegistry"]
 
 FIXED_NOW = 1_700_000_000.0
 
@@ -39,6 +41,12 @@ class FakeModel:
 
     def token_text(self, token: int) -> str:
         return {1: "<s>", 2: "</s>"}.get(token, chr(token))
+
+    def shown_piece(self, token: int) -> bytes:
+        """BOS and EOS spelt out; 0 half a character (b"\xc3"); 35 a space; else the character
+        `tokenize` maps to it from "=" to "y" (so lowercase text with spaces comes back whole)."""
+        special = {0: b"\xc3", 1: b"<s>", 2: b"</s>", 35: b" "}
+        return special.get(token, chr(61 + token - 3).encode())
 
 
 class FakeGeneration:
@@ -111,6 +119,7 @@ class FakeEngine:
         limit = min(self.n_ctx, request.n_ctx or self.n_ctx)
         if len(request.prompt) >= limit:
             raise PromptTooLong(limit=limit, length=len(request.prompt), request_limit=limit < self.n_ctx)
+        check_logit_bias(request.sampling.logit_bias, self.model.n_vocab)
         self.submitted.append(request)
         gen = FakeGeneration(request, self.PIECES, self.fail_with)
         self.generations.append(gen)
@@ -118,6 +127,13 @@ class FakeEngine:
 
     def stop(self, *, timeout: float = 30.0) -> bool:
         return True
+
+
+class FakeGrammar:
+    """What the fake registry's `grammar` returns: the GBNF text it checked."""
+
+    def __init__(self, gbnf: str) -> None:
+        self.gbnf = gbnf
 
 
 class FakeRegistry:
@@ -174,6 +190,17 @@ class FakeRegistry:
         engine = self.get(name)
         template = self._records[name].chat_template
         return engine, chat_tokens(engine.model, template, messages, model_name=name)  # type: ignore[arg-type]
+
+    def tokenize(self, name: str, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return content_tokens(self.get(name).model, text, add_special=add_special, parse_special=parse_special)  # type: ignore[arg-type]
+
+    def pieces(self, name: str, ids: list[int]) -> list[bytes]:
+        return token_pieces(self.get(name).model, ids)  # type: ignore[arg-type]
+
+    def grammar(self, name: str, *, gbnf: str | None = None, schema: object = None) -> FakeGrammar:
+        """The real checks (GBNF syntax, schema keywords, conversion); no llama.cpp compile."""
+        self.get(name)
+        return FakeGrammar(check_gbnf(gbnf) or gbnf if gbnf is not None else schema_gbnf(schema))
 
     def cpu_backend(self) -> None:
         return None

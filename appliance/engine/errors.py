@@ -12,10 +12,14 @@ from typing import Literal
 __all__ = [
     "EngineError",
     "Busy",
+    "ShuttingDown",
     "QueueFull",
     "PromptTooLong",
     "InvalidPrompt",
     "NoChatTemplate",
+    "InvalidGrammar",
+    "InvalidLogitBias",
+    "NoAllowedToken",
     "ModelUnavailable",
     "UnknownModel",
     "ModelNotReady",
@@ -24,8 +28,11 @@ __all__ = [
     "EngineCrashed",
 ]
 
+# What a grammar refusal is about: a GBNF grammar as given, or a JSON schema (compiled to one).
+GrammarSubject = Literal["grammar", "schema"]
+
 # What a load refusal is about: the model's file (its path, contents or digest), or its use_mmap setting.
-LoadSubject = Literal["path", "use_mmap"]
+LoadSubject = Literal["path", "use_mmap", "n_ctx", "sha256"]
 
 
 class EngineError(Exception):
@@ -42,6 +49,14 @@ class Busy(EngineError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ShuttingDown(Busy):
+    """The server is stopping and its drain time is nearly spent: what had not finished ends with this,
+    cleanly, rather than being cut off when the worker exits. Another replica can take the retry."""
+
+    def __init__(self) -> None:
+        super().__init__("The server is shutting down: retry the request", retry_after=1.0)
 
 
 class QueueFull(Busy):
@@ -67,6 +82,27 @@ class InvalidPrompt(EngineError):
 
 class NoChatTemplate(InvalidPrompt):
     """The model has no chat template and none is configured (chat needs one; completions do not)."""
+
+
+class InvalidGrammar(EngineError):
+    """A grammar or JSON schema that cannot constrain generation; `message` says why (it names the
+    keyword or the place in the grammar) without the grammar's own text."""
+
+    def __init__(self, message: str, *, subject: GrammarSubject) -> None:
+        super().__init__(message)
+        self.subject = subject
+
+
+class InvalidLogitBias(EngineError):
+    """A logit bias for a token id outside the model's vocabulary."""
+
+
+class NoAllowedToken(EngineError):
+    """Mid-generation: the grammar allows no token this model can produce (say, a character none of
+    its tokens spells)."""
+
+    def __init__(self) -> None:
+        super().__init__("The grammar allows no token of this model's vocabulary at this point of the output")
 
 
 class ModelUnavailable(EngineError):

@@ -23,7 +23,7 @@ import numpy as np
 from appliance.buildinfo import verify_bundle
 
 __all__ = [
-    "LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams",
+    "LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams", "Grammar", "NO_TOKEN",
     "BackendConfig", "backend_init", "backend_ready", "backend_devices", "cpu_backend_choice",
 ]
 
@@ -66,12 +66,26 @@ class _Loaded:
 _LOADED = _Loaded()
 
 
+class _Captured(threading.local):
+    """llama.cpp messages this thread is collecting instead of logging (see `Grammar`)."""
+
+    lines: list[str] | None = None
+
+
+_CAPTURED = _Captured()
+
+
 def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # llama.cpp's own diagnostics only (it never logs prompts): warnings and errors reach our log,
     # the chatty INFO/DEBUG stream is dropped.
     py_level = _GGML_LEVELS.get(level)
     if py_level is not None:
-        log.log(py_level, text.decode("utf-8", "replace").rstrip())
+        line = text.decode("utf-8", "replace").rstrip()
+        captured = _CAPTURED.lines
+        if captured is not None:  # a request's own mistake: answered to it, not logged as a server error
+            captured.append(line)
+        else:
+            log.log(py_level, line)
 
 
 _log_callback = C.llama_log_callback(_log)  # the C function pointer llama.cpp calls (kept alive here)
@@ -338,8 +352,33 @@ class LlamaModel:
         """The bytes a token adds to the text (control tokens add nothing)."""
         return self.token_info(token)[0]
 
+    def shown_piece(self, token: int) -> bytes:
+        """The bytes a token shows as, control tokens spelt out (`<bos>`): llama.cpp's
+        common_token_to_piece, which llama-server's /tokenize and /detokenize use. Only control and
+        unknown tokens differ from `piece`, so only they cost a call into llama.cpp."""
+        piece = self.piece(token)
+        if piece:
+            return piece
+        buf = ctypes.create_string_buffer(256)
+        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        if n < 0:  # longer than the buffer: -n is the size it needs
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)]
+
     def is_eog(self, token: int) -> bool:
         return self.token_info(token)[1]
+
+    @functools.cached_property
+    def silent_tokens(self) -> np.ndarray:
+        """Tokens that add no text and do not end generation (control tokens such as `<mask>`).
+
+        llama.cpp's grammar reads every token as its spelt-out text, so a grammar may accept
+        `<mask>` inside a JSON string while the text we return shows nothing for it: constrained
+        sampling bans these. (An id array, computed once, from the pieces read at load.)"""
+        lengths = np.diff(np.frombuffer(self._offsets, dtype=np.uint32))
+        silent = np.flatnonzero(lengths == 0).astype(np.int32)
+        return silent[~np.isin(silent, np.fromiter(self._eog, dtype=np.int32, count=len(self._eog)))]
 
     def close(self) -> None:
         if self._ptr:
@@ -477,6 +516,46 @@ class Batch:
         return b - 1
 
 
+class Grammar:
+    """A GBNF grammar compiled for one model's vocabulary (llama.cpp's grammar sampler, root rule
+    `root`): the prototype that a constrained sequence's sampler chain copies when it is admitted.
+
+    Compile it off the event loop (parsing is C++ work proportional to the grammar). Freed when
+    dropped; a copy taken by a sampler chain lives on with that chain.
+    """
+
+    def __init__(self, model: LlamaModel, gbnf: str) -> None:
+        """ValueError (with llama.cpp's reason where it gives one) if llama.cpp refuses the grammar.
+
+        llama.cpp's own parser prints the whole grammar to stderr when it cannot parse it: check
+        the syntax first (`appliance.engine.grammar.check_gbnf`), so only the refusals it alone can
+        make (left recursion, a `<token>` that is not one token) reach it.
+        """
+        self._ptr: Any = None
+        lines: list[str] = []
+        _CAPTURED.lines = lines
+        try:
+            ptr = C.llama_sampler_init_grammar(model.vocab, gbnf.encode("utf-8"), b"root")
+        finally:
+            _CAPTURED.lines = None
+        if not ptr:
+            reasons = [line for line in lines if line and line != "failed to parse grammar"]
+            raise ValueError("; ".join(reasons) or "llama.cpp could not parse it")
+        self._ptr = ptr
+
+    @property
+    def ptr(self) -> Any:
+        return self._ptr
+
+    def close(self) -> None:
+        if self._ptr:
+            C.llama_sampler_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.8
@@ -488,23 +567,43 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit) pairs; ids must be within the vocabulary."""
+    grammar: Grammar | None = None
+    """Constrains every sampled token, greedy included (see SamplerChain)."""
 
     @classmethod
-    def with_overrides(cls, **values: float | int | None) -> SamplingParams:
+    def with_overrides(cls, **values: object) -> SamplingParams:
         """These defaults, with every value given that is not None (a request's unset fields)."""
         given: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
         return dataclasses.replace(cls(), **given)
 
 
+NO_TOKEN = -1
+"""What SamplerChain.sample returns when its grammar allows no token of the vocabulary."""
+
+
 class SamplerChain:
-    """A per-sequence sampler chain, in llama.cpp's usual order (penalties, top-k, top-p, min-p, temp)."""
+    """A per-sequence sampler chain, in llama.cpp's usual order (logit bias, penalties, top-k, top-p,
+    min-p, temp), with a grammar in front when the request constrains its output.
+
+    A grammar is applied as llama.cpp's common sampler does it: sample with the chain alone, then
+    check that one token against the grammar; only when it is refused, run the grammar over the
+    whole vocabulary (tens of ms for a 256k vocabulary) and sample again from what it allows.
+    Drawing then rejecting this way gives the same distribution as filtering first, and a model
+    that follows the format (most tokens, in practice) skips the full pass.
+    """
 
     def __init__(self, model: LlamaModel, p: SamplingParams) -> None:
         self._ptr = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        self._grammar: Any = None
 
         def add(s: Any) -> None:
             C.llama_sampler_chain_add(self._ptr, s)
 
+        if p.logit_bias:
+            biases = (C.llama_logit_bias * len(p.logit_bias))(*(C.llama_logit_bias(t, b) for t, b in p.logit_bias))
+            add(C.llama_sampler_init_logit_bias(model.n_vocab, len(p.logit_bias), biases))
         if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             add(
                 C.llama_sampler_init_penalties(
@@ -522,13 +621,78 @@ class SamplerChain:
                 add(C.llama_sampler_init_min_p(p.min_p, 1))
             add(C.llama_sampler_init_temp(p.temperature))
             add(C.llama_sampler_init_dist(p.seed))
+        if p.grammar is not None:
+            self._grammar = C.llama_sampler_clone(p.grammar.ptr)  # this sequence's own grammar state
+            n = model.n_vocab
+            # The candidates, as llama_token_data (id, logit, p) rows viewed as float32 triples; a
+            # pristine copy with the ids in place is copied over them before each pass.
+            self._rows = np.zeros((n, 3), dtype=np.float32)
+            self._fresh = np.zeros((n, 3), dtype=np.float32)
+            self._fresh[:, 0] = np.arange(n, dtype=np.int32).view(np.float32)
+            self._silent = model.silent_tokens
+            self._silent_set = frozenset(int(t) for t in self._silent)
+            data = self._rows.ctypes.data_as(C.llama_token_data_p)
+            self._cur = C.llama_token_data_array(data, n, -1, False)
+            self._one = (C.llama_token_data * 1)()
+            self._one_cur = C.llama_token_data_array(ctypes.cast(self._one, C.llama_token_data_p), 1, -1, False)
+
+    @property
+    def constrained(self) -> bool:
+        return self._grammar is not None
 
     def sample(self, ctx: LlamaContext, i: int) -> int:
-        # llama_sampler_sample also accepts the token into the chain (penalty history).
-        token: int = C.llama_sampler_sample(self._ptr, ctx.ptr, i)
+        """The next token (accepted into the chain), or NO_TOKEN when a grammar allows none."""
+        if self._grammar is None:
+            # llama_sampler_sample also accepts the token into the chain (penalty history).
+            token: int = C.llama_sampler_sample(self._ptr, ctx.ptr, i)
+            return token
+        logits = ctx.logits(i)
+        token = self._draw(logits, grammar_first=False)
+        if not self._allows(token):
+            token = self._draw(logits, grammar_first=True)
+            if token == NO_TOKEN:
+                return NO_TOKEN
+        C.llama_sampler_accept(self._grammar, token)
+        C.llama_sampler_accept(self._ptr, token)
         return token
+
+    def _draw(self, logits: np.ndarray, *, grammar_first: bool) -> int:
+        """Apply the chain (after the grammar, if grammar_first) to fresh candidates; the token chosen."""
+        rows, cur = self._rows, self._cur
+        np.copyto(rows, self._fresh)
+        rows[:, 1] = logits
+        # Samplers shrink, reorder and mark the candidates in place: start each pass afresh.
+        cur.data = rows.ctypes.data_as(C.llama_token_data_p)  # type: ignore[assignment]
+        cur.size, cur.selected, cur.sorted = len(rows), -1, False
+        best = NO_TOKEN
+        if grammar_first:
+            rows[self._silent, 1] = -np.inf
+            C.llama_sampler_apply(self._grammar, ctypes.byref(cur))
+            allowed = np.flatnonzero(np.isfinite(rows[:, 1]))  # the grammar only masks: ids stay in place
+            if not allowed.size:
+                return NO_TOKEN
+            best = int(allowed[np.argmax(rows[allowed, 1])])
+        C.llama_sampler_apply(self._ptr, ctypes.byref(cur))
+        chosen = cur.data[cur.selected]
+        if grammar_first and not np.isfinite(chosen.logit):
+            # The distribution sampler can land on a zero-probability candidate when its draw is
+            # exactly 0; the grammar's best allowed token stands in for it.
+            return best
+        return int(chosen.id)
+
+    def _allows(self, token: int) -> bool:
+        """Whether the grammar accepts `token` next (and it is not a silent control token)."""
+        if token in self._silent_set:
+            return False
+        self._one[0] = C.llama_token_data(token, 1.0, 0.0)
+        self._one_cur.size, self._one_cur.selected, self._one_cur.sorted = 1, -1, False
+        C.llama_sampler_apply(self._grammar, ctypes.byref(self._one_cur))
+        return bool(np.isfinite(self._one[0].logit))
 
     def close(self) -> None:
         if self._ptr:
             C.llama_sampler_free(self._ptr)
             self._ptr = None
+        if self._grammar:
+            C.llama_sampler_free(self._grammar)
+            self._grammar = None

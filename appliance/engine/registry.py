@@ -17,11 +17,20 @@ from typing import Any
 from appliance.digests import file_sha256
 from appliance.engine.chat import ChatTemplate, model_chat_template
 from appliance.engine.cpuprobe import BackendChoice
-from appliance.engine.errors import Conflict, LoadRefused, ModelNotReady, UnknownModel
+from appliance.engine.errors import Conflict, EngineError, LoadRefused, ModelNotReady, UnknownModel
 from appliance.engine.events import EngineObserver
-from appliance.engine.llama import BackendConfig, LlamaModel, backend_devices, backend_ready, cpu_backend_choice
+from appliance.engine.grammar import build_grammar
+from appliance.engine.llama import (
+    BackendConfig,
+    Grammar,
+    LlamaModel,
+    backend_devices,
+    backend_ready,
+    cpu_backend_choice,
+)
+from appliance.engine.memory import check_fits, kv_estimate
 from appliance.engine.modelfile import SealedModel, check_gguf, read_sealed, shmem_huge_pages
-from appliance.engine.prompt import Message, chat_tokens, text_tokens, token_ids
+from appliance.engine.prompt import Message, chat_tokens, content_tokens, text_tokens, token_ids, token_pieces
 from appliance.engine.scheduler import ModelEngine
 from appliance.osthreads import off_loop
 from appliance.settings import ModelSettings, default_threads
@@ -127,6 +136,23 @@ class ModelRegistry:
         template = self._records[name].chat_template
         return engine, off_loop(chat_tokens, engine.model, template, messages, model_name=name)
 
+    def tokenize(self, name: str, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """Text as the model's tokens, no chat template (tokenized off the event loop)."""
+        engine = self.get(name)
+        return off_loop(content_tokens, engine.model, text, add_special=add_special, parse_special=parse_special)
+
+    def pieces(self, name: str, ids: Sequence[int]) -> list[bytes]:
+        """Each token's bytes, control tokens spelt out (off the event loop); InvalidPrompt for an id
+        outside the vocabulary."""
+        engine = self.get(name)
+        return off_loop(token_pieces, engine.model, ids)
+
+    def grammar(self, name: str, *, gbnf: str | None = None, schema: object = None) -> Grammar:
+        """A grammar for the model's vocabulary from GBNF text or a JSON schema, checked and compiled
+        off the event loop; InvalidGrammar saying what is wrong with it."""
+        engine = self.get(name)
+        return off_loop(build_grammar, engine.model, gbnf=gbnf, schema=schema)
+
     def record(self, name: str) -> ModelRecord:
         rec = self._records.get(name)
         if rec is None:
@@ -159,9 +185,10 @@ class ModelRegistry:
         t0 = time.perf_counter()
         try:
             engine, sha, template = off_loop(self._load_blocking, settings, mmap)
-        except LoadRefused:
+        except LoadRefused as e:
             rec.state = "failed"
-            rec.error = "digest not in model_policy.allowed_sha256"
+            rec.error = "digest not in model_policy.allowed_sha256" if e.forbidden else e.message
+            log.warning("model %s refused: %s", settings.name, rec.error)
             raise
         except Exception as e:
             rec.state = "failed"
@@ -236,6 +263,10 @@ class ModelRegistry:
             sha, source = sealed.sha256, sealed.path
             self._say_once_about_huge_pages()
         try:
+            if settings.sha256 is not None and sha != settings.sha256:
+                raise LoadRefused(
+                    f"the file's sha256 is {sha}, not {settings.sha256}, the digest this model was pinned to "
+                    "(the file changed on disk since it was first loaded, or was never that file)", subject="sha256")
             if self._allowed and sha not in self._allowed:
                 raise LoadRefused("this model file's sha256 is not allowed", forbidden=True)
             engine = self._engine_factory(settings, self._observer, source)
@@ -260,6 +291,12 @@ class ModelRegistry:
         self._records.pop(name, None)
         return rec
 
+    def abort_all(self, error: EngineError) -> None:
+        """Shutdown's deadline: every model ends what it has admitted or queued with `error`, now."""
+        for rec in list(self._records.values()):
+            if rec.engine is not None:
+                rec.engine.abort_all(error)
+
     def stop_all(self, timeout: float = 30.0) -> None:
         """Shutdown: drain and free every engine (called from the worker's exit hook)."""
         for rec in list(self._records.values()):
@@ -275,6 +312,9 @@ def _build_engine(
     mapped either way: a copy in memory is mapped, not copied again."""
     model = LlamaModel(source, n_gpu_layers=settings.n_gpu_layers, use_mmap=True, backend=backend)
     try:
+        if settings.n_gpu_layers == 0:  # a KV cache on a GPU is the GPU's memory, not this host's
+            estimate = kv_estimate(model.ptr, model.meta, n_ctx_seq=settings.n_ctx, n_seq=settings.parallel)
+            check_fits(settings.name, estimate, n_ctx_seq=settings.n_ctx, n_seq=settings.parallel)
         threads = settings.n_threads or default_threads()
         return ModelEngine(
             settings.name,

@@ -17,11 +17,21 @@ import time
 from _queue import SimpleQueue  # the C queue: never monkey-patched, safe between a greenlet and a thread
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, cast
 
 import numpy as np
 
-from appliance.engine.errors import Busy, EngineCrashed, EngineError, PromptTooLong, QueueFull, UnknownModel
+from appliance.engine.errors import (
+    Busy,
+    EngineCrashed,
+    EngineError,
+    InvalidLogitBias,
+    NoAllowedToken,
+    PromptTooLong,
+    QueueFull,
+    UnknownModel,
+)
 from appliance.engine.events import (
     Delta,
     Done,
@@ -34,7 +44,7 @@ from appliance.engine.events import (
     TokenLogprob,
     Usage,
 )
-from appliance.engine.llama import Batch, LlamaContext, LlamaModel, SamplerChain
+from appliance.engine.llama import NO_TOKEN, Batch, LlamaContext, LlamaModel, SamplerChain
 from appliance.engine.mailbox import Generation
 from appliance.engine.slots import (
     MIN_REUSE,
@@ -48,7 +58,7 @@ from appliance.engine.slots import (
 )
 from appliance.osthreads import real_lock, start_thread
 
-__all__ = ["ModelEngine"]
+__all__ = ["ModelEngine", "check_logit_bias"]
 
 log = logging.getLogger("appliance.engine")
 
@@ -58,6 +68,13 @@ class _Stop(enum.Enum):
 
 
 _STOP: Final = _Stop.STOP  # the inbox item that stops the scheduler
+
+
+@dataclass(frozen=True)
+class _Abort:
+    """The inbox item that ends every admitted and queued request with `error` (shutdown's deadline)."""
+
+    error: EngineError
 _REPORT_EVERY_S = 0.5
 
 
@@ -87,11 +104,12 @@ class ModelEngine:
         self.n_threads_batch = n_threads_batch
         self._observer = observer or NullObserver()
         self._clock = clock
-        self._inbox: SimpleQueue[tuple[Generation, float] | _Stop] = SimpleQueue()
+        self._inbox: SimpleQueue[tuple[Generation, float] | _Stop | _Abort] = SimpleQueue()
         self._lock = real_lock()
         self._waiting = 0
         self._busy = 0
         self._accepting = True
+        self._refusal: EngineError | None = None  # what submit() raises once abort_all() was called
         self._healthy = True
         self._exited = real_lock()
         self._exited.acquire()
@@ -138,10 +156,11 @@ class ModelEngine:
 
     def submit(self, request: GenerationRequest) -> Generation:
         if not self._accepting:
-            raise UnknownModel(self.name)
+            raise self._refusal or UnknownModel(self.name)
         limit = min(self.n_ctx, request.n_ctx or self.n_ctx)
         if len(request.prompt) >= limit:
             raise PromptTooLong(limit=limit, length=len(request.prompt), request_limit=limit < self.n_ctx)
+        check_logit_bias(request.sampling.logit_bias, self.model.n_vocab)
         with self._lock:
             if self._waiting >= self.max_queue + max(0, self.parallel - self._busy):
                 raise QueueFull(self.name, self._waiting)
@@ -149,6 +168,13 @@ class ModelEngine:
         gen = Generation(request)
         self._inbox.put((gen, self._clock()))
         return gen
+
+    def abort_all(self, error: EngineError) -> None:
+        """End every request admitted or waiting with `error` (each gets a Failed event: a stream its
+        error event), and refuse new ones. Any thread; returns at once."""
+        self._refusal = error
+        self._accepting = False
+        self._inbox.put(_Abort(error))
 
     def stop(self, *, timeout: float = 30.0) -> bool:
         """Stop accepting, let admitted and queued requests finish, then free the context and model.
@@ -198,9 +224,12 @@ class ModelEngine:
                     self._compact()
                 self._step()
 
-    def _take(self, item: tuple[Generation, float] | _Stop) -> bool:
+    def _take(self, item: tuple[Generation, float] | _Stop | _Abort) -> bool:
         if item is _STOP:
             return True
+        if isinstance(item, _Abort):
+            self._fail_admitted(item.error)
+            return False
         self._queue.append(item)
         return False
 
@@ -231,7 +260,8 @@ class ModelEngine:
         for gen in woken:
             gen._wake()
 
-    def _fail_all(self, error: EngineError) -> None:
+    def _fail_admitted(self, error: EngineError) -> None:
+        """Fail the running and queued requests (not what is still in the inbox)."""
         out, self._held = self._held, []
         for s in self._slots:
             if s.gen is not None:
@@ -241,12 +271,17 @@ class ModelEngine:
             gen, _ = self._queue.popleft()
             self._dec_waiting()
             out.append((gen, Failed(error)))
+        self._deliver(out)
+
+    def _fail_all(self, error: EngineError) -> None:
+        self._fail_admitted(error)
+        out: list[tuple[Generation, Event]] = []
         while True:
             try:
                 item = self._inbox.get_nowait()
             except Exception:
                 break
-            if item is not _STOP:
+            if isinstance(item, tuple):
                 self._dec_waiting()
                 out.append((item[0], Failed(error)))
         self._deliver(out)
@@ -461,6 +496,10 @@ class ModelEngine:
 
     def _on_token(self, s: ActiveSlot, token: int, out: list[tuple[Generation, Event]]) -> None:
         req = s.req
+        if token == NO_TOKEN:  # its grammar allows nothing this vocabulary can spell
+            out.append((s.gen, Failed(NoAllowedToken())))
+            self._release(s)
+            return
         lp = self._logprob(s, token) if req.logprobs is not None else None
         finish: str | None = None
         piece, eog = self.model.token_info(token)
@@ -528,3 +567,10 @@ class ModelEngine:
 
     def _tok_str(self, token: int) -> str:
         return self.model.piece(token).decode("utf-8", "replace")
+
+
+def check_logit_bias(bias: tuple[tuple[int, float], ...], n_vocab: int) -> None:
+    """InvalidLogitBias unless every biased token id is in the vocabulary."""
+    for token, _ in bias:
+        if not 0 <= token < n_vocab:
+            raise InvalidLogitBias(f"token id {token} is not in this model's vocabulary (ids 0 to {n_vocab - 1})")

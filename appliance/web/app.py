@@ -31,6 +31,7 @@ from appliance.web.resources.attestation import Attestation, Keys
 from appliance.web.resources.inference import Inference
 from appliance.web.resources.models import Admin, Models
 from appliance.web.resources.ops import Health, Prometheus, Readiness, Status
+from appliance.web.resources.tokens import Tokens
 from appliance.web.state import AppState
 
 if TYPE_CHECKING:
@@ -66,6 +67,12 @@ ROUTES: list[tuple[str, str, str | None]] = [
     ("/metrics", "prometheus", None),
     ("/v1/keys", "keys", None),
     ("/v1/attestation", "attestation", None),
+    ("/tokenize", "tokens", "tokenize"),
+    ("/detokenize", "tokens", "detokenize"),
+    ("/v1/completions/input_tokens", "tokens", "completion_input_tokens"),
+    ("/completions/input_tokens", "tokens", "completion_input_tokens"),
+    ("/v1/chat/completions/input_tokens", "tokens", "chat_input_tokens"),
+    ("/chat/completions/input_tokens", "tokens", "chat_input_tokens"),
 ]
 
 
@@ -131,6 +138,7 @@ def create_app(
             cpus=default_threads(),
             stream_written=lambda writer: metrics.streams.labels(writer).inc(),
         ),
+        "tokens": Tokens(models),
         "models": Models(state),
         "admin": Admin(state),
         "status": Status(state),

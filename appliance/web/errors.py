@@ -35,9 +35,11 @@ __all__ = [
     "Overloaded",
     "NotReady",
     "InternalError",
+    "ClientClosedRequest",
     "EngineFailure",
     "NoChatTemplate",
     "PromptParam",
+    "GrammarParam",
     "from_engine",
     "from_trust",
     "to_api_error",
@@ -170,6 +172,19 @@ class InternalError(ApiError):
         super().__init__(message)
 
 
+class ClientClosedRequest(ApiError):
+    """The client went away before its (non-streamed) answer was ready; the generation was cancelled.
+    Nobody reads this answer: its status, nginx's 499, is for the access log and the metrics, which
+    then tell a client's abort from a server error."""
+
+    status = 499
+    type = "client_closed_request"
+    code = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("The client closed the connection before the answer was ready")
+
+
 class EngineFailure(InternalError):
     """The inference engine failed; the message is generic, details go to the log only."""
 
@@ -180,8 +195,14 @@ class NoChatTemplate(BadRequest):
     code = "no_chat_template"
 
 
-PromptParam = Literal["prompt", "messages", "input"]
-"""The request field that holds a prompt: `prompt` (completions), `messages` (chat)."""
+PromptParam = Literal["prompt", "messages", "input", "content", "tokens"]
+"""The request field that holds a prompt: `prompt` (completions), `messages` (chat), `content`
+(/tokenize), `tokens` (/detokenize)."""
+
+
+GrammarParam = Literal["grammar", "json_schema", "response_format"]
+"""The request field that constrains the output: `response_format` (OpenAI), `grammar` or
+`json_schema` (llama-server)."""
 
 
 def retry_after(seconds: float) -> dict[str, str]:
@@ -189,9 +210,14 @@ def retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-def from_engine(e: engine.EngineError, *, prompt_param: PromptParam = "prompt") -> ApiError:
-    """The one table from engine errors to the wire. `prompt_param`: the field a prompt error names."""
+def from_engine(
+    e: engine.EngineError, *, prompt_param: PromptParam = "prompt", grammar_param: GrammarParam = "grammar"
+) -> ApiError:
+    """The one table from engine errors to the wire. `prompt_param`: the field a prompt error names;
+    `grammar_param`: the field that gave a refused grammar or schema."""
     match e:
+        case engine.ShuttingDown():
+            return Overloaded(e.message, code="shutting_down", headers=retry_after(e.retry_after))
         case engine.QueueFull() | engine.Busy():
             return Overloaded(e.message, headers=retry_after(e.retry_after))
         case engine.PromptTooLong():
@@ -200,6 +226,14 @@ def from_engine(e: engine.EngineError, *, prompt_param: PromptParam = "prompt") 
             return NoChatTemplate(e.message, param="model")
         case engine.InvalidPrompt():
             return BadRequest(f"{prompt_param}: {e.message}", param=prompt_param)
+        case engine.InvalidGrammar(subject="schema"):
+            return BadRequest(f"{grammar_param}: unsupported JSON schema: {e.message}", param=grammar_param)
+        case engine.InvalidGrammar():
+            return BadRequest(f"{grammar_param}: invalid GBNF grammar: {e.message}", param=grammar_param)
+        case engine.InvalidLogitBias():
+            return BadRequest(f"logit_bias: {e.message}", param="logit_bias")
+        case engine.NoAllowedToken():
+            return BadRequest(e.message, code="grammar_dead_end")
         case engine.UnknownModel():
             return ModelNotFound(e.name)
         case engine.ModelNotReady():
@@ -208,6 +242,10 @@ def from_engine(e: engine.EngineError, *, prompt_param: PromptParam = "prompt") 
             return Conflict(e.message, param="model_name")
         case engine.LoadRefused(subject="use_mmap"):
             return BadRequest(e.message, param="use_mmap")
+        case engine.LoadRefused(subject="sha256"):
+            return BadRequest(e.message, param="sha256", code="digest_mismatch")
+        case engine.LoadRefused(subject="n_ctx"):
+            return BadRequest(e.message, param="n_ctx", code="insufficient_memory")
         case engine.LoadRefused(forbidden=True):
             return Forbidden(f"model_path: {e.message}", param="model_path")
         case engine.LoadRefused():

@@ -241,12 +241,25 @@ class JsonBody:
             raise UnsupportedMediaType("Content-Type must be application/json")
         raw = req.context.raw_body  # read once, bounded, by the signing middleware
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_float=_json_number, parse_constant=_no_constant)
         except (ValueError, RecursionError):
             raise BadRequest("The request body is not valid JSON") from None
         if _depth(body) > self.limits.max_json_depth:
             raise BadRequest(f"The request body nests deeper than {self.limits.max_json_depth} levels")
         req.context.json = body
+
+
+def _json_number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent. JSON Schema (the spec's types) counts one without a
+    fractional part as an integer (`2.0`, `1e3`), so it parses as one: an integer field takes it and a
+    number field takes either."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def _no_constant(name: str) -> float:
+    """`NaN` and `Infinity` are not JSON (RFC 8259), though Python's parser takes them by default."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _depth(obj: object) -> int:

@@ -1,29 +1,50 @@
 """Request bodies: parse, then validate strictly (wrong types are 400s, not silent coercions).
 
 Unknown fields are ignored, as OpenAI clients send extras (`user`, `metadata`); fields we know but do
-not support (n > 1, echo, suffix, tools, logit_bias) are refused with a message saying so.
+not support (n > 1, echo, suffix, best_of > 1, tools) are refused with a message saying so.
+
+Structured output comes as OpenAI's `response_format` (text, json_object, json_schema) or
+llama-server's `grammar` (GBNF) and `json_schema`: at most one of them per request. Their contents
+(a schema's keywords, a grammar's syntax) are checked by the engine, against the model.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from appliance.engine.grammar import JSON_OBJECT_GBNF
 from appliance.web.errors import BadRequest
 
 __all__ = [
     "CompletionRequest",
     "ChatRequest",
     "ChatMessage",
+    "ResponseFormat",
+    "OutputConstraint",
+    "MAX_LOGIT_BIAS",
     "LoadModelRequest",
     "UnloadModelRequest",
+    "TokenizeRequest",
+    "DetokenizeRequest",
+    "ChatTokensRequest",
+    "CompletionTokensRequest",
+    "MAX_DETOKENIZE_TOKENS",
     "parse",
 ]
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+MAX_TOKENS_CAP = 1 << 20
+"""The largest max_tokens any configuration allows (limits.max_tokens is at most this)."""
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
+
+MAX_LOGIT_BIAS = 1024
+"""The most tokens one request may bias."""
+_TOKEN_ID = re.compile(r"^(0|[1-9][0-9]{0,9})$")
 
 
 class _Body(BaseModel):
@@ -32,6 +53,33 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    """OpenAI's `response_format.json_schema`. `strict` is accepted either way: the schema is always
+    enforced (every keyword it has is, or the request is refused)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    """llama-server's form: `{"type": "json_object", "schema": {...}}`."""
+
+    @model_validator(mode="after")
+    def _shape(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format: type json_schema needs a json_schema object")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError("response_format: json_schema is only allowed with type json_schema")
+        if self.type != "json_object" and self.schema_ is not None:
+            raise ValueError("response_format: schema is only allowed with type json_object")
+        return self
 
 
 class _Sampling(_Body):
@@ -51,7 +99,10 @@ class _Sampling(_Body):
     seed: Annotated[int, Field(ge=-1, lt=1 << 64)] | None = None
     ignore_eos: bool = False
     n: Annotated[int, Field(ge=1, le=128)] = 1
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Bias] | None = None
+    response_format: ResponseFormat | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
     # The original appliance API's per-request knobs.
     n_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     n_ctx: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
@@ -61,9 +112,28 @@ class _Sampling(_Body):
         if self.n != 1:
             raise ValueError("n: only n=1 is supported; send separate requests (they are batched together)")
         if self.logit_bias:
-            raise ValueError("logit_bias: not supported")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
+            bad = next((k for k in self.logit_bias if not _TOKEN_ID.match(k)), None)
+            if bad is not None:
+                raise ValueError(f"logit_bias: keys are token ids (decimal integers); {bad[:32]!r} is not one")
+        given = [
+            name
+            for name, on in (
+                ("response_format", self.response_format is not None and self.response_format.type != "text"),
+                ("grammar", bool(self.grammar)),
+                ("json_schema", self.json_schema is not None),
+            )
+            if on
+        ]
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: only one of response_format, grammar and json_schema may constrain the output")
         if self.max_tokens is not None and self.max_tokens != -1 and self.max_tokens < 1:
             raise ValueError("max_tokens: must be at least 1 (or -1 for the rest of the context)")
+        # Checked here even where it is not used (chat's max_completion_tokens takes precedence): the
+        # spec's bound holds for every field sent (schemathesis found an out-of-range one accepted).
+        if self.max_tokens is not None and self.max_tokens > MAX_TOKENS_CAP:
+            raise ValueError(f"max_tokens: at most {MAX_TOKENS_CAP}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return self
@@ -80,6 +150,36 @@ class _Sampling(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def biases(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs (the keys are checked to be decimal integers)."""
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
+
+    def output_constraint(self) -> OutputConstraint | None:
+        """What constrains the output, if anything: the field it came from, and GBNF text or a schema."""
+        if self.grammar:
+            return OutputConstraint("grammar", gbnf=self.grammar)
+        if self.json_schema is not None:
+            return OutputConstraint("json_schema", schema=self.json_schema)
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            if rf.schema_ is not None:
+                return OutputConstraint("response_format", schema=rf.schema_)
+            return OutputConstraint("response_format", gbnf=JSON_OBJECT_GBNF)
+        js = rf.json_schema
+        if js is None or js.schema_ is None:  # OpenAI's schema is optional: then any JSON object
+            return OutputConstraint("response_format", gbnf=JSON_OBJECT_GBNF)
+        return OutputConstraint("response_format", schema=js.schema_)
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    param: Literal["grammar", "json_schema", "response_format"]
+    gbnf: str | None = None
+    schema: dict[str, Any] | None = None
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]
@@ -90,11 +190,7 @@ class CompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _supported_completion(self) -> CompletionRequest:
-        if isinstance(self.prompt, list):
-            if not self.prompt:
-                raise ValueError("prompt: must not be empty")
-            if isinstance(self.prompt[0], str) and len(self.prompt) != 1:
-                raise ValueError("prompt: only one prompt per request is supported")
+        _check_prompt(self.prompt)
         if self.echo:
             raise ValueError("echo: not supported")
         if self.suffix:
@@ -102,6 +198,14 @@ class CompletionRequest(_Sampling):
         if self.best_of not in (None, 1):
             raise ValueError("best_of: only 1 is supported")
         return self
+
+
+def _check_prompt(prompt: str | list[str] | list[int]) -> None:
+    if isinstance(prompt, list):
+        if not prompt:
+            raise ValueError("prompt: must not be empty")
+        if isinstance(prompt[0], str) and len(prompt) != 1:
+            raise ValueError("prompt: only one prompt per request is supported")
 
 
 class TextPart(_Body):
@@ -139,6 +243,8 @@ class ChatRequest(_Sampling):
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
             raise ValueError("max_completion_tokens: must be at least 1")
+        if self.max_completion_tokens is not None and self.max_completion_tokens > MAX_TOKENS_CAP:
+            raise ValueError(f"max_completion_tokens: at most {MAX_TOKENS_CAP}")
         return self
 
     @property
@@ -153,10 +259,52 @@ class LoadModelRequest(_Body):
     parallel: Annotated[int, Field(ge=1, le=256)] | None = None
     n_gpu_layers: Annotated[int, Field(ge=-1)] | None = None
     n_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
 class UnloadModelRequest(_Body):
     model_name: Annotated[str, Field(min_length=1, max_length=128)]
+
+
+MAX_DETOKENIZE_TOKENS = 1 << 20
+"""The most token ids one /detokenize takes: the largest context a model can be configured with."""
+
+
+class TokenizeRequest(_Body):
+    """llama-server's /tokenize body (its defaults too); `model` may be left out while exactly one
+    model is ready."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Body):
+    """llama-server's /detokenize body; `model` as for /tokenize."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_DETOKENIZE_TOKENS)]
+
+
+class ChatTokensRequest(_Body):
+    """A chat completion's body, of which only what makes its prompt is read: the rest is ignored."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+class CompletionTokensRequest(_Body):
+    """A completion's body, of which only what makes its prompt is read: the rest is ignored."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    prompt: str | list[str] | list[int]
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionTokensRequest:
+        _check_prompt(self.prompt)
+        return self
 
 
 def _legacy_chat(body: dict[str, Any]) -> dict[str, Any]:

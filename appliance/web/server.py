@@ -32,7 +32,7 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from appliance.buildinfo import binary_digest
 from appliance.desired import CONFIG, RUNTIME, SharedState
-from appliance.engine.errors import Conflict
+from appliance.engine.errors import Conflict, ShuttingDown
 from appliance.osthreads import off_loop
 from appliance.settings import Settings
 from appliance.web.streams import DirectWrites
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["ApplianceServer", "bind_address"]
 
 log = logging.getLogger("appliance.server")
+DRAIN_MARGIN_S = 2.0
+"""How long before graceful_timeout runs out the requests still generating are ended cleanly."""
 
 
 def bind_address(host: str, port: int) -> str:
@@ -284,6 +286,35 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]  # gunicorn is unt
         restore = gevent.spawn(self._restore, getattr(worker, "replaces", None))
         if self.settings.attestation.seal_after_startup:
             gevent.spawn(self._seal_after, [restore])
+        self._on_sigterm_drain_until_deadline()
+
+    def _on_sigterm_drain_until_deadline(self) -> None:
+        """SIGTERM: gunicorn stops accepting and lets requests run for graceful_timeout, then kills what is
+        left (the master SIGKILLs the worker at the same moment), cutting streams off mid-event. So just
+        before that, every request still generating is ended by the engine with a clean `shutting down`
+        error (503 and Retry-After, or a stream's error event, signed like any other) and the worker
+        exits on its own."""
+        previous = signal.getsignal(signal.SIGTERM)
+        graceful = self.settings.server.graceful_timeout
+        deadline = graceful - DRAIN_MARGIN_S if graceful > 2 * DRAIN_MARGIN_S else graceful / 2
+        armed: list[gevent.Greenlet] = []
+
+        def on_sigterm(sig: int, frame: Any) -> None:
+            if callable(previous):
+                previous(sig, frame)
+            if not armed:
+                armed.append(gevent.spawn_later(deadline, self._end_what_is_left))
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _end_what_is_left(self) -> None:
+        if self.state is None:
+            return
+        busy = sum(r.engine.busy_slots + r.engine.queue_depth for r in self.state.models.records() if r.engine is not None)
+        if busy:
+            log.warning("shutdown: graceful_timeout nearly spent; %d request(s) still generating end with a "
+                        "'shutting down' error", busy, extra={"requests": busy})
+        self.state.models.abort_all(ShuttingDown())
 
     def _worker_state(self) -> AppState:
         """The worker's app state: load() builds it in the worker before anything here runs."""
@@ -331,7 +362,9 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]  # gunicorn is unt
     def _load_model(self, ms: ModelSettings, kind: str) -> None:
         try:
             state = self._worker_state()
-            state.models.load(ms)
+            rec = state.models.load(ms)
+            if rec.state == "ready" and rec.sha256:
+                self.shared.desired.pin(ms.name, rec.sha256)
         except Conflict:  # loaded (or loading) again through POST /load_model meanwhile
             log.info("%s model %s was loaded meanwhile", kind, ms.name)
         except Exception as e:  # the model is recorded as failed; /status and /readiness show it

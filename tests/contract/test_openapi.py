@@ -21,7 +21,16 @@ from appliance.engine.events import Failed
 from appliance.settings import Settings
 from appliance.web.app import ROUTES, create_app
 from appliance.web.errors import EngineFailure, Forbidden, RateLimited, Unauthorized
-from appliance.web.schemas import ChatRequest, CompletionRequest, LoadModelRequest, UnloadModelRequest
+from appliance.web.schemas import (
+    ChatRequest,
+    ChatTokensRequest,
+    CompletionRequest,
+    CompletionTokensRequest,
+    DetokenizeRequest,
+    LoadModelRequest,
+    TokenizeRequest,
+    UnloadModelRequest,
+)
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "spec" / "openapi.yaml"
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -244,7 +253,9 @@ def _required(spec, schema: dict) -> set:
 
 @pytest.mark.parametrize(
     "name, model",
-    [("CompletionRequest", CompletionRequest), ("ChatRequest", ChatRequest), ("LoadModelRequest", LoadModelRequest), ("UnloadModelRequest", UnloadModelRequest)],
+    [("CompletionRequest", CompletionRequest), ("ChatRequest", ChatRequest), ("LoadModelRequest", LoadModelRequest), ("UnloadModelRequest", UnloadModelRequest),
+     ("TokenizeRequest", TokenizeRequest), ("DetokenizeRequest", DetokenizeRequest), ("ChatTokensRequest", ChatTokensRequest),
+     ("CompletionTokensRequest", CompletionTokensRequest)],
 )
 def test_request_schema_fields_match_the_parser(spec, name, model):
     schema = {"$ref": f"#/components/schemas/{name}"}
@@ -334,8 +345,26 @@ COMPLETION_CASES = [
     ({"stop": "\n"}, True),
     ({"stop": ["a", "b"]}, True),
     ({"stop": 3}, False),
-    ({"logit_bias": {"5": 1.0}}, False),
+    ({"logit_bias": {"5": 1.0}}, True),
+    ({"logit_bias": {"5": -100, "6": 100}}, True),
     ({"logit_bias": {}}, True),
+    ({"logit_bias": {"5": 100.5}}, False),
+    ({"logit_bias": {"5": "1"}}, False),
+    ({"logit_bias": {"five": 1}}, False),
+    ({"logit_bias": {"05": 1}}, False),
+    ({"logit_bias": {"-1": 1}}, False),
+    ({"grammar": 'root ::= "yes" | "no"'}, True),
+    ({"grammar": ""}, True),
+    ({"grammar": 5}, False),
+    ({"json_schema": {"type": "object", "properties": {"a": {"type": "boolean"}}}}, True),
+    ({"json_schema": "{}"}, False),
+    ({"response_format": {"type": "text"}}, True),
+    ({"response_format": {"type": "json_object"}}, True),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "boolean"}, "strict": True}}}, True),
+    ({"response_format": {"type": "json_schema"}}, False),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}}, False),
+    ({"response_format": {"type": "xml"}}, False),
+    ({"response_format": "json"}, False),
     ({"stream_options": {"include_usage": True}}, False),
     ({"stream": True, "stream_options": {"include_usage": True}}, True),
     ({"stream": True, "stream_options": {"include_usage": "yes"}}, False),
@@ -575,6 +604,12 @@ def test_every_operation_has_a_validated_200(api, spec, registry, tmp_path):
         "/chat/completions": CHAT,
         "/load_model": {"model_name": "x", "model_path": str(f)},
         "/unload_model": {"model_name": "x"},
+        "/tokenize": {"model": "tiny", "content": "hello", "with_pieces": True},
+        "/detokenize": {"model": "tiny", "tokens": [46, 43]},
+        "/v1/completions/input_tokens": COMPLETION,
+        "/completions/input_tokens": COMPLETION,
+        "/v1/chat/completions/input_tokens": CHAT,
+        "/chat/completions/input_tokens": CHAT,
     }
     queries = {"/v1/attestation": "nonce=" + "ab" * 32}
     for path, method in sorted(spec.operations(), key=lambda pm: pm[0] == "/unload_model"):
@@ -764,12 +799,21 @@ def test_prompt_beyond_the_request_context_is_400(api):
     assert r.status == 400 and r.json["error"]["code"] == "context_length_exceeded"
 
 
-def test_integers_with_a_fraction_part_are_refused(api, spec):
-    """JSON Schema counts 2.0 as an integer; the strict parser does not (see the spec's info)."""
-    assert spec.request_validator("/v1/completions", "POST").is_valid({**COMPLETION, "max_tokens": 2.0})
-    r = api.post("/v1/completions", {**COMPLETION, "max_tokens": 2.0})
+def test_integers_follow_json_schema(api, spec):
+    """JSON Schema counts 2.0 and 1e1 as integers, so the server does (schemathesis found the mismatch);
+    2.5 is not one, and NaN / Infinity are not JSON at all."""
+    for value in (2.0, 1e1):
+        assert spec.request_validator("/v1/completions", "POST").is_valid({**COMPLETION, "max_tokens": value})
+        r = api.post("/v1/completions", {**COMPLETION, "max_tokens": value})
+        assert r.status == 200, r.text
+        assert r.json["usage"]["completion_tokens"] <= int(value)
+    assert not spec.request_validator("/v1/completions", "POST").is_valid({**COMPLETION, "max_tokens": 2.5})
+    r = api.post("/v1/completions", {**COMPLETION, "max_tokens": 2.5})
     assert r.status == 400 and r.json["error"]["param"] == "max_tokens"
-    assert "integers without a fraction part" in spec.doc["info"]["description"]
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        raw = json.dumps(COMPLETION)[:-1] + f', "temperature": {constant}}}'
+        r = api.request("POST", "/v1/completions", body=raw.encode(), headers={"Content-Type": "application/json"})
+        assert r.status == 400 and "not valid JSON" in r.json["error"]["message"], (constant, r.text)
 
 
 @pytest.mark.parametrize(

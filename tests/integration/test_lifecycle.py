@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -209,3 +210,56 @@ def test_configured_model_that_fails_to_load(start_server, model_files):
         assert_error(r, 404, "invalid_request_error", code="model_not_found")
     finally:
         server.stop()
+
+
+def test_sigterm_past_graceful_timeout_ends_every_request_cleanly(start_server, model_files):
+    """Requests that cannot finish within graceful_timeout: just before it runs out, each stream gets a
+    signed error event (shutting_down) and each plain request a signed 503, then the worker exits 0 on
+    its own; nothing is cut off mid-event by the master's SIGKILL."""
+    import threading
+
+    from attestation import signing
+
+    graceful = 6
+    server = start_server(models={"m": model_files.main}, config=f"[server]\ngraceful_timeout = {graceful}\n",
+                          name="shutdown-deadline")
+    pk = signing.public_key_from_b64(requests.get(server.url + "/v1/keys", timeout=10).json()["public_key"])
+    results: dict[int, tuple[requests.Response, bytes, signing.RequestInfo]] = {}
+
+    def run(i: int) -> None:
+        stream = i < 3
+        body = json.dumps({"model": "m", "prompt": f"request {i}", "max_tokens": 4000, "ignore_eos": True,
+                           "stream": stream}).encode()
+        r = requests.post(server.url + "/v1/completions", data=body, stream=stream, timeout=120,
+                          headers={"Content-Type": "application/json", "Connection": "close"})
+        raw = b"".join(r.iter_content(chunk_size=None)) if stream else r.content
+        results[i] = (r, raw, signing.RequestInfo("POST", "/v1/completions", body))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: server.status_of("m")["busy_slots"] == 4, 30, what="four requests generating")
+    server.proc.send_signal(signal.SIGTERM)
+    t_term = time.monotonic()
+    for t in threads:
+        t.join(60)
+    rc = server.proc.wait(timeout=60)
+    exited_after = time.monotonic() - t_term
+    logs = server.stderr()
+
+    for i in range(3):
+        r, raw, info = results[i]
+        assert r.status_code == 200
+        signing.verify_stream(pk, request=info, status=200, headers=dict(r.headers), transcript=raw)
+        events = [e for e in sse_events(iter(raw.split(b"\n"))) if e != "[DONE]"]
+        assert events[-1]["error"]["code"] == "shutting_down", events[-1]  # then [DONE], as after any error
+        assert any(e.get("choices") for e in events[:-1]), "no text before the error: nothing was drained"
+    r, raw, info = results[3]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    assert r.headers.get("Retry-After")
+    signing.verify_response(pk, request=info, status=503, headers=dict(r.headers), body=raw)
+    assert rc == 0, logs
+    assert exited_after < graceful + 1, f"exited {exited_after:.1f}s after SIGTERM"
+    assert "graceful timeout" not in logs.lower(), logs
+    assert "Traceback" not in logs, logs
+    server.stop()

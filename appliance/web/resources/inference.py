@@ -12,11 +12,12 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
 import falcon
 
+from appliance.engine.errors import InvalidGrammar
 from appliance.engine.events import Delta, DeltaSink, Done, Failed, GenerationRequest, TokenLogprob
 from appliance.engine.llama import SamplingParams
 from appliance.engine.mailbox import Generation
@@ -25,11 +26,11 @@ from appliance.engine.registry import ModelRegistry
 from appliance.engine.scheduler import ModelEngine
 from appliance.settings import LimitsSettings
 from appliance.web import openai
-from appliance.web.errors import BadRequest, InternalError, from_engine, to_api_error
-from appliance.web.schemas import ChatRequest, CompletionRequest, parse
+from appliance.web.errors import BadRequest, ClientClosedRequest, InternalError, from_engine, to_api_error
+from appliance.web.schemas import ChatMessage, ChatRequest, CompletionRequest, parse
 from appliance.web.streams import DirectOut, GenerationStream, StreamOutcome, Writer, finish, watch_disconnect
 
-__all__ = ["Inference"]
+__all__ = ["Inference", "chat_messages", "prompt_source"]
 
 log = logging.getLogger("appliance.http")
 
@@ -63,9 +64,7 @@ class Inference:
     def on_post_completions(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.prompt_param = "prompt"
         body = parse(CompletionRequest, req.context.json)
-        source = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
-        # not a list[str] here: the validator allows exactly one string in one, and that was taken
-        engine, prompt = self.models.text_prompt(body.model, cast("str | list[int]", source))
+        engine, prompt = self.models.text_prompt(body.model, prompt_source(body.prompt))
         if body.logprobs is not None and body.logprobs > self.limits.max_top_logprobs:
             raise BadRequest(f"logprobs: at most {self.limits.max_top_logprobs}", param="logprobs")
         limit = body.max_tokens if body.max_tokens is not None else self.limits.default_max_tokens
@@ -77,11 +76,7 @@ class Inference:
     def on_post_chat(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.prompt_param = "messages"
         body = parse(ChatRequest, req.context.json)
-        messages: list[Message] = [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-            for m in body.messages
-        ]
-        engine, prompt = self.models.chat_prompt(body.model, messages)
+        engine, prompt = self.models.chat_prompt(body.model, chat_messages(body.messages))
         top = None
         if body.logprobs:
             top = body.top_logprobs or 0
@@ -121,6 +116,13 @@ class Inference:
             raise BadRequest(f"{limit_param}: at most {self.limits.max_tokens}", param=limit_param)
         if body.n_ctx is not None and body.n_ctx > engine.n_ctx:
             raise BadRequest(f"n_ctx: this model's context per request is at most {engine.n_ctx}", param="n_ctx")
+        grammar = None
+        constraint = body.output_constraint()
+        if constraint is not None:  # checked and compiled off the event loop
+            try:
+                grammar = self.models.grammar(body.model, gbnf=constraint.gbnf, schema=constraint.schema)
+            except InvalidGrammar as e:
+                raise from_engine(e, grammar_param=constraint.param) from None
         seed = body.seed
         if seed is None or seed == -1:
             seed = self._default_seeds(body.model)
@@ -136,6 +138,8 @@ class Inference:
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             seed=seed & 0xFFFFFFFF,
+            logit_bias=body.biases,
+            grammar=grammar,
         )
         gen = engine.submit(
             GenerationRequest(
@@ -185,6 +189,8 @@ class Inference:
                 raise from_engine(ev.error, prompt_param=x.prompt_param)
             elif isinstance(ev, Done):
                 return openai.final_object(x, "".join(text), lps, ev)
+        if gen.cancelled:  # the events end early only when the disconnect watcher cancelled them
+            raise ClientClosedRequest()
         raise InternalError()
 
     def _sse(self, x: openai.Exchange, gen: Generation, outcome: StreamOutcome, direct: DirectOut | None) -> Iterator[bytes]:
@@ -219,6 +225,18 @@ class Inference:
                 err = InternalError()
             outcome.finish_reason = "error"
             yield openai.error_event(err)
+
+
+def prompt_source(prompt: str | list[str] | list[int]) -> str | list[int]:
+    """A completion's prompt as the registry takes it: text, or token ids."""
+    source = prompt[0] if isinstance(prompt, list) and isinstance(prompt[0], str) else prompt
+    # not a list[str] here: the validator allows exactly one string in one, and that was taken
+    return cast("str | list[int]", source)
+
+
+def chat_messages(messages: Sequence[ChatMessage]) -> list[Message]:
+    """A chat's messages as the template takes them (text parts joined)."""
+    return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
 
 
 def _text_sink(write: Writer, encode: Callable[[str], bytes]) -> DeltaSink:

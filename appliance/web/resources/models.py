@@ -57,7 +57,7 @@ class Admin:
         rec = self.state.models.load(settings)
         if desired is not None and rec.state == "ready":
             try:
-                desired.add(settings)
+                desired.add(settings.model_copy(update={"sha256": rec.sha256}))  # a restart reloads these bytes or refuses
             except StateFull as e:  # another load took the room meanwhile
                 self.state.models.unload(rec.name, timeout=self.state.settings.server.graceful_timeout)
                 raise Conflict(f"model_name: too many models to keep across a worker restart ({e})", param="model_name") from None
