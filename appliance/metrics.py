@@ -40,6 +40,8 @@ class Metrics:
         )
         self.generated = Counter("appliance_tokens_generated_total", "Tokens generated", ["model"], registry=r)
         self.prompt = Counter("appliance_prompt_tokens_processed_total", "Prompt tokens decoded (cache hits excluded)", ["model"], registry=r)
+        self.embedding = Counter("appliance_embedding_tokens_total", "Tokens embedded (POST /v1/embeddings)", ["model"],
+                                 registry=r)
         self.streams = Counter(
             "appliance_streams_total", "Streamed responses, by who wrote their tokens: the event loop or the model's "
             "scheduler thread (server.stream_writes)", ["writer"], registry=r,
@@ -59,6 +61,9 @@ class Metrics:
 
     def prompt_tokens(self, model: str, n: int) -> None:
         self._child(self.prompt, model).inc(n)
+
+    def embedding_tokens(self, model: str, n: int) -> None:
+        self._child(self.embedding, model).inc(n)
 
     def _child(self, metric: _M, model: str) -> _M:
         child: _M | None = self._children.get((metric, model))

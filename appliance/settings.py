@@ -72,6 +72,11 @@ class ModelDefaults(_Strict):
     (the default, `auto`, simulated included), true only with `[attestation] provider = "none"`.
     /status and the claims report it; a verifier's default policy refuses a mapped model."""
     flash_attn: Literal["auto", "on", "off"] = "auto"
+    embeddings: bool = False
+    """Serve POST /v1/embeddings from this model: a second llama context (pooled, its own thread)
+    beside the generation one; an input is at most n_batch tokens."""
+    pooling: Literal["mean", "cls", "last"] | None = None
+    """How an input's token states become one vector; unset: what the GGUF declares, else mean."""
 
 
 class ModelSettings(ModelDefaults):

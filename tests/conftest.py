@@ -10,16 +10,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from appliance.engine.chat import ChatTemplate
-from appliance.engine.errors import Conflict, LoadRefused, ModelNotReady, PromptTooLong, UnknownModel
+from appliance.engine.embedder import l2_normalized
+from appliance.engine.errors import (
+    Conflict,
+    EmbeddingsDisabled,
+    InputTooLong,
+    InvalidPrompt,
+    LoadRefused,
+    ModelNotReady,
+    PromptTooLong,
+    TooManyChoices,
+    UnknownModel,
+)
 from appliance.engine.events import Delta, Done, Failed, GenerationRequest, Timings, TokenLogprob, Usage
 from appliance.engine.grammar import check_gbnf, schema_gbnf
-from appliance.engine.prompt import Message, chat_tokens, content_tokens, text_tokens, token_ids, token_pieces
+from appliance.engine.prompt import (
+    Message,
+    chat_tokens,
+    content_tokens,
+    infill_tokens,
+    text_tokens,
+    token_ids,
+    token_pieces,
+)
 from appliance.engine.registry import ModelRecord
 from appliance.engine.scheduler import check_logit_bias
 from appliance.settings import ModelSettings
 
-__all__ = ["FIXED_NOW", "FakeModel", "FakeGeneration", "FakeEngine", "FakeGrammar", "FakeRegistry"]
+__all__ = ["FIXED_NOW", "FakeModel", "FakeGeneration", "FakeEngine", "FakeGrammar", "FakeEmbedder", "FakeRegistry"]
 
 FIXED_NOW = 1_700_000_000.0
 
@@ -42,6 +63,9 @@ class FakeModel:
     def token_text(self, token: int) -> str:
         return {1: "<s>", 2: "</s>"}.get(token, chr(token))
 
+    def fim_tokens(self) -> tuple[int, int, int, int, int]:
+        return (-1, -1, -1, -1, -1)  # no fill-in-the-middle tokens
+
     def shown_piece(self, token: int) -> bytes:
         """BOS and EOS spelt out; 0 half a character (b"\xc3"); 35 a space; else the character
         `tokenize` maps to it from "=" to "y" (so lowercase text with spaces comes back whole)."""
@@ -50,7 +74,8 @@ class FakeModel:
 
 
 class FakeGeneration:
-    """A `Generation` look-alike: replays a fixed script of pieces as Delta events, then Done."""
+    """A `Generation` look-alike: replays a fixed script of pieces as Delta events, then Done; for
+    each of the request's `n` choices in turn."""
 
     def __init__(self, request: GenerationRequest, pieces: tuple[str, ...], fail_with: Exception | None) -> None:
         self.request = request
@@ -71,23 +96,25 @@ class FakeGeneration:
                 return
             raise self._fail_with
         sinking = sink is not None
-        for piece in self._pieces[:n]:
-            lps = ()
-            if req.logprobs is not None:
-                top = tuple((f"alt{i}", tuple(f"alt{i}".encode()), -1.5 - i) for i in range(req.logprobs))
-                lps = (TokenLogprob(piece, tuple(piece.encode()), -0.25, top),)
-            if sinking:
-                sinking = sink(Delta(piece, 1, lps))
-                continue
-            yield Delta(piece, 1, lps)
-            sinking = sink is not None
-        finish = "length" if n < len(self._pieces) else "stop"
-        cached = min(2, len(req.prompt) - 1)
-        yield Done(
-            finish,
-            Usage(prompt_tokens=len(req.prompt), completion_tokens=n, cached_tokens=cached),
-            Timings(prompt_n=len(req.prompt) - cached, prompt_ms=12.5, predicted_n=n, predicted_ms=30.0, queued_ms=0.5),
-        )
+        for index in range(req.n):
+            for piece in self._pieces[:n]:
+                lps = ()
+                if req.logprobs is not None:
+                    top = tuple((f"alt{i}", tuple(f"alt{i}".encode()), -1.5 - i) for i in range(req.logprobs))
+                    lps = (TokenLogprob(piece, tuple(piece.encode()), -0.25, top),)
+                if sinking:
+                    sinking = sink(Delta(piece, 1, lps, index))
+                    continue
+                yield Delta(piece, 1, lps, index)
+                sinking = sink is not None
+            finish = "length" if n < len(self._pieces) else "stop"
+            cached = min(2, len(req.prompt) - 1)
+            yield Done(
+                finish,
+                Usage(prompt_tokens=len(req.prompt), completion_tokens=n, cached_tokens=cached),
+                Timings(prompt_n=len(req.prompt) - cached, prompt_ms=12.5, predicted_n=n, predicted_ms=30.0, queued_ms=0.5),
+                index,
+            )
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -120,6 +147,8 @@ class FakeEngine:
         if len(request.prompt) >= limit:
             raise PromptTooLong(limit=limit, length=len(request.prompt), request_limit=limit < self.n_ctx)
         check_logit_bias(request.sampling.logit_bias, self.model.n_vocab)
+        if not 1 <= request.n <= self.parallel:
+            raise TooManyChoices(request.n, self.parallel)
         self.submitted.append(request)
         gen = FakeGeneration(request, self.PIECES, self.fail_with)
         self.generations.append(gen)
@@ -127,6 +156,46 @@ class FakeEngine:
 
     def stop(self, *, timeout: float = 30.0) -> bool:
         return True
+
+
+class FakeEmbeddingJob:
+    def __init__(self, vectors: list) -> None:
+        self._vectors = vectors
+
+    def wait(self) -> list:
+        return self._vectors
+
+
+class FakeEmbedder:
+    """The `Embedder` surface: a unit vector of 8 dimensions per input, from its token ids; the real
+    refusals (an empty input, one longer than 32 tokens, an id outside the vocabulary)."""
+
+    dimensions = 8
+    n_tokens = 32
+    pooling = "mean"
+
+    def __init__(self, model: FakeModel) -> None:
+        self.model = model
+        self.submitted: list[list[list[int]]] = []
+
+    def submit(self, inputs: list[list[int]]) -> FakeEmbeddingJob:
+        for i, tokens in enumerate(inputs):
+            if not tokens:
+                raise InvalidPrompt(f"input {i} is empty (no tokens)")
+            if len(tokens) > self.n_tokens:
+                raise InputTooLong(index=i, length=len(tokens), limit=self.n_tokens)
+            if any(not 0 <= t < self.model.n_vocab for t in tokens):
+                raise InvalidPrompt(f"input {i}: token ids must be within the model's vocabulary")
+        self.submitted.append(inputs)
+        return FakeEmbeddingJob([l2_normalized(self.vector(t)) for t in inputs])
+
+    @staticmethod
+    def vector(tokens: list[int]) -> np.ndarray:
+        """The unnormalized vector of an input (tests compare with it)."""
+        v = np.zeros(8, dtype=np.float32)
+        for k, t in enumerate(tokens):
+            v[(t + k) % 8] += 1 + (t % 5)
+        return v
 
 
 class FakeGrammar:
@@ -142,12 +211,14 @@ class FakeRegistry:
     def __init__(self) -> None:
         self._records: dict[str, ModelRecord] = {}
 
-    def add(self, name: str, *, state: str = "ready", n_ctx: int = 256, parallel: int = 2, chat_template: str | None = "chatml") -> ModelRecord:
+    def add(self, name: str, *, state: str = "ready", n_ctx: int = 256, parallel: int = 2, chat_template: str | None = "chatml",
+            embeddings: bool = False) -> ModelRecord:
         """`chat_template` as the model setting gives it (a built-in name or Jinja); None: no template."""
         settings = ModelSettings(name=name, path=Path(f"/models/{name}.gguf"), n_ctx=n_ctx, parallel=parallel)
         engine = FakeEngine(name, n_ctx=n_ctx, parallel=parallel)
         template = ChatTemplate.configured(chat_template) if chat_template is not None else None
-        rec = ModelRecord(name, settings, state=state, chat_template=template, engine=engine)
+        rec = ModelRecord(name, settings, state=state, chat_template=template, engine=engine,
+                          embedder=FakeEmbedder(engine.model) if embeddings else None)
         if state == "ready":
             rec.sha256 = "ab" * 32
             rec.size_bytes = 4096
@@ -186,6 +257,13 @@ class FakeRegistry:
             return engine, text_tokens(engine.model, prompt)  # type: ignore[arg-type]
         return engine, token_ids(engine.model, prompt)  # type: ignore[arg-type]
 
+    def infill_prompt(
+        self, name: str, prefix: str | list[int], suffix: str, *, n_predict: int
+    ) -> tuple[FakeEngine, list[int]]:
+        engine = self.get(name)
+        model = engine.model
+        return engine, infill_tokens(model, prefix, suffix, n_batch=64, n_predict=n_predict, n_ctx=engine.n_ctx)  # type: ignore[arg-type]
+
     def chat_prompt(self, name: str, messages: list[Message]) -> tuple[FakeEngine, list[int]]:
         engine = self.get(name)
         template = self._records[name].chat_template
@@ -201,6 +279,19 @@ class FakeRegistry:
         """The real checks (GBNF syntax, schema keywords, conversion); no llama.cpp compile."""
         self.get(name)
         return FakeGrammar(check_gbnf(gbnf) or gbnf if gbnf is not None else schema_gbnf(schema))
+
+    def embedder(self, name: str) -> FakeEmbedder:
+        self.get(name)
+        embedder = self._records[name].embedder
+        if embedder is None:
+            raise EmbeddingsDisabled(name)
+        return embedder
+
+    def embedding_inputs(self, name: str, inputs: list) -> tuple[FakeEmbedder, list[list[int]]]:
+        embedder = self.embedder(name)
+        if all(isinstance(i, str) for i in inputs):
+            return embedder, [text_tokens(embedder.model, i) for i in inputs]  # type: ignore[arg-type]
+        return embedder, [token_ids(embedder.model, i) for i in inputs]  # type: ignore[arg-type]
 
     def cpu_backend(self) -> None:
         return None

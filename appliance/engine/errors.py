@@ -20,6 +20,11 @@ __all__ = [
     "InvalidGrammar",
     "InvalidLogitBias",
     "NoAllowedToken",
+    "TooManyChoices",
+    "InfillNotSupported",
+    "InputTooLong",
+    "EmbeddingsDisabled",
+    "NotReranker",
     "ModelUnavailable",
     "UnknownModel",
     "ModelNotReady",
@@ -103,6 +108,51 @@ class NoAllowedToken(EngineError):
 
     def __init__(self) -> None:
         super().__init__("The grammar allows no token of this model's vocabulary at this point of the output")
+
+
+class TooManyChoices(EngineError):
+    """A request for more choices (n) than the model has slots: they are decoded side by side."""
+
+    def __init__(self, n: int, slots: int) -> None:
+        super().__init__(f"this model decodes at most {slots} choices at once (its parallel slots); {n} were asked for")
+        self.slots = slots
+
+
+class InfillNotSupported(EngineError):
+    """A fill-in-the-middle request (a suffix) for a model whose vocabulary has no FIM tokens."""
+
+    def __init__(self) -> None:
+        super().__init__("this model has no fill-in-the-middle tokens (FIM prefix, suffix and middle)")
+
+
+class InputTooLong(EngineError):
+    """An embedding input longer than one decode of the model's embedding context holds (llama.cpp
+    pools a sequence over one ubatch)."""
+
+    def __init__(self, *, index: int, length: int, limit: int) -> None:
+        super().__init__(f"input {index} has {length} tokens; this model embeds at most {limit} tokens per input "
+                         "(its n_batch setting)")
+        self.index = index
+        self.length = length
+        self.limit = limit
+
+
+class EmbeddingsDisabled(EngineError):
+    """Embeddings asked of a model that does not serve them (its `embeddings` setting is off)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"The model '{name}' does not serve embeddings: load it with embeddings = true "
+                         "(its configuration, or \"embeddings\": true in POST /load_model)")
+        self.name = name
+
+
+class NotReranker(EngineError):
+    """Reranking asked of a model that is not a reranker (pooling `rank`, with a classification head)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"The model '{name}' is not a reranker: /v1/rerank needs a reranking model (llama.cpp "
+                         "pooling type rank), which this server does not serve yet")
+        self.name = name
 
 
 class ModelUnavailable(EngineError):

@@ -30,6 +30,9 @@ class GenerationRequest:
     stream: bool = True
     """False: the consumer wants the whole answer, so its greenlet is woken once, at the end, rather
     than for every token (each wake-up costs both threads CPU that the decode would otherwise get)."""
+    n: int = 1
+    """Choices: n sequences admitted together (n slots, or none yet), the prompt decoded once and its KV
+    copied to the others; choice i samples with seed + i. Each choice's events carry its index."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class Delta:
     text: str
     n_tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0
+    """The choice it belongs to (0 to n - 1)."""
 
 
 @dataclass(frozen=True)
@@ -73,9 +78,34 @@ class Timings:
 
 @dataclass(frozen=True)
 class Done:
+    """One choice ended (a request of n choices gets n, the last one ending it). Each choice's usage
+    counts the prompt, which was decoded once for them all: sum only completion tokens (`merged`)."""
+
     finish_reason: str
     usage: Usage
     timings: Timings
+    index: int = 0
+
+    @staticmethod
+    def merged(dones: list[Done]) -> Done:
+        """The request's totals over its choices' Done events: the prompt once (the first choice's,
+        which decoded it), completion tokens summed, the last choice's finish reason and index."""
+        first, last = dones[0], dones[-1]
+        if len(dones) == 1:
+            return first
+        predicted = sum(d.usage.completion_tokens for d in dones)
+        return Done(
+            last.finish_reason,
+            Usage(first.usage.prompt_tokens, predicted, first.usage.cached_tokens),
+            Timings(
+                prompt_n=first.timings.prompt_n,
+                prompt_ms=first.timings.prompt_ms,
+                predicted_n=predicted,
+                predicted_ms=max(d.timings.predicted_ms for d in dones),
+                queued_ms=first.timings.queued_ms,
+            ),
+            last.index,
+        )
 
 
 @dataclass(frozen=True)
@@ -92,6 +122,7 @@ class EngineObserver(Protocol):
     def first_token(self, model: str, seconds: float) -> None: ...
     def tokens_generated(self, model: str, n: int) -> None: ...
     def prompt_tokens(self, model: str, n: int) -> None: ...
+    def embedding_tokens(self, model: str, n: int) -> None: ...
 
 
 class NullObserver:
@@ -102,4 +133,7 @@ class NullObserver:
         pass
 
     def prompt_tokens(self, model: str, n: int) -> None:
+        pass
+
+    def embedding_tokens(self, model: str, n: int) -> None:
         pass

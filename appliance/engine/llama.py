@@ -21,10 +21,12 @@ import llama_cpp.llama_cpp as C
 import numpy as np
 
 from appliance.buildinfo import verify_bundle
+from appliance.osthreads import real_lock
 
 __all__ = [
     "LlamaModel", "LlamaContext", "Batch", "SamplerChain", "SamplingParams", "Grammar", "NO_TOKEN",
     "BackendConfig", "backend_init", "backend_ready", "backend_devices", "cpu_backend_choice",
+    "EmbeddingContext", "POOLING_TYPES",
 ]
 
 if TYPE_CHECKING:
@@ -283,10 +285,19 @@ class LlamaModel:
         desc = ctypes.create_string_buffer(256)
         C.llama_model_desc(self._ptr, desc, len(desc))
         self.description = desc.value.decode("utf-8", "replace")
+        self.n_embd_out = C.llama_model_n_embd_out(self._ptr)
+        self._owners = 1  # see retain()
+        self._owners_lock = real_lock()
 
     @property
     def ptr(self) -> int | None:
         return self._ptr
+
+    def retain(self) -> None:
+        """One more owner of these weights (a model's embedding context beside its generation one, each
+        on its own thread): close() frees them when the last owner has closed."""
+        with self._owners_lock:
+            self._owners += 1
 
     def meta(self, key: str) -> str | None:
         size = C.llama_model_meta_val_str(self._ptr, key.encode(), None, 0)
@@ -369,6 +380,13 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         return self.token_info(token)[1]
 
+    def fim_tokens(self) -> tuple[int, int, int, int, int]:
+        """The fill-in-the-middle tokens (prefix, suffix, middle, repo, file separator); -1 where the
+        vocabulary has none."""
+        v = self.vocab
+        return (C.llama_vocab_fim_pre(v), C.llama_vocab_fim_suf(v), C.llama_vocab_fim_mid(v),
+                C.llama_vocab_fim_rep(v), C.llama_vocab_fim_sep(v))
+
     @functools.cached_property
     def silent_tokens(self) -> np.ndarray:
         """Tokens that add no text and do not end generation (control tokens such as `<mask>`).
@@ -381,9 +399,11 @@ class LlamaModel:
         return silent[~np.isin(silent, np.fromiter(self._eog, dtype=np.int32, count=len(self._eog)))]
 
     def close(self) -> None:
-        if self._ptr:
-            C.llama_model_free(self._ptr)
-            self._ptr = None
+        with self._owners_lock:
+            self._owners -= 1
+            if self._ptr and self._owners <= 0:
+                C.llama_model_free(self._ptr)
+                self._ptr = None
 
 
 class LlamaContext:
@@ -448,6 +468,71 @@ class LlamaContext:
     def logits(self, i: int) -> np.ndarray:
         ptr = C.llama_get_logits_ith(self._ptr, i)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def close(self) -> None:
+        if self._ptr:
+            C.llama_free(self._ptr)
+            self._ptr = None
+
+
+POOLING_TYPES = {"none": C.LLAMA_POOLING_TYPE_NONE, "mean": C.LLAMA_POOLING_TYPE_MEAN,
+                 "cls": C.LLAMA_POOLING_TYPE_CLS, "last": C.LLAMA_POOLING_TYPE_LAST, "rank": C.LLAMA_POOLING_TYPE_RANK}
+"""llama.cpp's pooling types by the names its GGUF key and llama-server's --pooling use."""
+
+
+class EmbeddingContext:
+    """A llama_context that pools each sequence's hidden states into one vector (embeddings = true).
+
+    One unified KV stream of `n_tokens` cells (a non-causal model has none), cleared after every
+    decode: sequences never outlive the decode that computes them, and a decode holds at most
+    `n_tokens` tokens in one ubatch, since llama.cpp pools a sequence over the ubatch it lies in.
+    """
+
+    def __init__(
+        self, model: LlamaModel, *, n_tokens: int, n_seq: int, pooling: str, n_threads: int, n_threads_batch: int,
+        flash_attn: str = "auto",
+    ) -> None:
+        params = C.llama_context_default_params()
+        params.n_ctx = n_tokens
+        params.n_batch = n_tokens
+        params.n_ubatch = n_tokens
+        params.n_seq_max = n_seq
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads_batch
+        params.embeddings = True
+        params.pooling_type = POOLING_TYPES[pooling]
+        # One stream: llama.cpp splits a batch for a split cache into equal-length pieces per sequence,
+        # which would cut a sequence across ubatches; a unified one keeps the batch whole.
+        params.kv_unified = True
+        params.no_perf = True
+        params.flash_attn_type = {
+            "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[flash_attn]
+        self._ptr: int | None = C.llama_init_from_model(model.ptr, params)
+        if not self._ptr:
+            raise ValueError("llama.cpp could not create an embedding context (out of memory?)")
+        self.model = model
+        self.memory = C.llama_get_memory(self._ptr)
+        self.n_tokens = min(C.llama_n_ubatch(self._ptr), C.llama_n_batch(self._ptr))
+        self.pooling = int(C.llama_pooling_type(self._ptr))
+        self.n_out = C.llama_model_n_cls_out(model.ptr) if self.pooling == C.LLAMA_POOLING_TYPE_RANK else model.n_embd_out
+
+    def decode(self, batch: Batch) -> int:
+        rc: int = C.llama_decode(self._ptr, batch.struct)
+        return rc
+
+    def pooled(self, seq: int) -> np.ndarray | None:
+        """A copy of sequence `seq`'s pooled vector from the last decode (float32), None if llama.cpp has none."""
+        ptr = C.llama_get_embeddings_seq(self._ptr, seq)
+        if not ptr:
+            return None
+        return np.ctypeslib.as_array(ptr, shape=(self.n_out,)).copy()
+
+    def clear(self) -> None:
+        if self.memory:
+            C.llama_memory_clear(self.memory, False)
 
     def close(self) -> None:
         if self._ptr:

@@ -34,6 +34,7 @@ class Generation:
         self.request = request
         self.cancelled = False  # written by the greenlet, read by the scheduler thread (a plain bool)
         self.finished = False
+        self._dones = 0  # choices ended (n of them end the request)
         self._items: deque[Event] = deque()  # appended to by the scheduler thread (deque.append is atomic)
         self._waiter: Waiter | None = None  # set while the greenlet waits for items
         self._watcher_lock = real_lock()  # a real lock: close() and _wake() race across threads
@@ -81,8 +82,11 @@ class Generation:
             while not self.finished:
                 while self._items:
                     event = self._items.popleft()
-                    if isinstance(event, (Done, Failed)):
+                    if isinstance(event, Failed):
                         self.finished = True
+                    elif isinstance(event, Done):
+                        self._dones += 1
+                        self.finished = self._dones >= self.request.n
                     yield event
                     if self.finished:
                         return

@@ -7,13 +7,17 @@ never on the event loop: the registry's `text_prompt` / `chat_prompt` hand them 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypedDict
 
 from appliance.engine.chat import ChatTemplate, render_chat
-from appliance.engine.errors import InvalidPrompt
+from appliance.engine.errors import InfillNotSupported, InvalidPrompt
 from appliance.engine.llama import LlamaModel
 
-__all__ = ["Message", "text_tokens", "token_ids", "chat_tokens", "content_tokens", "token_pieces"]
+__all__ = [
+    "Message", "text_tokens", "token_ids", "chat_tokens", "content_tokens", "token_pieces", "FimTokens", "infill_layout",
+    "infill_tokens",
+]
 
 
 class Message(TypedDict, total=False):
@@ -64,6 +68,76 @@ def chat_tokens(model: LlamaModel, template: ChatTemplate | None, messages: list
         raise InvalidPrompt(_NOT_UTF8) from None
     add_bos = not (bos_text and text.startswith(bos_text))
     return _tokenize(model, text, add_special=add_bos, parse_special=True)
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    """A vocabulary's fill-in-the-middle tokens (-1: none)."""
+
+    pre: int
+    suf: int
+    mid: int
+    rep: int = -1
+    sep: int = -1
+
+
+def infill_layout(
+    fim: FimTokens,
+    prefix: list[int],
+    suffix: list[int],
+    *,
+    bos: int | None,
+    repo: list[int],
+    file: list[int],
+    n_batch: int,
+    n_predict: int,
+    n_ctx: int,
+) -> list[int]:
+    """The fill-in-the-middle prompt as llama-server's /infill lays it out (its `format_prompt_infill`,
+    no extra chunks, no `prompt`, not SPM order):
+
+        [extra: FIM_REP repo FIM_SEP file] [BOS] FIM_PRE prefix FIM_SUF suffix FIM_MID
+
+    the extra header only where the vocabulary has those tokens and the context has room; the prefix
+    keeps its last 3/4 of a batch of tokens, the suffix its first (1/4 of a batch - 2), as there.
+    """
+    extra: list[int] = []
+    if fim.rep >= 0:
+        extra += [fim.rep, *repo]
+    if fim.sep >= 0:
+        extra += [fim.sep, *file]
+    n_prefix = min(len(prefix), 3 * (n_batch // 4))
+    n_suffix = min(len(suffix), max(0, n_batch // 4 - 2))
+    n_extra = min(max(0, n_ctx - n_batch - 2 * n_predict), len(extra))
+    head = [fim.pre, *prefix[len(prefix) - n_prefix :]]
+    if bos is not None:
+        head.insert(0, bos)
+    return [*extra[len(extra) - n_extra :], *head, fim.suf, *suffix[:n_suffix], fim.mid]
+
+
+def infill_tokens(
+    model: LlamaModel, prefix: str | Sequence[int], suffix: str, *, n_batch: int, n_predict: int, n_ctx: int
+) -> list[int]:
+    """A completion's prompt with a `suffix`: what comes before (text, or token ids) and after the
+    middle the model writes. InfillNotSupported without FIM tokens."""
+    pre, suf, mid, rep, sep = model.fim_tokens()
+    if pre < 0 or suf < 0 or mid < 0:
+        raise InfillNotSupported()
+
+    def tokens(text: str) -> list[int]:
+        return _tokenize(model, text, add_special=False, parse_special=False)
+
+    return infill_layout(
+        FimTokens(pre, suf, mid, rep, sep),
+        tokens(prefix) if isinstance(prefix, str) else token_ids(model, prefix),
+        tokens(suffix),
+        bos=model.bos if model.add_bos and model.bos >= 0 else None,
+        repo=tokens("myproject\n"),  # llama-server's placeholders (its TODOs: no input for them yet)
+        file=tokens("filename\n"),
+        n_batch=n_batch,
+        n_predict=n_predict,
+        n_ctx=n_ctx,
+    )
 
 
 # JSON can spell a lone surrogate (\ud800), which Python's parser keeps in the string; UTF-8 cannot.

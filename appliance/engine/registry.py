@@ -17,7 +17,16 @@ from typing import Any
 from appliance.digests import file_sha256
 from appliance.engine.chat import ChatTemplate, model_chat_template
 from appliance.engine.cpuprobe import BackendChoice
-from appliance.engine.errors import Conflict, EngineError, LoadRefused, ModelNotReady, UnknownModel
+from appliance.engine.embedder import Embedder, gguf_pooling
+from appliance.engine.errors import (
+    Conflict,
+    EmbeddingsDisabled,
+    EngineError,
+    InvalidPrompt,
+    LoadRefused,
+    ModelNotReady,
+    UnknownModel,
+)
 from appliance.engine.events import EngineObserver
 from appliance.engine.grammar import build_grammar
 from appliance.engine.llama import (
@@ -30,7 +39,15 @@ from appliance.engine.llama import (
 )
 from appliance.engine.memory import check_fits, kv_estimate
 from appliance.engine.modelfile import SealedModel, check_gguf, read_sealed, shmem_huge_pages
-from appliance.engine.prompt import Message, chat_tokens, content_tokens, text_tokens, token_ids, token_pieces
+from appliance.engine.prompt import (
+    Message,
+    chat_tokens,
+    content_tokens,
+    infill_tokens,
+    text_tokens,
+    token_ids,
+    token_pieces,
+)
 from appliance.engine.scheduler import ModelEngine
 from appliance.osthreads import off_loop
 from appliance.settings import ModelSettings, default_threads
@@ -54,6 +71,7 @@ class ModelRecord:
     chat_template: ChatTemplate | None = None  # None: chat requests get a 400 naming the setting
     error: str | None = None
     engine: ModelEngine | None = None
+    embedder: Embedder | None = None  # only where the model's settings ask for embeddings
     mmap: bool = False  # the weights are mapped from the file on disk (vouched for), not read into memory
 
     def status(self) -> dict[str, Any]:
@@ -74,6 +92,8 @@ class ModelRecord:
             "error": self.error,
             "chat_template": self.chat_template.status() if self.chat_template else None,
             "mmap": self.mmap,
+            "embeddings": {"pooling": self.embedder.pooling, "dimensions": self.embedder.dimensions,
+                           "max_input_tokens": self.embedder.n_tokens} if self.embedder else None,
         }
 
 
@@ -88,6 +108,7 @@ class ModelRegistry:
         default_mmap: bool = False,
         after_read: Callable[[Path], None] | None = None,
         backend: BackendConfig | None = None,
+        embedder_factory: Callable[[ModelSettings, LlamaModel, EngineObserver | None], Embedder] | None = None,
     ) -> None:
         """`default_mmap`: map model files from disk unless a model's use_mmap says otherwise (only
         where no TEE provider is active). `after_read`: a test hook run between reading a model's
@@ -101,6 +122,7 @@ class ModelRegistry:
         self._observer = observer
         self._wall_clock = wall_clock
         self._engine_factory = engine_factory or functools.partial(_build_engine, backend=backend)
+        self._embedder_factory = embedder_factory or _build_embedder
 
     # -- queries (event loop) ----------------------------------------------------------------
 
@@ -129,6 +151,16 @@ class ModelRegistry:
             return engine, off_loop(text_tokens, engine.model, prompt)
         return engine, token_ids(engine.model, prompt)
 
+    def infill_prompt(
+        self, name: str, prefix: str | Sequence[int], suffix: str, *, n_predict: int
+    ) -> tuple[ModelEngine, list[int]]:
+        """The model's engine and a fill-in-the-middle prompt (tokenized off the event loop);
+        InfillNotSupported for a model without FIM tokens."""
+        engine = self.get(name)
+        return engine, off_loop(
+            infill_tokens, engine.model, prefix, suffix, n_batch=engine.n_batch, n_predict=n_predict, n_ctx=engine.n_ctx
+        )
+
     def chat_prompt(self, name: str, messages: list[Message]) -> tuple[ModelEngine, list[int]]:
         """The model's engine and a chat's prompt tokens: its template rendered and tokenized off the
         event loop (a built-in template is a llama.cpp call too)."""
@@ -152,6 +184,27 @@ class ModelRegistry:
         off the event loop; InvalidGrammar saying what is wrong with it."""
         engine = self.get(name)
         return off_loop(build_grammar, engine.model, gbnf=gbnf, schema=schema)
+
+    def embedder(self, name: str) -> Embedder:
+        """The model's embedding engine; EmbeddingsDisabled where its settings do not ask for one."""
+        self.get(name)
+        embedder = self._records[name].embedder
+        if embedder is None:
+            raise EmbeddingsDisabled(name)
+        return embedder
+
+    def embedding_inputs(self, name: str, inputs: Sequence[str] | Sequence[Sequence[int]]) -> tuple[Embedder, list[list[int]]]:
+        """The model's embedding engine and each input's tokens: text tokenized as llama-server does for
+        /v1/embeddings (BOS where the model adds one, special tokens parsed), off the event loop; token
+        ids as they are, checked against the vocabulary."""
+        embedder = self.embedder(name)
+        model = embedder.model
+        texts = [i for i in inputs if isinstance(i, str)]
+        if texts:
+            if len(texts) != len(inputs):
+                raise InvalidPrompt("inputs must be all strings or all token id lists")
+            return embedder, off_loop(lambda: [text_tokens(model, t) for t in texts])
+        return embedder, [token_ids(model, i) for i in inputs if not isinstance(i, str)]
 
     def record(self, name: str) -> ModelRecord:
         rec = self._records.get(name)
@@ -184,7 +237,7 @@ class ModelRegistry:
         self._records[settings.name] = rec
         t0 = time.perf_counter()
         try:
-            engine, sha, template = off_loop(self._load_blocking, settings, mmap)
+            engine, embedder, sha, template = off_loop(self._load_blocking, settings, mmap)
         except LoadRefused as e:
             rec.state = "failed"
             rec.error = "digest not in model_policy.allowed_sha256" if e.forbidden else e.message
@@ -196,6 +249,7 @@ class ModelRegistry:
             log.warning("model %s failed to load: %s", settings.name, type(e).__name__)
             raise LoadRefused(rec.error) from None
         rec.engine = engine
+        rec.embedder = embedder
         rec.sha256 = sha
         rec.chat_template = template
         rec.size_bytes = settings.path.stat().st_size
@@ -206,6 +260,10 @@ class ModelRegistry:
         if rec.state == "loading":  # not unloaded meanwhile
             rec.state = "ready"
             engine.start()
+            if embedder is not None:
+                embedder.start()
+                log.info("model %s serves embeddings (%s pooling, %d dimensions, at most %d tokens per input)",
+                         settings.name, embedder.pooling, embedder.dimensions, embedder.n_tokens)
             log.info("model %s ready in %.2fs (sha256 %s)", settings.name, rec.load_seconds, sha[:16])
             if template is not None:
                 log.info("model %s chat template: %s", settings.name, template.describe())
@@ -249,7 +307,9 @@ class ModelRegistry:
                 "llama.cpp maps rather than repacks decode up to ~8%% slower (measured on a Q8_0 model); set "
                 "it to within_size in this machine's kernel (README, Trust)", mode)
 
-    def _load_blocking(self, settings: ModelSettings, mmap: bool) -> tuple[ModelEngine, str, ChatTemplate | None]:
+    def _load_blocking(
+        self, settings: ModelSettings, mmap: bool
+    ) -> tuple[ModelEngine, Embedder | None, str, ChatTemplate | None]:
         sealed: SealedModel | None = None
         if mmap:
             # The disk is trusted by configuration: hashed, then mapped (what the claims then say).
@@ -270,6 +330,14 @@ class ModelRegistry:
             if self._allowed and sha not in self._allowed:
                 raise LoadRefused("this model file's sha256 is not allowed", forbidden=True)
             engine = self._engine_factory(settings, self._observer, source)
+            embedder = None
+            if settings.embeddings:
+                try:
+                    embedder = self._embedder_factory(settings, engine.model, self._observer)
+                except BaseException:
+                    engine.start()  # its thread frees its context and the model on the way out
+                    engine.stop()
+                    raise
         finally:
             if sealed is not None:
                 sealed.close()  # llama.cpp's mapping of the memfd keeps its memory until the model is freed
@@ -277,7 +345,7 @@ class ModelRegistry:
         if self._on_loaded is not None:
             # Runtime measurement (TDX RTMR3, Nitro PCR16) happens before the model can serve.
             self._on_loaded(settings.name, sha)
-        return engine, sha, template
+        return engine, embedder, sha, template
 
     def unload(self, name: str, *, timeout: float = 60.0) -> ModelRecord:
         rec = self._records.get(name)
@@ -286,6 +354,8 @@ class ModelRegistry:
         if rec.state == "loading":
             raise Conflict(f"The model '{name}' is still loading")
         rec.state = "unloading"
+        if rec.embedder is not None:
+            off_loop(rec.embedder.stop, timeout=timeout)
         if rec.engine is not None:  # a "ready" record always has its engine
             off_loop(rec.engine.stop, timeout=timeout)
         self._records.pop(name, None)
@@ -296,10 +366,14 @@ class ModelRegistry:
         for rec in list(self._records.values()):
             if rec.engine is not None:
                 rec.engine.abort_all(error)
+            if rec.embedder is not None:
+                rec.embedder.abort_all(error)
 
     def stop_all(self, timeout: float = 30.0) -> None:
         """Shutdown: drain and free every engine (called from the worker's exit hook)."""
         for rec in list(self._records.values()):
+            if rec.embedder is not None:
+                rec.embedder.stop(timeout=timeout)
             if rec.engine is not None:
                 rec.engine.stop(timeout=timeout)
         self._records.clear()
@@ -331,3 +405,21 @@ def _build_engine(
     except BaseException:
         model.close()
         raise
+
+
+def _build_embedder(settings: ModelSettings, model: LlamaModel, observer: EngineObserver | None) -> Embedder:
+    """The model's embedding context: its own pooling setting, else the GGUF's, else mean."""
+    threads = settings.n_threads or default_threads()
+    return Embedder(
+        settings.name,
+        model,
+        n_tokens=settings.n_batch,
+        n_threads=threads,
+        n_threads_batch=settings.n_threads_batch or threads,
+        pooling=settings.pooling or gguf_pooling(model),
+        # Without flash attention a vector does not depend on what it is batched with: llama.cpp's CPU
+        # flash-attention kernel takes a tiled F16 path for large batches, which moved a short input's
+        # vector by up to 1.5e-3 in cosine on Gemma 3 270M against the same input decoded alone.
+        flash_attn="off",
+        observer=observer,
+    )

@@ -10,6 +10,7 @@ does not patch, so the scheduler thread blocks on it as a real thread.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import enum
 import logging
 import math
@@ -30,6 +31,7 @@ from appliance.engine.errors import (
     NoAllowedToken,
     PromptTooLong,
     QueueFull,
+    TooManyChoices,
     UnknownModel,
 )
 from appliance.engine.events import (
@@ -44,7 +46,7 @@ from appliance.engine.events import (
     TokenLogprob,
     Usage,
 )
-from appliance.engine.llama import NO_TOKEN, Batch, LlamaContext, LlamaModel, SamplerChain
+from appliance.engine.llama import NO_TOKEN, Batch, LlamaContext, LlamaModel, SamplerChain, SamplingParams
 from appliance.engine.mailbox import Generation
 from appliance.engine.slots import (
     MIN_REUSE,
@@ -125,6 +127,7 @@ class ModelEngine:
             flash_attn=flash_attn,
         )
         self.n_ctx = self._ctx.n_ctx_seq
+        self.n_batch = self._ctx.n_batch
         self._batch = Batch(self._ctx.n_batch)
         self._slots = [Slot(seq=i) for i in range(parallel)]
         self._active: list[ActiveSlot] = []
@@ -161,6 +164,8 @@ class ModelEngine:
         if len(request.prompt) >= limit:
             raise PromptTooLong(limit=limit, length=len(request.prompt), request_limit=limit < self.n_ctx)
         check_logit_bias(request.sampling.logit_bias, self.model.n_vocab)
+        if not 1 <= request.n <= self.parallel:  # admitted only with n free slots: more would wait forever
+            raise TooManyChoices(request.n, self.parallel)
         with self._lock:
             if self._waiting >= self.max_queue + max(0, self.parallel - self._busy):
                 raise QueueFull(self.name, self._waiting)
@@ -263,9 +268,12 @@ class ModelEngine:
     def _fail_admitted(self, error: EngineError) -> None:
         """Fail the running and queued requests (not what is still in the inbox)."""
         out, self._held = self._held, []
+        failed: set[int] = set()
         for s in self._slots:
             if s.gen is not None:
-                out.append((s.gen, Failed(error)))
+                if id(s.gen) not in failed:  # once per request, whatever its choices
+                    failed.add(id(s.gen))
+                    out.append((s.gen, Failed(error)))
                 self._release(s)
         while self._queue:
             gen, _ = self._queue.popleft()
@@ -312,9 +320,18 @@ class ModelEngine:
         s.gen = None
         s.req = None
         s.pending = []
+        s.leader = None
+        s.followers = []
+        s.batch_index = -1  # a choice released mid-step (a sibling failed) takes no more of the step
         s.last_used = self._clock()
         with self._lock:
             self._busy -= 1
+
+    def _fail(self, s: ActiveSlot, error: EngineError, out: list[tuple[Generation, Event]]) -> None:
+        """End a slot's request with `error`: every one of its choices, as they share the mailbox."""
+        out.append((s.gen, Failed(error)))
+        for other in [a for a in self._active if a.gen is s.gen]:
+            self._release(other)
 
     def _reap_cancelled(self) -> None:
         for s in [s for s in self._active if s.gen.cancelled]:
@@ -330,11 +347,15 @@ class ModelEngine:
             free = [s for s in self._slots if s.gen is None]
             if not free:
                 return
-            gen, t_queued = self._queue.popleft()
+            gen, t_queued = self._queue[0]
             if gen.cancelled:
+                self._queue.popleft()
                 self._dec_waiting()
                 continue
             req = gen.request
+            if len(free) < req.n:  # all of a request's choices together or none; the queue waits
+                return
+            self._queue.popleft()
             prompt = list(req.prompt)
             # Which slot: llama.cpp decodes a split KV cache's sequences together only while their ids
             # are consecutive (each gap costs another pass over all the weights), so prefer the free
@@ -355,8 +376,18 @@ class ModelEngine:
                     self._ctx.seq_rm(s.seq, -1, -1)
                     keep = 0
                 del s.kv[keep:]
+            # The other choices' slots: those keeping the busy ids fewest runs (their cache is replaced
+            # by a copy of this one's prompt).
+            group = [s]
+            for _ in range(req.n - 1):
+                taken = busy | {g.seq for g in group}
+                rest = [a for a in free if a not in group]
+                group.append(min(rest, key=lambda a: (runs(taken | {a.seq}), a.last_used)))
             try:
-                sampler = SamplerChain(self.model, req.sampling)
+                samplers = [
+                    SamplerChain(self.model, req.sampling if i == 0 else _choice_sampling(req, i))
+                    for i in range(req.n)
+                ]
             except Exception:
                 log.exception("sampler setup failed")
                 self._dec_waiting()
@@ -364,18 +395,23 @@ class ModelEngine:
                 continue
             with self._lock:  # one step, so submit() never sees the request in neither count
                 self._waiting -= 1
-                self._busy += 1
-            s.gen, s.req, s.sampler = gen, req, sampler
-            self._active.append(cast(ActiveSlot, s))  # its decoder is set below, before the next step
+                self._busy += req.n
+            now = self._clock()
+            for i, (slot, sampler) in enumerate(zip(group, samplers)):
+                slot.gen, slot.req, slot.sampler = gen, req, sampler
+                self._active.append(cast(ActiveSlot, slot))  # its decoder is set below, before the next step
+                slot.index = i
+                slot.leader = s if i else None
+                slot.followers = group[1:] if i == 0 else []
+                slot.pending = prompt[keep:] if i == 0 else []
+                slot.cached = keep
+                slot.limit = min(self.n_ctx, req.n_ctx or self.n_ctx)
+                slot.n_generated = 0
+                slot.last_token = -1
+                slot.text, slot.emitted, slot.held_logprobs = "", 0, []
+                slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                slot.t_queued, slot.t_admitted, slot.t_first = t_queued, now, 0.0
             self._active.sort(key=lambda a: a.seq)
-            s.pending = prompt[keep:]
-            s.cached = keep
-            s.limit = min(self.n_ctx, req.n_ctx or self.n_ctx)
-            s.n_generated = 0
-            s.last_token = -1
-            s.text, s.emitted, s.held_logprobs = "", 0, []
-            s.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            s.t_queued, s.t_admitted, s.t_first = t_queued, self._clock(), 0.0
 
     def _compact(self) -> None:
         """Make the busy slots' sequence ids consecutive again (a request finished between others).
@@ -411,7 +447,7 @@ class ModelEngine:
         for s in self._active:
             if s.pending:
                 prefilling.append(s)
-            else:
+            elif s.leader is None:  # (else it waits for the prompt another choice decodes)
                 s.batch_index = batch.add_one(s.last_token, len(s.kv), s.seq)
                 s.n_batch_tokens = 1
                 in_batch.append(s)
@@ -463,10 +499,10 @@ class ModelEngine:
                 log.error("llama_decode returned %d for model %s", rc, self.name)
                 err: EngineError = Busy("No room in the model's cache; try again") if rc == 1 else EngineCrashed()
                 for s in in_batch:
-                    self._held.append((s.gen, Failed(err)))
                     self._ctx.seq_rm(s.seq, -1, -1)
                     s.kv.clear()
-                    self._release(s)
+                    if s.gen is not None:  # (not a choice whose sibling's failure already ended it)
+                        self._fail(s, err, self._held)
                 return
             if timed:
                 self._pairs.observe(batch.n, self._clock() - t0)
@@ -485,20 +521,44 @@ class ModelEngine:
                 s.kv.append(s.last_token)
             if s.batch_index < 0:
                 continue
+            followers: list[Slot] = []
             if s.n_generated == 0:
                 s.t_first = now
                 self._observer.first_token(self.name, now - s.t_queued)
+                followers = s.followers
             s.n_generated += 1
             self._unreported_generated += 1
+            gen, idx = s.gen, s.batch_index
             self._on_token(s, token, out)  # may end the request, which reports the counts so far
+            if followers:
+                self._fork(s.seq, s.kv, gen, idx, cast("list[ActiveSlot]", followers), now, out)
         if now - self._reported_at >= _REPORT_EVERY_S:
             self._report(now)
+
+    def _fork(
+        self, seq: int, kv: list[int], gen: Generation, idx: int, followers: list[ActiveSlot], now: float,
+        out: list[tuple[Generation, Event]],
+    ) -> None:
+        """The first choice's prompt (sequence `seq`, tokens `kv`, logits at batch row `idx`) is decoded:
+        copy its KV to the other choices' slots (applied by the next decode) and let each sample its
+        first token from the same logits with its own sampler. The first choice may have ended already
+        (its slot keeps the prompt's KV until the next admission, after that decode)."""
+        for f in followers:
+            if f.gen is not gen:  # released meanwhile: its request failed
+                continue
+            self._ctx.seq_cp(seq, f.seq)
+            f.kv = list(kv)
+            f.leader = None
+            f.batch_index = idx
+            f.t_first = now
+            f.n_generated = 1
+            self._unreported_generated += 1
+            self._on_token(f, f.sampler.sample(self._ctx, idx), out)
 
     def _on_token(self, s: ActiveSlot, token: int, out: list[tuple[Generation, Event]]) -> None:
         req = s.req
         if token == NO_TOKEN:  # its grammar allows nothing this vocabulary can spell
-            out.append((s.gen, Failed(NoAllowedToken())))
-            self._release(s)
+            self._fail(s, NoAllowedToken(), out)
             return
         lp = self._logprob(s, token) if req.logprobs is not None else None
         finish: str | None = None
@@ -522,7 +582,7 @@ class ModelEngine:
                     finish = "length"
                     safe = len(s.text)
             if finish is None and safe > s.emitted:
-                out.append((s.gen, Delta(s.text[s.emitted : safe], 1, tuple(s.held_logprobs) if s.held_logprobs else ())))
+                out.append((s.gen, Delta(s.text[s.emitted : safe], 1, tuple(s.held_logprobs) if s.held_logprobs else (), s.index)))
                 s.emitted = safe
                 if s.held_logprobs:
                     s.held_logprobs = []
@@ -531,7 +591,7 @@ class ModelEngine:
         if finish == "length":
             s.text += s.decoder.decode(b"", final=True)
         if len(s.text) > s.emitted or s.held_logprobs:
-            out.append((s.gen, Delta(s.text[s.emitted :], 0, tuple(s.held_logprobs))))
+            out.append((s.gen, Delta(s.text[s.emitted :], 0, tuple(s.held_logprobs), s.index)))
         now = self._clock()
         prompt_n = len(req.prompt) - s.cached
         t_first = s.t_first or now
@@ -548,6 +608,7 @@ class ModelEngine:
                         predicted_ms=(now - t_first) * 1000,
                         queued_ms=(s.t_admitted - s.t_queued) * 1000,
                     ),
+                    s.index,
                 ),
             )
         )
@@ -567,6 +628,11 @@ class ModelEngine:
 
     def _tok_str(self, token: int) -> str:
         return self.model.piece(token).decode("utf-8", "replace")
+
+
+def _choice_sampling(req: GenerationRequest, i: int) -> SamplingParams:
+    """Choice i's sampling: the request's, with seed + i (so a seeded request stays reproducible)."""
+    return dataclasses.replace(req.sampling, seed=(req.sampling.seed + i) & 0xFFFFFFFF)
 
 
 def check_logit_bias(bias: tuple[tuple[int, float], ...], n_vocab: int) -> None:

@@ -43,6 +43,12 @@ class Slot:
     t_first: float = 0.0
     batch_index: int = -1
     n_batch_tokens: int = 0
+    index: int = 0
+    """Which of its request's choices this slot generates."""
+    leader: Slot | None = None
+    """Set while this slot waits for another choice's slot to decode the shared prompt."""
+    followers: list[Slot] = field(default_factory=list)
+    """The slots waiting for this one's prompt (its KV is copied to them once it is decoded)."""
 
 
 if TYPE_CHECKING:

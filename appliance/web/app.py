@@ -28,6 +28,7 @@ from appliance.trust.identity import Identity
 from appliance.web.errors import handle_error
 from appliance.web.middleware import Authentication, BodyLimit, JsonBody, RequestContext, ResponseSigning
 from appliance.web.resources.attestation import Attestation, Keys
+from appliance.web.resources.embeddings import Embeddings
 from appliance.web.resources.inference import Inference
 from appliance.web.resources.models import Admin, Models
 from appliance.web.resources.ops import Health, Prometheus, Readiness, Status
@@ -73,6 +74,8 @@ ROUTES: list[tuple[str, str, str | None]] = [
     ("/completions/input_tokens", "tokens", "completion_input_tokens"),
     ("/v1/chat/completions/input_tokens", "tokens", "chat_input_tokens"),
     ("/chat/completions/input_tokens", "tokens", "chat_input_tokens"),
+    ("/v1/embeddings", "embeddings", None),
+    ("/v1/rerank", "embeddings", "rerank"),
 ]
 
 
@@ -139,6 +142,7 @@ def create_app(
             stream_written=lambda writer: metrics.streams.labels(writer).inc(),
         ),
         "tokens": Tokens(models),
+        "embeddings": Embeddings(models),
         "models": Models(state),
         "admin": Admin(state),
         "status": Status(state),

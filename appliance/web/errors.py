@@ -195,9 +195,9 @@ class NoChatTemplate(BadRequest):
     code = "no_chat_template"
 
 
-PromptParam = Literal["prompt", "messages", "input", "content", "tokens"]
+PromptParam = Literal["prompt", "messages", "input", "content", "tokens", "documents"]
 """The request field that holds a prompt: `prompt` (completions), `messages` (chat), `content`
-(/tokenize), `tokens` (/detokenize)."""
+(/tokenize), `tokens` (/detokenize), `input` (/v1/embeddings), `documents` (/v1/rerank)."""
 
 
 GrammarParam = Literal["grammar", "json_schema", "response_format"]
@@ -234,6 +234,16 @@ def from_engine(
             return BadRequest(f"logit_bias: {e.message}", param="logit_bias")
         case engine.NoAllowedToken():
             return BadRequest(e.message, code="grammar_dead_end")
+        case engine.TooManyChoices():
+            return BadRequest(f"n: {e.message}", param="n")
+        case engine.InfillNotSupported():
+            return BadRequest(f"suffix: {e.message}", param="suffix", code="fim_not_supported")
+        case engine.InputTooLong():
+            return ContextLengthExceeded(f"input: {e.message}", param="input")
+        case engine.EmbeddingsDisabled():
+            return BadRequest(e.message, param="model", code="embeddings_not_enabled")
+        case engine.NotReranker():
+            return BadRequest(e.message, param="model", code="model_not_reranker")
         case engine.UnknownModel():
             return ModelNotFound(e.name)
         case engine.ModelNotReady():

@@ -17,7 +17,7 @@ from appliance.web.errors import ApiError, PromptParam, from_engine
 from attestation.signing import SSE_DONE
 
 __all__ = [
-    "Exchange", "sse_event", "text_chunk_encoder", "final_object", "chunks", "usage", "timings", "SSE_DONE",
+    "Exchange", "Choice", "sse_event", "text_chunk_encoder", "final_object", "chunks", "usage", "timings", "SSE_DONE",
 ]
 
 Json = dict[str, Any]
@@ -38,6 +38,10 @@ class Exchange:
     """stream_options.include_usage: a separate usage chunk before [DONE]."""
     text_offset: int = 0
     """OpenAI counts a completion's text_offset from the start of the prompt, across chunks."""
+    n: int = 1
+    """Choices: each chunk carries one choice's `index`; usage comes once, over them all."""
+    echo: str = ""
+    """A completion's prompt text, echoed before each choice's text (`echo`)."""
 
     @property
     def prompt_param(self) -> PromptParam:
@@ -48,15 +52,15 @@ def sse_event(obj: Json) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-def text_chunk_encoder(base: Json, *, chat: bool) -> Callable[[str], bytes]:
+def text_chunk_encoder(base: Json, *, chat: bool, index: int = 0) -> Callable[[str], bytes]:
     """f(text) -> the SSE event of a token chunk without logprobs, byte for byte what sse_event gives
     for the whole object, from a template: only the text is encoded per token (the event loop's turn
     for each token sits on the decode's critical path)."""
     marker = "\x00appliance-text\x00"
     choice = (
-        {"index": 0, "delta": {"content": marker}, "logprobs": None, "finish_reason": None}
+        {"index": index, "delta": {"content": marker}, "logprobs": None, "finish_reason": None}
         if chat
-        else {"index": 0, "text": marker, "logprobs": None, "finish_reason": None}
+        else {"index": index, "text": marker, "logprobs": None, "finish_reason": None}
     )
     head, tail = sse_event({**base, "choices": [choice]}).split(json.dumps(marker).encode())
 
@@ -73,25 +77,38 @@ def _base(x: Exchange, obj: str) -> Json:
     return {"id": x.id, "object": obj, "created": x.created, "model": x.model, "system_fingerprint": None}
 
 
-def final_object(x: Exchange, text: str, lps: list[TokenLogprob], done: Done) -> Json:
-    """The whole answer of a request that did not stream."""
-    if x.kind == "completion":
-        choice = {
-            "index": 0,
-            "text": text,
-            "logprobs": completion_logprobs(lps, x.text_offset) if x.logprobs else None,
-            "finish_reason": done.finish_reason,
-        }
-        obj = "text_completion"
-    else:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": {"content": [chat_logprob(lp) for lp in lps]} if x.logprobs else None,
-            "finish_reason": done.finish_reason,
-        }
-        obj = "chat.completion"
-    return {**_base(x, obj), "choices": [choice], "usage": usage(done), "timings": timings(done)}
+@dataclass(frozen=True)
+class Choice:
+    """One choice of a finished request: its text, its tokens' logprobs and how it ended."""
+
+    text: str
+    logprobs: list[TokenLogprob]
+    done: Done
+
+
+def final_object(x: Exchange, choices: list[Choice]) -> Json:
+    """The whole answer of a request that did not stream: its choices in index order, usage over all
+    (the prompt counted once)."""
+    out: list[Json] = []
+    for c in sorted(choices, key=lambda c: c.done.index):
+        lps = c.logprobs
+        if x.kind == "completion":
+            out.append({
+                "index": c.done.index,
+                "text": x.echo + c.text,
+                "logprobs": completion_logprobs(lps, x.text_offset) if x.logprobs else None,
+                "finish_reason": c.done.finish_reason,
+            })
+        else:
+            out.append({
+                "index": c.done.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": {"content": [chat_logprob(lp) for lp in lps]} if x.logprobs else None,
+                "finish_reason": c.done.finish_reason,
+            })
+    total = Done.merged([c.done for c in choices])
+    obj = "text_completion" if x.kind == "completion" else "chat.completion"
+    return {**_base(x, obj), "choices": out, "usage": usage(total), "timings": timings(total)}
 
 
 def chunk_base(x: Exchange) -> Json:
@@ -100,15 +117,30 @@ def chunk_base(x: Exchange) -> Json:
 
 
 def opening_chunk(x: Exchange) -> bytes | None:
-    """A chat stream opens with the assistant's role; a completion stream has no opening chunk."""
+    """A chat stream opens with the assistant's role, for each choice; a completion stream has no
+    opening chunk, unless it echoes its prompt (then one per choice, the prompt as its text)."""
     if x.kind != "chat":
-        return None
-    choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-    return sse_event({**chunk_base(x), "choices": [choice]})
+        if not x.echo:
+            return None
+        return b"".join(
+            sse_event({**chunk_base(x), "choices": [{"index": i, "text": x.echo, "logprobs": None, "finish_reason": None}]})
+            for i in range(x.n)
+        )
+    return b"".join(
+        sse_event({**chunk_base(x), "choices": [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        ]})
+        for i in range(x.n)
+    )
 
 
-def chunks(x: Exchange, event: Delta | Done | Failed, text_chunk: Callable[[str], bytes], offset: int) -> tuple[list[bytes], int]:
-    """The SSE events for one engine event, and the completion's text offset after them."""
+def chunks(
+    x: Exchange, event: Delta | Done | Failed, text_chunk: Callable[[str], bytes], offset: int, *, last: bool = True
+) -> tuple[list[bytes], int]:
+    """The SSE events for one engine event, and the completion's text offset after them.
+
+    `text_chunk` encodes the event's choice; a Done that is not the `last` of the request's choices is
+    only its choice's finish chunk, and the last one's Done must be the request's totals (Done.merged)."""
     if isinstance(event, Delta):
         if not event.text and not event.logprobs:
             return [], offset
@@ -119,19 +151,22 @@ def chunks(x: Exchange, event: Delta | Done | Failed, text_chunk: Callable[[str]
     if isinstance(event, Delta):
         if chat:
             lp: Json = {"content": [chat_logprob(t) for t in event.logprobs]}
-            choice: Json = {"index": 0, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}
+            choice: Json = {"index": event.index, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}
             return [sse_event({**base, "choices": [choice]})], offset
         lp = completion_logprobs(list(event.logprobs), offset)
         offset += sum(len(t.token) for t in event.logprobs)
-        return [sse_event({**base, "choices": [{"index": 0, "text": event.text, "logprobs": lp, "finish_reason": None}]})], offset
+        choice = {"index": event.index, "text": event.text, "logprobs": lp, "finish_reason": None}
+        return [sse_event({**base, "choices": [choice]})], offset
     if isinstance(event, Done):
-        last: Json = {"index": 0, "logprobs": None, "finish_reason": event.finish_reason}
+        end: Json = {"index": event.index, "logprobs": None, "finish_reason": event.finish_reason}
         if chat:
-            last["delta"] = {}
+            end["delta"] = {}
         else:
-            last["text"] = ""
+            end["text"] = ""
+        if not last:
+            return [sse_event({**base, "choices": [end]})], offset
         usage_inline = None if x.include_usage else usage(event)
-        out = [sse_event({**base, "choices": [last], "usage": usage_inline, "timings": timings(event)})]
+        out = [sse_event({**base, "choices": [end], "usage": usage_inline, "timings": timings(event)})]
         if x.include_usage:
             out.append(sse_event({**base, "choices": [], "usage": usage(event)}))
         out.append(SSE_DONE)

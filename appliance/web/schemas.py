@@ -1,7 +1,10 @@
 """Request bodies: parse, then validate strictly (wrong types are 400s, not silent coercions).
 
 Unknown fields are ignored, as OpenAI clients send extras (`user`, `metadata`); fields we know but do
-not support (n > 1, echo, suffix, best_of > 1, tools) are refused with a message saying so.
+not support (`best_of` other than 1 or `n`, `tools`, `echo` with `logprobs`) are refused with a message
+saying so. `n` choices (up to the model's parallel slots, checked against the model) share one decode
+of the prompt; `echo` prepends a completion's prompt to each choice; `suffix` asks a model with FIM
+tokens to fill in the middle (checked against the model).
 
 Structured output comes as OpenAI's `response_format` (text, json_object, json_schema) or
 llama-server's `grammar` (GBNF) and `json_schema`: at most one of them per request. Their contents
@@ -33,6 +36,9 @@ __all__ = [
     "ChatTokensRequest",
     "CompletionTokensRequest",
     "MAX_DETOKENIZE_TOKENS",
+    "EmbeddingRequest",
+    "RerankRequest",
+    "MAX_EMBEDDING_INPUTS",
     "parse",
 ]
 
@@ -109,8 +115,6 @@ class _Sampling(_Body):
 
     @model_validator(mode="after")
     def _supported(self) -> _Sampling:
-        if self.n != 1:
-            raise ValueError("n: only n=1 is supported; send separate requests (they are batched together)")
         if self.logit_bias:
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
@@ -191,12 +195,10 @@ class CompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _supported_completion(self) -> CompletionRequest:
         _check_prompt(self.prompt)
-        if self.echo:
-            raise ValueError("echo: not supported")
-        if self.suffix:
-            raise ValueError("suffix: not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of: only 1 is supported")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo: not supported together with logprobs (the prompt's logprobs are not computed)")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of: only 1 or n is supported (every choice generated is returned)")
         return self
 
 
@@ -260,6 +262,8 @@ class LoadModelRequest(_Body):
     n_gpu_layers: Annotated[int, Field(ge=-1)] | None = None
     n_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    embeddings: bool | None = None
+    pooling: Literal["mean", "cls", "last"] | None = None
 
 
 class UnloadModelRequest(_Body):
@@ -305,6 +309,49 @@ class CompletionTokensRequest(_Body):
     def _one_prompt(self) -> CompletionTokensRequest:
         _check_prompt(self.prompt)
         return self
+
+
+MAX_EMBEDDING_INPUTS = 2048
+"""The most inputs one /v1/embeddings request may carry (OpenAI's own limit)."""
+
+
+class EmbeddingRequest(_Body):
+    """OpenAI's /v1/embeddings body: one text, texts, one token-id list or token-id lists."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    input: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS),
+        ]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1, le=1 << 16)] | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The inputs as a list: texts, or token-id lists."""
+        given = self.input
+        if isinstance(given, str):
+            return [given]
+        if all(isinstance(t, int) for t in given):
+            return [[t for t in given if isinstance(t, int)]]
+        if all(isinstance(t, str) for t in given):
+            return [t for t in given if isinstance(t, str)]
+        return [t for t in given if isinstance(t, list)]
+
+
+class RerankRequest(_Body):
+    """llama-server's (Jina's, Cohere's) /v1/rerank body."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    query: str
+    documents: Annotated[list[str], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    top_n: Annotated[int, Field(ge=1)] | None = None
+    return_documents: bool = False
 
 
 def _legacy_chat(body: dict[str, Any]) -> dict[str, Any]:

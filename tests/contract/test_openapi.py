@@ -27,7 +27,9 @@ from appliance.web.schemas import (
     CompletionRequest,
     CompletionTokensRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     LoadModelRequest,
+    RerankRequest,
     TokenizeRequest,
     UnloadModelRequest,
 )
@@ -255,7 +257,8 @@ def _required(spec, schema: dict) -> set:
     "name, model",
     [("CompletionRequest", CompletionRequest), ("ChatRequest", ChatRequest), ("LoadModelRequest", LoadModelRequest), ("UnloadModelRequest", UnloadModelRequest),
      ("TokenizeRequest", TokenizeRequest), ("DetokenizeRequest", DetokenizeRequest), ("ChatTokensRequest", ChatTokensRequest),
-     ("CompletionTokensRequest", CompletionTokensRequest)],
+     ("CompletionTokensRequest", CompletionTokensRequest), ("EmbeddingRequest", EmbeddingRequest),
+     ("RerankRequest", RerankRequest)],
 )
 def test_request_schema_fields_match_the_parser(spec, name, model):
     schema = {"$ref": f"#/components/schemas/{name}"}
@@ -303,13 +306,21 @@ COMPLETION_CASES = [
     ({"model": ""}, False),
     ({"model": None}, False),
     ({"n": 1}, True),
-    ({"n": 2}, False),
+    ({"n": 2}, True),  # the fake model's two slots (more is a 400 naming n: the spec cannot know the model)
+    ({"n": 2, "stream": True}, True),
+    ({"n": 2, "stream": True, "stream_options": {"include_usage": True}}, True),
+    ({"n": 2, "logprobs": 1}, True),
+    ({"n": 0}, False),
+    ({"n": 129}, False),
     ({"n": None}, False),
-    ({"echo": True}, False),
+    ({"echo": True}, True),
+    ({"echo": True, "stream": True}, True),
+    ({"echo": True, "logprobs": 1}, False),
+    ({"echo": True, "logprobs": None}, True),
     ({"echo": False}, True),
-    ({"suffix": "tail"}, False),
     ({"suffix": None}, True),
-    ({"best_of": 2}, False),
+    ({"best_of": 0}, False),
+    ({"best_of": 2, "n": 2}, True),
     ({"best_of": 1}, True),
     ({"temperature": 1}, True),
     ({"temperature": 0.0}, True),
@@ -398,7 +409,9 @@ CHAT_CASES = [
     ({"max_completion_tokens": -1}, False),
     ({"max_completion_tokens": 3}, True),
     ({"max_tokens": 3, "max_completion_tokens": 2}, True),
-    ({"n": 3}, False),
+    ({"n": 2}, True),
+    ({"n": 2, "stream": True}, True),
+    ({"n": 0}, False),
     ({"n_ctx": 128, "n_threads": 2, "seed": 7}, True),
     ({"stream": True}, True),
 ]
@@ -610,15 +623,28 @@ def test_every_operation_has_a_validated_200(api, spec, registry, tmp_path):
         "/completions/input_tokens": COMPLETION,
         "/v1/chat/completions/input_tokens": CHAT,
         "/chat/completions/input_tokens": CHAT,
+        "/v1/embeddings": {"model": "tiny", "input": ["hello", "world"]},
     }
     queries = {"/v1/attestation": "nonce=" + "ab" * 32}
-    for path, method in sorted(spec.operations(), key=lambda pm: pm[0] == "/unload_model"):
+    registry.add("tiny", embeddings=True)
+    for path, method in sorted(spec.operations() - NO_200, key=lambda pm: pm[0] == "/unload_model"):
         kw = {"json": bodies[path]} if method == "POST" else {}
         if path in queries:
             kw["query_string"] = queries[path]
         r = api.request(method, path, **kw)
         assert r.status == 200, f"{method} {path}: {r.status} {r.json}"
-    assert {(p, m) for m, p, s in api.seen if s == 200} == spec.operations()
+    assert {(p, m) for m, p, s in api.seen if s == 200} == spec.operations() - NO_200
+
+
+NO_200 = {("/v1/rerank", "POST")}
+"""Operations without a success: /v1/rerank refuses every model (no reranker is served yet)."""
+
+
+def test_rerank_refuses_a_model_that_is_not_a_reranker(api, spec, registry):
+    r = api.request("POST", "/v1/rerank", json={"model": "tiny", "query": "q", "documents": ["a", "b"]})
+    assert r.status == 400 and r.json["error"]["code"] == "model_not_reranker" and r.json["error"]["param"] == "model"
+    r = api.request("POST", "/v1/rerank", json={"model": "nope", "query": "q", "documents": ["a"]})
+    assert r.status == 404
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,6 +689,40 @@ def test_stream_include_usage(api, path, body):
     *_, finish, usage = chunks
     assert finish["choices"][0]["finish_reason"] == "stop" and finish["usage"] is None and "timings" in finish
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] > 0
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_n_choices_stream_and_not(api, path, body):
+    # The fake engine replays its script once per choice; usage counts the prompt once.
+    one = api.post(path, body).json
+    two = api.post(path, {**body, "n": 2}).json
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert two["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    assert two["usage"]["completion_tokens"] == 2 * one["usage"]["completion_tokens"]
+    chunks = _chunks(api.post(path, {**body, "n": 2, "stream": True}))
+    key = "text" if path == "/v1/completions" else "delta"
+    for i in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        text = "".join(c[key] if key == "text" else c[key].get("content", "") for c in mine)
+        assert text == FULL_TEXT and mine[-1]["finish_reason"] == "stop"
+    usages = [c["usage"] for c in chunks if c.get("usage")]
+    assert len(usages) == 1 and usages[0] == two["usage"]
+
+
+def test_echo_prepends_the_prompt_to_each_choice(api):
+    r = api.post("/v1/completions", {**COMPLETION, "echo": True, "n": 2}).json
+    assert [c["text"] for c in r["choices"]] == [COMPLETION["prompt"] + FULL_TEXT] * 2
+    chunks = _chunks(api.post("/v1/completions", {**COMPLETION, "echo": True, "stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == COMPLETION["prompt"] + FULL_TEXT
+
+
+def test_choices_over_the_slots_and_a_suffix_without_fim_tokens_are_refused(api):
+    r = api.post("/v1/completions", {**COMPLETION, "n": 3})
+    assert r.status == 400 and r.json["error"]["param"] == "n"
+    r = api.post("/v1/chat/completions", {**CHAT, "n": 3, "stream": True})
+    assert r.status == 400 and r.json["error"]["param"] == "n"
+    r = api.post("/v1/completions", {**COMPLETION, "suffix": "tail"})
+    assert r.status == 400 and r.json["error"]["param"] == "suffix" and r.json["error"]["code"] == "fim_not_supported"
 
 
 def test_legacy_chat_stream(api):
@@ -913,7 +973,8 @@ SWEEP_BODIES: list[tuple[bytes | None, str | None]] = [
     (b'"text"', "application/json"),
     (b"{}", "application/json"),
     (b'{"model": "tiny"}', "application/json"),
-    (b'{"model": "tiny", "prompt": "x", "n": 2}', "application/json"),
+    (b'{"model": "tiny", "prompt": "x", "n": 3}', "application/json"),
+    (b'{"model": "tiny", "prompt": "x", "suffix": "y"}', "application/json"),
     (b'{"model-name": "tiny"}', "application/json"),
     (b'{"model_name": "tiny"}', "application/json"),
     (b"{}", "text/plain"),

@@ -40,6 +40,7 @@ provider = "simulated"
 
 [model_defaults]
 n_ctx = 512
+embeddings = true
 
 [limits]
 max_tokens = 1048576

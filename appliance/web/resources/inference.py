@@ -64,13 +64,24 @@ class Inference:
     def on_post_completions(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.prompt_param = "prompt"
         body = parse(CompletionRequest, req.context.json)
-        engine, prompt = self.models.text_prompt(body.model, prompt_source(body.prompt))
+        source = prompt_source(body.prompt)
+        limit = body.max_tokens if body.max_tokens is not None else self.limits.default_max_tokens
+        if body.suffix is not None:  # fill in the middle: the prompt is what comes before
+            engine, prompt = self.models.infill_prompt(body.model, source, body.suffix, n_predict=limit)
+        else:
+            engine, prompt = self.models.text_prompt(body.model, source)
         if body.logprobs is not None and body.logprobs > self.limits.max_top_logprobs:
             raise BadRequest(f"logprobs: at most {self.limits.max_top_logprobs}", param="logprobs")
-        limit = body.max_tokens if body.max_tokens is not None else self.limits.default_max_tokens
         offset = len(body.prompt) if isinstance(body.prompt, str) else 0
+        echo = ""
+        if body.echo:
+            # Token ids are echoed as their text, control tokens spelt out (as /detokenize has them).
+            if isinstance(source, str):
+                echo = source
+            else:
+                echo = b"".join(self.models.pieces(body.model, source)).decode("utf-8", "replace")
         x = openai.Exchange("completion", "cmpl-" + uuid.uuid4().hex, int(self._wall_clock()), body.model,
-                            body.logprobs is not None, body.include_usage, offset)
+                            body.logprobs is not None, body.include_usage, offset, body.n, echo)
         self._run(req, resp, x, body, engine, prompt, limit, body.logprobs, "max_tokens")
 
     def on_post_chat(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -84,7 +95,7 @@ class Inference:
                 raise BadRequest(f"top_logprobs: at most {self.limits.max_top_logprobs}", param="top_logprobs")
         limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         x = openai.Exchange("chat", "chatcmpl-" + uuid.uuid4().hex, int(self._wall_clock()), body.model,
-                            top is not None, body.include_usage)
+                            top is not None, body.include_usage, n=body.n)
         self._run(req, resp, x, body, engine, prompt, body.token_limit, top, limit_param)
 
     # -- the common path ---------------------------------------------------------------------
@@ -114,6 +125,10 @@ class Inference:
             max_tokens = self.limits.max_tokens
         elif max_tokens > self.limits.max_tokens:
             raise BadRequest(f"{limit_param}: at most {self.limits.max_tokens}", param=limit_param)
+        if body.n > engine.parallel:  # the choices are decoded side by side, one slot each
+            raise BadRequest(
+                f"n: this model decodes at most {engine.parallel} choices at once (its parallel slots)", param="n"
+            )
         if body.n_ctx is not None and body.n_ctx > engine.n_ctx:
             raise BadRequest(f"n_ctx: this model's context per request is at most {engine.n_ctx}", param="n_ctx")
         grammar = None
@@ -152,6 +167,7 @@ class Inference:
                 n_threads=body.n_threads,
                 n_ctx=body.n_ctx,
                 stream=bool(body.stream),
+                n=body.n,
             )
         )
         watcher = watch_disconnect(req.env.get("gunicorn.socket"), gen)
@@ -160,7 +176,7 @@ class Inference:
             resp.set_header("Cache-Control", "no-store")
             resp.set_header("X-Accel-Buffering", "no")
             # Plain token chunks may be written by the scheduler thread (logprob chunks are built here).
-            direct = DirectOut() if logprobs is None and self._writes_from_scheduler(engine) else None
+            direct = DirectOut() if logprobs is None and body.n == 1 and self._writes_from_scheduler(engine) else None
             outcome = StreamOutcome()
             resp.stream = GenerationStream(
                 self._sse(x, gen, outcome, direct), outcome, on_close=lambda: finish(gen, watcher), direct=direct
@@ -179,16 +195,19 @@ class Inference:
         return self._stream_writes == "scheduler"
 
     def _collect(self, x: openai.Exchange, gen: Generation) -> dict[str, object]:
-        text: list[str] = []
-        lps: list[TokenLogprob] = []
+        text: list[list[str]] = [[] for _ in range(x.n)]
+        lps: list[list[TokenLogprob]] = [[] for _ in range(x.n)]
+        choices: list[openai.Choice] = []
         for ev in gen.events():
             if isinstance(ev, Delta):
-                text.append(ev.text)
-                lps.extend(ev.logprobs)
+                text[ev.index].append(ev.text)
+                lps[ev.index].extend(ev.logprobs)
             elif isinstance(ev, Failed):
                 raise from_engine(ev.error, prompt_param=x.prompt_param)
             elif isinstance(ev, Done):
-                return openai.final_object(x, "".join(text), lps, ev)
+                choices.append(openai.Choice("".join(text[ev.index]), lps[ev.index], ev))
+                if len(choices) == x.n:
+                    return openai.final_object(x, choices)
         if gen.cancelled:  # the events end early only when the disconnect watcher cancelled them
             raise ClientClosedRequest()
         raise InternalError()
@@ -201,6 +220,9 @@ class Inference:
         opening = openai.opening_chunk(x)
         if opening is not None:
             yield opening
+        if x.n > 1:
+            yield from self._sse_choices(x, gen, outcome)
+            return
         offset = x.text_offset
         plain = not x.logprobs
         try:
@@ -217,6 +239,38 @@ class Inference:
                 events, offset = openai.chunks(x, ev, text_chunk, offset)
                 yield from events
                 if not isinstance(ev, Delta):
+                    return
+        except Exception as e:
+            err = to_api_error(e, prompt_param=x.prompt_param)
+            if err is None:
+                log.exception("stream failed")
+                err = InternalError()
+            outcome.finish_reason = "error"
+            yield openai.error_event(err)
+
+    def _sse_choices(self, x: openai.Exchange, gen: Generation, outcome: StreamOutcome) -> Iterator[bytes]:
+        """The events of a stream of n > 1 choices (after its opening): each chunk one choice's, by its
+        index; the finish reason and usage attested at the end are the last choice's and the totals."""
+        base = openai.chunk_base(x)
+        encoders = [openai.text_chunk_encoder(base, chat=x.kind == "chat", index=i) for i in range(x.n)]
+        offsets = [x.text_offset] * x.n
+        dones: list[Done] = []
+        try:
+            for ev in gen.events():
+                last = False
+                if isinstance(ev, Done):
+                    dones.append(ev)
+                    last = len(dones) == x.n
+                    if last:
+                        ev = Done.merged(dones)
+                        outcome.finish_reason = ev.finish_reason
+                        outcome.usage = openai.usage(ev)
+                elif isinstance(ev, Failed):
+                    outcome.finish_reason = "error"
+                i = ev.index if isinstance(ev, (Delta, Done)) else 0
+                events, offsets[i] = openai.chunks(x, ev, encoders[i], offsets[i], last=last)
+                yield from events
+                if isinstance(ev, Failed) or last:
                     return
         except Exception as e:
             err = to_api_error(e, prompt_param=x.prompt_param)
