@@ -406,6 +406,13 @@ class LlamaModel:
                 self._ptr = None
 
 
+_FLASH_ATTN = {
+    "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
 class LlamaContext:
     """One llama_context with `n_seq` sequences, each with its own KV stream of `n_ctx_seq` cells."""
 
@@ -431,11 +438,7 @@ class LlamaContext:
         # and attention never mixes sequences, so a seeded request decodes alike whatever runs beside it.
         params.kv_unified = False
         params.no_perf = True
-        params.flash_attn_type = {
-            "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
-            "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }[flash_attn]
+        params.flash_attn_type = _FLASH_ATTN[flash_attn]
         self._ptr: int | None = C.llama_init_from_model(model.ptr, params)
         if not self._ptr:
             raise ValueError("llama.cpp could not create a context (out of memory?)")
@@ -505,11 +508,7 @@ class EmbeddingContext:
         # which would cut a sequence across ubatches; a unified one keeps the batch whole.
         params.kv_unified = True
         params.no_perf = True
-        params.flash_attn_type = {
-            "auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO,
-            "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }[flash_attn]
+        params.flash_attn_type = _FLASH_ATTN[flash_attn]
         self._ptr: int | None = C.llama_init_from_model(model.ptr, params)
         if not self._ptr:
             raise ValueError("llama.cpp could not create an embedding context (out of memory?)")

@@ -241,12 +241,7 @@ class Inference:
                 if not isinstance(ev, Delta):
                     return
         except Exception as e:
-            err = to_api_error(e, prompt_param=x.prompt_param)
-            if err is None:
-                log.exception("stream failed")
-                err = InternalError()
-            outcome.finish_reason = "error"
-            yield openai.error_event(err)
+            yield _stream_failed(e, x, outcome)
 
     def _sse_choices(self, x: openai.Exchange, gen: Generation, outcome: StreamOutcome) -> Iterator[bytes]:
         """The events of a stream of n > 1 choices (after its opening): each chunk one choice's, by its
@@ -273,12 +268,17 @@ class Inference:
                 if isinstance(ev, Failed) or last:
                     return
         except Exception as e:
-            err = to_api_error(e, prompt_param=x.prompt_param)
-            if err is None:
-                log.exception("stream failed")
-                err = InternalError()
-            outcome.finish_reason = "error"
-            yield openai.error_event(err)
+            yield _stream_failed(e, x, outcome)
+
+
+def _stream_failed(e: Exception, x: openai.Exchange, outcome: StreamOutcome) -> bytes:
+    """The error event that ends a stream after its 200 (an unexpected error: logged, answered generically)."""
+    err = to_api_error(e, prompt_param=x.prompt_param)
+    if err is None:
+        log.exception("stream failed")
+        err = InternalError()
+    outcome.finish_reason = "error"
+    return openai.error_event(err)
 
 
 def prompt_source(prompt: str | list[str] | list[int]) -> str | list[int]:
