@@ -136,6 +136,29 @@ def _factory(
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        _flush_or_drop_std_streams()
+
+
+def _flush_or_drop_std_streams() -> None:
+    """Where stdout or stderr cannot be written (a full disk: ENOSPC, a closed pipe), what is still
+    buffered is dropped here: otherwise the interpreter's last flush fails at exit and turns a clean
+    shutdown's status into 120. Log lines that cannot be written are lost, never the exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in (None, "serve"):
         return _serve(args)
