@@ -8,8 +8,11 @@ in-process app tests use them; import them as `from tests.conftest import FakeRe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import falcon
+import falcon.testing
 import numpy as np
 
 from appliance.engine.chat import ChatTemplate
@@ -39,6 +42,7 @@ from appliance.engine.prompt import (
 from appliance.engine.registry import ModelRecord
 from appliance.engine.scheduler import check_logit_bias
 from appliance.settings import ModelSettings
+from attestation import signing
 
 __all__ = ["FIXED_NOW", "FakeModel", "FakeGeneration", "FakeEngine", "FakeGrammar", "FakeEmbedder", "FakeRegistry"]
 
@@ -330,3 +334,19 @@ class FakeRegistry:
 
     def stop_all(self, timeout: float = 30.0) -> None:
         self._records.clear()
+
+
+class SignedClient:
+    """An in-process test client whose every response must verify against the app's published key."""
+
+    def __init__(self, app: falcon.App) -> None:
+        self.client = falcon.testing.TestClient(app)
+        keys = self.client.simulate_get("/v1/keys").json
+        self.key = signing.public_key_from_b64(keys["public_key"])
+
+    def post(self, path: str, body: object) -> falcon.testing.Result:
+        raw = json.dumps(body).encode()
+        r = self.client.simulate_post(path, body=raw, headers={"Content-Type": "application/json"})
+        signing.verify_response(self.key, request=signing.RequestInfo("POST", path, raw), status=r.status_code,
+                                headers=dict(r.headers), body=r.content)
+        return r

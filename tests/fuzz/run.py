@@ -11,10 +11,10 @@ tests/integration/test_fuzz.py runs a short seeded version in `make test`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+
+from tests.serve import appliance
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "spec" / "openapi.yaml"
@@ -125,12 +127,6 @@ def status_table(log: Path) -> str:
     return "\n".join(rows)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=int(os.environ.get("FUZZ_EXAMPLES", "200")),
@@ -140,39 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=None, help="fuzz a server already running there (with --model naming what it serves)")
     args, extra = p.parse_known_args(argv)
     name, path = ("demo", DEMO) if args.model is None else (args.model.split("=", 1)[0], Path(args.model.split("=", 1)[1]))
-    proc = None
-    url = args.url
     with tempfile.TemporaryDirectory(prefix="appliance-fuzz-") as tmp:
-        if url is None:
-            port = _free_port()
-            cfg = Path(tmp) / "appliance.toml"
-            cfg.write_text(SERVER_CONFIG)
-            log = open(Path(tmp) / "server.log", "wb")
-            proc = subprocess.Popen([str(Path(sys.executable).with_name("appliance")), "-p", str(port), "--config", str(cfg),
-                                     "--model", f"{name}={path}"], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if requests.get(url + "/readiness", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                time.sleep(0.3)
-            else:
-                print("the server did not get ready", file=sys.stderr)
-                proc.kill()
-                return 2
-        try:
+        with contextlib.ExitStack() as stack:
+            url = args.url
+            if url is None:
+                _, url = stack.enter_context(appliance(SERVER_CONFIG, Path(tmp), "--model", f"{name}={path}", timeout=120))
             t0 = time.monotonic()
             result = fuzz(url, model_name=name, model_path=path, examples=args.examples, seed=args.seed, extra=extra)
-        finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=60)
         print(result.output)
-        if proc is not None:
+        if args.url is None:
             print(status_table(Path(tmp) / "server.log"))
         print(f"fuzz: {result.cases} cases in {time.monotonic() - t0:.0f} s, {result.failures} failures, "
               f"healthy after: {result.healthy_after}, no worker restart: {result.no_worker_restart}")

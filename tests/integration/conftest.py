@@ -19,6 +19,7 @@ bottom are imported by the test modules as `from appliance_it import ...`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -378,3 +379,41 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@contextlib.contextmanager
+def llama_server(model: Path, args: list[str], workdir: Path, *, timeout: float = 120) -> Iterator[str]:
+    """llama.cpp's own llama-server, from the cache scripts/llama-server.sh fills (built from the same
+    sdist), serving `model` with `args` on a free loopback port: yields its URL, stops it after. Skips
+    with the reason when this machine has no cached build (parity tests run wherever it exists)."""
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "llama-server.sh"), "--cached"], capture_output=True,
+                          text=True, timeout=60)
+    binary = done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
+    if binary is None:
+        pytest.skip("llama-server is not built here: `bash scripts/llama-server.sh` (or `make bench`) builds and "
+                    "caches it once; this parity test runs wherever that cache exists")
+    port = free_port()
+    log = workdir / "llama-server.log"
+    argv = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--no-webui", *args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"llama-server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, f"llama-server not healthy in {timeout:.0f} s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -16,13 +16,12 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from appliance_it import ROOT, Server, assert_error, free_port
+from appliance_it import ROOT, Server, assert_error, llama_server
 
 from attestation import signing
 
@@ -198,53 +197,13 @@ def test_every_answer_is_signed_by_the_published_key(emb):
 # References: llama-server --embeddings, and llama-cpp-python's high-level API
 
 
-def _cached_llama_server() -> str | None:
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "llama-server.sh"), "--cached"], capture_output=True,
-                          text=True, timeout=60)
-    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
-
-
-def _llama_server(model: Path, workdir: Path):
-    binary = _cached_llama_server()
-    if binary is None:
-        pytest.skip("llama-server is not built here: `bash scripts/llama-server.sh` (or `make bench`) builds and "
-                    "caches it once; this parity test runs wherever that cache exists")
-    port = free_port()
-    log = workdir / "log"
-    # Our embedding context: mean pooling, one decode of at most n_batch tokens per input, no flash attention.
-    argv = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--no-webui", "--embeddings",
-            "--pooling", "mean", "-fa", "off", "-t", "1", "-c", str(N_BATCH), "-b", str(N_BATCH), "-ub", str(N_BATCH),
-            "-np", "1"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, f"llama-server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, f"llama-server not healthy in 120 s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.2)
-    return proc, url
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 @pytest.mark.parametrize("model", [GEMMA, TINY])
 def test_the_same_vectors_as_llama_server(emb, model, real_model, model_files, tmp_path):
     path = real_model if model == GEMMA else model_files.main
-    proc, url = _llama_server(path, tmp_path)
-    try:
+    # Our embedding context: mean pooling, one decode of at most n_batch tokens per input, no flash attention.
+    args = ["--embeddings", "--pooling", "mean", "-fa", "off", "-t", "1", "-c", str(N_BATCH), "-b", str(N_BATCH),
+            "-ub", str(N_BATCH), "-np", "1"]
+    with llama_server(path, args, tmp_path) as url:
         ids = post(emb, "/tokenize", {"model": model, "content": TEXTS[1], "add_special": True}).json()["tokens"]
         worst = 1.0
         for inputs in (TEXTS, ids, [ids, ids[:5]]):
@@ -258,8 +217,6 @@ def test_the_same_vectors_as_llama_server(emb, model, real_model, model_files, t
                 worst = min(worst, cos(a, b))
         print(f"\n{model}: min cosine against llama-server {worst:.7f}")
         assert worst >= MIN_COSINE
-    finally:
-        _stop(proc)
 
 
 _LLAMA_CPP_PYTHON = r"""

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_minute_soak_on_the_real_model(real_model):
-    r = soak(2, 4, seed=1, appliance=server_command())
+    r = soak(2, 4, seed=1, appliance_command=server_command())
     print(report(r))
     assert r["requests"] > 50, report(r)
     assert r["errors"] == 0, report(r)

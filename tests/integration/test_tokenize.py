@@ -14,12 +14,11 @@ import datetime
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
-from appliance_it import ROOT, Server, assert_error, free_port
+from appliance_it import Server, assert_error, llama_server
 
 from attestation import signing
 
@@ -211,51 +210,18 @@ def test_ids_and_pieces_equal_llama_cpp_pythons_tokenizer(gemma, real_model):
         assert [list(piece_bytes(t["piece"])) for t in pieces] == ref["pieces"], text
 
 
-def _cached_llama_server() -> str | None:
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "llama-server.sh"), "--cached"], capture_output=True,
-                          text=True, timeout=60)
-    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
-
-
 @pytest.fixture(scope="module")
-def llama_server(real_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    binary = _cached_llama_server()
-    if binary is None:
-        pytest.skip("llama-server is not built here: `bash scripts/llama-server.sh` (or `make bench`) builds and "
-                    "caches it once; this parity test runs wherever that cache exists")
-    port = free_port()
-    log = tmp_path_factory.mktemp("llama-server") / "log"
+def llama_server_url(real_model: Path, tmp_path_factory: pytest.TempPathFactory):
     # The chat template the appliance picks for this GGUF (none inside): llama.cpp's built-in `gemma`.
     # No warm-up decode: tokenizing never computes, so no CPU module's kernels run.
-    argv = [binary, "-m", str(real_model), "--host", "127.0.0.1", "--port", str(port), "--no-webui", "--no-warmup",
-            "--no-jinja", "--chat-template", "gemma", "-t", "1", "-c", "1024", "-np", "1"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"llama-server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, f"llama-server not healthy in 60 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.1)
+    args = ["--no-warmup", "--no-jinja", "--chat-template", "gemma", "-t", "1", "-c", "1024", "-np", "1"]
+    with llama_server(real_model, args, tmp_path_factory.mktemp("llama-server"), timeout=60) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
-def test_the_same_answers_as_llama_server(gemma, llama_server):
+def test_the_same_answers_as_llama_server(gemma, llama_server_url):
     def both(path: str, body: dict) -> tuple[object, object]:
-        theirs = requests.post(llama_server + path, json=body, timeout=60)
+        theirs = requests.post(llama_server_url + path, json=body, timeout=60)
         assert theirs.status_code == 200, theirs.text
         return ok(gemma, path, {"model": MODEL, **body}), theirs.json()
 

@@ -22,8 +22,6 @@ import os
 import random
 import re
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+
+from tests.serve import appliance
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gemma3-270m"
@@ -214,46 +214,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def soak(minutes: float, clients: int, seed: int, *, appliance: list[str] | None = None, log=print) -> dict[str, Any]:
+def soak(minutes: float, clients: int, seed: int, *, appliance_command: list[str] | None = None, log=print) -> dict[str, Any]:
     model = Path(subprocess.run([str(ROOT / "scripts" / "real-model.sh")], check=True, capture_output=True, text=True,
                                 env={**os.environ, "PYTHON": sys.executable}).stdout.strip().splitlines()[-1])
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="appliance-soak-") as tmp:
-        cfg = Path(tmp) / "soak.toml"
-        cfg.write_text(f'[attestation]\nprovider = "simulated"\nrate_per_minute = 0\n\n'
-                       f'[[models]]\nname = "{MODEL}"\npath = "{model}"\nparallel = 4\nn_ctx = 2048\n')
-        command = appliance or [str(Path(sys.executable).with_name("appliance"))]
-        with open(Path(tmp) / "server.log", "wb") as server_log:
-            proc = subprocess.Popen([*command, "-p", str(port), "--config", str(cfg)], stdout=server_log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    if requests.get(url + "/readiness", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"the server did not get ready:\n{(Path(tmp) / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.3)
-            pid = worker_pid(proc.pid)
-            if pid is None:
-                raise RuntimeError("no worker process")
-            return _drive(url, pid, model, minutes, clients, seed, log)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    config = (f'[attestation]\nprovider = "simulated"\nrate_per_minute = 0\n\n'
+              f'[[models]]\nname = "{MODEL}"\npath = "{model}"\nparallel = 4\nn_ctx = 2048\n')
+    with tempfile.TemporaryDirectory(prefix="appliance-soak-") as tmp, \
+            appliance(config, Path(tmp), command=appliance_command) as (proc, url):
+        pid = worker_pid(proc.pid)
+        if pid is None:
+            raise RuntimeError("no worker process")
+        return _drive(url, pid, model, minutes, clients, seed, log)
 
 
 def _drive(url: str, pid: int, model: Path, minutes: float, clients: int, seed: int, log) -> dict[str, Any]:

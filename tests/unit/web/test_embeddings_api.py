@@ -5,7 +5,6 @@ embedding-token metric with the real embedder's counts left to tests/unit/engine
 from __future__ import annotations
 
 import base64
-import json
 
 import falcon.testing
 import numpy as np
@@ -14,24 +13,8 @@ import pytest
 from appliance.engine.embedder import l2_normalized
 from appliance.settings import Settings
 from appliance.web.app import create_app
-from attestation import signing
 from tests.conftest import FakeEmbedder, FakeRegistry
-
-
-class Client:
-    """A test client whose every response must verify against the app's published key."""
-
-    def __init__(self, app: falcon.App) -> None:
-        self.client = falcon.testing.TestClient(app)
-        keys = self.client.simulate_get("/v1/keys").json
-        self.key = signing.public_key_from_b64(keys["public_key"])
-
-    def post(self, path: str, body: object) -> falcon.testing.Result:
-        raw = json.dumps(body).encode()
-        r = self.client.simulate_post(path, body=raw, headers={"Content-Type": "application/json"})
-        signing.verify_response(self.key, request=signing.RequestInfo("POST", path, raw), status=r.status_code,
-                                headers=dict(r.headers), body=r.content)
-        return r
+from tests.conftest import SignedClient as Client
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ real registry on a synthetic model, tokenizing on a pool thread."""
 
 from __future__ import annotations
 
-import json
 import threading
 
 import falcon.testing
@@ -14,26 +13,10 @@ from appliance.settings import Settings
 from appliance.web.app import create_app
 from appliance.web.resources.tokens import shown
 from appliance.web.schemas import MAX_DETOKENIZE_TOKENS
-from attestation import signing
 from tests.conftest import FakeRegistry
+from tests.conftest import SignedClient as Client
 
 CHAT = {"model": "tiny", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
-
-
-class Client:
-    """A test client whose every response must verify against the app's published key."""
-
-    def __init__(self, app: falcon.App) -> None:
-        self.client = falcon.testing.TestClient(app)
-        keys = self.client.simulate_get("/v1/keys").json
-        self.key = signing.public_key_from_b64(keys["public_key"])
-
-    def post(self, path: str, body: object) -> falcon.testing.Result:
-        raw = json.dumps(body).encode()
-        r = self.client.simulate_post(path, body=raw, headers={"Content-Type": "application/json"})
-        signing.verify_response(self.key, request=signing.RequestInfo("POST", path, raw), status=r.status_code,
-                                headers=dict(r.headers), body=r.content)
-        return r
 
 
 @pytest.fixture
