@@ -14,7 +14,7 @@ REAL_MODEL_NAME := gemma3-270m
 # Quiet pip: the machine's extra local indexes print a warning per package.
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run run-demo setup check test test-unit test-integration demo-model real-model battery lock clean
+.PHONY: run run-demo setup check test test-unit test-integration demo-model real-model battery lock clean system-deps
 
 run: setup real-model
 	$(BIN)/appliance -p $(PORT) --model $(REAL_MODEL_NAME)=$(REAL_MODEL)
@@ -55,13 +55,17 @@ check: setup
 	$(BIN)/mypy appliance
 	$(BIN)/mypy attestation
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -ra
+
+# Debian's prometheus, haproxy, umoci and skopeo, which tests drive for real (installed when root).
+system-deps:
+	scripts/system-deps.sh
 
 test-unit: setup
 	$(BIN)/python -m pytest -ra tests/unit tests/contract
 
-test-integration: setup
+test-integration: setup system-deps
 	$(BIN)/python -m pytest -ra tests/integration
 
 # Re-pin every dependency with hashes (needs `uv`: pip install uv).
@@ -97,7 +101,7 @@ dist/appliance: $(BINARY_INPUTS) | $(DEMO_MODEL)
 
 # The integration suite, unchanged, against the binary (without its embedded model, so the suite sees
 # only the models it starts), then the binary's own tests (embedded model, extraction, manifest).
-test-binary: setup dist/appliance
+test-binary: setup system-deps dist/appliance
 	APPLIANCE_BIN="$(CURDIR)/dist/appliance --no-default-model" $(BIN)/python -m pytest -ra tests/integration tests/binary
 
 # Two fresh copies of this commit, each with its own empty cache and venvs, built one after the other
@@ -108,6 +112,25 @@ repro-check:
 lock-build:
 	cd build && uv pip compile requirements-build.in --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 --generate-hashes --no-header -o requirements-build.lock
+
+# --- Container image (build/image.py; README "Deploy") -------------------------------------------
+# An OCI image from the frozen binary, without a Docker daemon or the network: no base image, the binary,
+# the glibc and zlib objects it needs, CA certificates, user appliance (65532). `make image` writes the
+# layout dist/image/appliance-cpu, the same as one tar dist/appliance-cpu.oci.tar and the SPDX SBOM
+# dist/appliance-cpu.sbom.spdx.json, and prints the manifest digest and sizes; two builds of the same
+# inputs give the same digest (tests/binary/test_image.py). IMAGE_SOURCE sets org.opencontainers.image.source.
+.PHONY: image image-cuda
+IMAGE_SOURCE ?= $(shell git config --get remote.origin.url 2>/dev/null)
+IMAGE_ARGS = --revision "$$(git rev-parse HEAD)" --source-date-epoch "$$(git log -1 --format=%ct HEAD)" \
+  $(if $(IMAGE_SOURCE),--source "$(IMAGE_SOURCE)")
+
+image: dist/appliance
+	$(PYTHON) build/image.py --variant cpu $(IMAGE_ARGS)
+
+# dist/appliance-cuda (make binary-cuda) plus the CUDA runtime and cuBLAS of the pinned toolkit
+# (scripts/cuda-toolkit.sh); the NVIDIA container toolkit mounts the driver at run time.
+image-cuda:
+	$(PYTHON) build/image.py --variant cuda $(IMAGE_ARGS)
 
 # --- Reliability (tests/fuzz/; README "Abuse and faults") --------------------------------------
 # schemathesis (pinned in requirements.lock) against spec/openapi.yaml and a real server on loopback:

@@ -62,7 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     from attestation.cli import add_verify_arguments
 
     add_verify_arguments(sub.add_parser("verify", help="attest an appliance: print the factor table (see spec/attestation.md)"))
+    hc = sub.add_parser("health", help="GET a health URL; exit 0 on 200, else 1 (container healthchecks: images have no curl)")
+    hc.add_argument("url", nargs="?", default="http://127.0.0.1:3000/health")
+    hc.add_argument("--timeout", type=float, default=5.0)
     return p
+
+
+def _health(url: str, timeout: float) -> int:
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        print(f"appliance health: not an http(s) URL: {url}", file=sys.stderr)
+        return 2
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            ok = r.status == 200
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"appliance health: {url}: {e}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -170,6 +189,8 @@ def _main(argv: list[str] | None) -> int:
         from attestation.cli import verify_main
 
         return verify_main(args)
+    if args.command == "health":
+        return _health(args.url, args.timeout)
     return 2
 
 

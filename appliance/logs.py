@@ -1,4 +1,7 @@
-"""Structured JSON logs on stderr. Callers pass fields in `extra`; never prompts, completions or keys."""
+"""Structured JSON logs on stderr. Callers pass fields in `extra`; never prompts, completions or keys.
+
+Every record goes through the telemetry policy (appliance/telemetry.py, spec/telemetry.md): only the
+fields it lists, each checked, and string arguments of a message cut to a bounded length."""
 
 from __future__ import annotations
 
@@ -7,19 +10,35 @@ import logging
 import sys
 import time
 
+from appliance.telemetry import LogPolicy
+
 __all__ = ["configure_logging", "JsonFormatter"]
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, policy: LogPolicy | None = None) -> None:
+        super().__init__()
+        self.policy = policy or LogPolicy()
+
+    def _message(self, record: logging.LogRecord) -> str:
+        msg = str(record.msg)
+        args = record.args
+        if not args:
+            return msg
+        cut = self.policy.cut
+        if isinstance(args, dict):
+            return msg % {k: cut(v) for k, v in args.items()}
+        return msg % tuple(cut(a) for a in args)
+
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "ts": round(record.created, 3),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": self._message(record),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
@@ -32,7 +51,7 @@ class JsonFormatter(logging.Formatter):
                 tb = tb.tb_next
             if tb is not None:
                 out["exc_at"] = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
-        return json.dumps(out, default=str)
+        return json.dumps(self.policy.apply(out), default=str)
 
 
 def configure_logging(level: str = "info") -> None:

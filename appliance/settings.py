@@ -24,6 +24,7 @@ __all__ = [
     "ModelSettings",
     "ServerSettings",
     "LimitsSettings",
+    "ConversationSettings",
     "Settings",
     "load_settings",
     "default_threads",
@@ -157,7 +158,8 @@ class ServerSettings(_Strict):
             return False
 
 
-Scope = Literal["inference", "admin"]
+Scope = Literal["inference", "admin", "metrics"]
+"""inference: the API; admin: model management and /metrics; metrics: /metrics only (a scraper's key)."""
 
 
 class ApiKey(_Strict):
@@ -265,6 +267,34 @@ class LimitsSettings(_Strict):
         return self
 
 
+class ConversationSettings(_Strict):
+    """`[conversations]`: what POST /v1/responses (`store`, `previous_response_id`) and the Conversations
+    API keep on the server, sealed (AES-256-GCM, a key that exists only in memory; README)."""
+
+    max_responses: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    """Stored responses; past it, the least recently written one is evicted."""
+    max_conversations: Annotated[int, Field(ge=1, le=10_000_000)] = 1_000
+    """Conversations; past it, the least recently written one is evicted."""
+    max_items_per_conversation: Annotated[int, Field(ge=1, le=1_000_000)] = 1_000
+    """Items one conversation may hold; adding past it is a 400 naming `conversation` (or `items`)."""
+    ttl_seconds: Annotated[int, Field(ge=1, le=10 * 365 * 86400)] = 30 * 86400
+    """A record is forgotten this long after it was last written (OpenAI keeps responses 30 days)."""
+    memory_budget_bytes: Annotated[int, Field(ge=1 << 16, le=1 << 40)] = 64 << 20
+    """The sealed bytes of every record together; past it, the least recently written records go."""
+    directory: Path | None = None
+    """Also keep the sealed records on disk here (created 0700 if missing; absolute), so they outlive a
+    worker restart: one file per record, in a subdirectory named by the sealing key's id. The key never
+    touches the disk, so a full restart (a new key) cannot open them: its subdirectory is left for the
+    operator to delete (several processes may share the directory, each with its own key)."""
+
+    @field_validator("directory")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
+            raise ValueError("must be an absolute path")
+        return v
+
+
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     limits: LimitsSettings = LimitsSettings()
@@ -273,6 +303,7 @@ class Settings(_Strict):
     auth: AuthSettings = AuthSettings()
     model_policy: ModelPolicy = ModelPolicy()
     attestation: AttestationSettings = AttestationSettings()
+    conversations: ConversationSettings = ConversationSettings()
 
     @field_validator("models")
     @classmethod

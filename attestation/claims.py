@@ -78,6 +78,10 @@ class Claims:
     # The llama.cpp CPU build that really runs ({"cpu": "cpu-zen4", "extra_buffers": true,
     # "fallback": false}), once a model has loaded; omitted before.
     backend: dict[str, Any] | None = None
+    # SHA-256 of the canonical telemetry policy the binary enforces (spec/telemetry.md).
+    telemetry_policy_sha256: str | None = None
+    # SHA-256 of the web UI's canonical manifest.json (its files' digests), when the appliance serves one.
+    ui_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -96,6 +100,10 @@ class Claims:
         }
         if self.backend is not None:
             out["backend"] = dict(self.backend)
+        if self.telemetry_policy_sha256 is not None:
+            out["telemetry_policy_sha256"] = self.telemetry_policy_sha256
+        if self.ui_sha256 is not None:
+            out["ui_sha256"] = self.ui_sha256
         return out
 
     def encode(self) -> bytes:
@@ -117,6 +125,9 @@ def parse_claims(claims_bytes: bytes) -> dict[str, Any]:
             raise ClaimsError("claims: nonce is not 64 hex characters")
         if not _HEX64.match(obj["binary"]["sha256"]) or not _HEX64.match(obj["config_sha256"]):
             raise ClaimsError("claims: digests must be 64 hex characters")
+        for optional in ("telemetry_policy_sha256", "ui_sha256"):
+            if optional in obj and not (isinstance(obj[optional], str) and _HEX64.match(obj[optional])):
+                raise ClaimsError("claims: digests must be 64 hex characters")
         for m in obj["models"]:
             if not _HEX64.match(m["sha256"]):
                 raise ClaimsError(f"claims: model {m.get('name')!r} digest is not 64 hex characters")

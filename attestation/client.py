@@ -20,6 +20,12 @@ The flow (spec/attestation.md, "Client flow"):
    back until a signed checkpoint covering them has verified, and the end of the stream (the final
    checkpoint, `data: [DONE]`, nothing after) is verified before the last events are released.
 
+Many replicas behind a load balancer (spec/attestation.md §10): each replica has its own key, and
+`VerifyingTransport` keeps the replicas it attested by key id. A response signed by a key id it has
+not attested is held while that replica is attested in full (fresh nonce, the same policy), reached
+through the load balancer with the routing header the response carried (`Appliance-Route`); only an
+attested key whose id is the response's verifies it.
+
 Nothing here returns an unverified byte: a failure raises `AttestationFailed` (while attesting) or
 `VerificationError` (any later response), including truncation and a stream that ends early.
 
@@ -30,9 +36,11 @@ importable without httpx2, and `attest()` and `verified_request()` then use the 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import http.client
 import json
+import re
 import secrets
 import ssl
 import threading
@@ -41,12 +49,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+import http_sf
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .policy import Policy
 from .signing import (
     CHECKPOINT_PREFIX,
     FINAL_PREFIX,
+    LABEL,
     NONCE_HEADER,
     SSE_DONE,
     STREAM_HEADER,
@@ -74,12 +84,16 @@ else:
 __all__ = [
     "ATTESTATION_PATH",
     "NONCE_BYTES",
+    "ROUTE_HEADER",
     "AttestedAppliance",
+    "ReplicaAttestationFailed",
     "StreamVerifier",
     "VerifiedHTTPResponse",
     "VerifyingTransport",
     "attest",
     "new_nonce",
+    "response_key_id",
+    "response_route",
     "verified_openai_client",
     "verified_request",
     "verify_attestation_response",
@@ -94,6 +108,12 @@ MAX_RESPONSE_BYTES = 64 << 20  # a JSON response held for verification
 MAX_STREAM_BYTES = 256 << 20  # an SSE transcript held until its final checkpoint
 MAX_EVENT_BYTES = 4 << 20  # one SSE event
 DEFAULT_TIMEOUT = 120.0
+ROUTE_HEADER = "appliance-route"
+"""Names the replica behind a load balancer: the balancer sets it on every response (the server that
+answered) and sends a request carrying it to that server (spec/attestation.md §10). Not signed: it only
+says where to attest; the attested key must then be the one that signed the response."""
+MAX_REPLICAS = 256  # key ids one VerifyingTransport attests (each costs an attestation round trip)
+_ROUTE_RE = re.compile(r"[A-Za-z0-9._:~+/=@-]{1,128}")
 
 RandomBytes = Callable[[int], bytes]
 
@@ -166,6 +186,9 @@ class AttestedAppliance:
     report: VerificationReport
     nonce: str
     document: dict[str, Any] = field(repr=False)
+    route: str | None = None
+    """The `Appliance-Route` the attestation response carried: which replica a load balancer says
+    answered (unsigned; informational, and what a later attestation of this replica is sent with)."""
 
     @property
     def claims(self) -> dict[str, Any]:
@@ -185,6 +208,49 @@ class AttestedAppliance:
 
     def table(self) -> str:
         return self.report.table()
+
+
+class ReplicaAttestationFailed(AttestationFailed):
+    """A replica behind a load balancer failed attestation: named by its routing header value and key id.
+
+    `kid` is the key id of the response that led to attesting it (or, when the first attestation of a
+    transport fails, the key id its claims name, if they parse); `route` the `Appliance-Route` value.
+    Both come from the network, unverified: they name the replica, they vouch for nothing.
+    """
+
+    def __init__(self, report: VerificationReport, *, kid: str | None, route: str | None) -> None:
+        super().__init__(report)
+        self.kid = kid
+        self.route = route
+        names = ", ".join(f.name for f in report.failures()) or "no factor passed"
+        self.args = (f"replica {route!r} (kid {kid}): attestation failed: {names}",)
+
+
+def response_route(headers: Mapping[str, str]) -> str | None:
+    """The response's `Appliance-Route` value, or None when absent or not a plain token (never sent on)."""
+    value = next((v for k, v in headers.items() if k.lower() == ROUTE_HEADER), None)
+    if value is None or not _ROUTE_RE.fullmatch(value.strip()):
+        return None
+    return value.strip()
+
+
+def response_key_id(headers: Mapping[str, str]) -> str | None:
+    """The `keyid` of the appliance's signature (label `appliance`) in Signature-Input, unverified.
+
+    Says only which key to verify the response with; None when there is no such signature (verification
+    then fails in the usual way)."""
+    h = {k.lower(): v for k, v in headers.items()}
+    if "signature" not in h or "signature-input" not in h:
+        return None
+    try:
+        parsed = http_sf.parse(h["signature-input"].encode("latin-1"), tltype="dictionary")
+    except (ValueError, UnicodeEncodeError):
+        return None
+    entry = parsed.get(LABEL) if isinstance(parsed, dict) else None
+    if not isinstance(entry, tuple) or len(entry) != 2 or not isinstance(entry[1], dict):
+        return None
+    kid = entry[1].get("keyid")
+    return kid if isinstance(kid, str) and 0 < len(kid) <= 128 else None
 
 
 def _fail(factor: str, detail: str, report: VerificationReport | None = None) -> AttestationFailed:
@@ -416,27 +482,44 @@ def attest(
     now: float | None = None,
     random_bytes: RandomBytes = secrets.token_bytes,
     observed_tls_sha256: str | None = None,
+    route: str | None = None,
 ) -> AttestedAppliance:
     """Attest the appliance at `base_url` with a fresh nonce; raise `AttestationFailed` unless it all holds.
 
     `http` is an httpx2.Client, an httpx2 transport, or None (a standard-library client). For an
     https URL the TLS key is taken from the connection when `observed_tls_sha256` is not given.
+    `route`: send `Appliance-Route: <route>` so that a load balancer honouring it attests that replica.
+    When the response names a route, a failure is a `ReplicaAttestationFailed` naming it.
     """
     base = normalize_base_url(base_url)
     nonce = new_nonce(random_bytes)
     client = _as_http(http)
-    raw = client.open("GET", f"{base}{ATTESTATION_PATH}?nonce={nonce}", {NONCE_HEADER: nonce, "Accept": "application/json"})
+    headers = {NONCE_HEADER: nonce, "Accept": "application/json"}
+    if route is not None:
+        if not _ROUTE_RE.fullmatch(route):
+            raise ValueError(f"route: not a plain token: {route!r}")
+        headers[ROUTE_HEADER] = route
+    raw = client.open("GET", f"{base}{ATTESTATION_PATH}?nonce={nonce}", headers)
+    served = response_route(raw.headers)
     try:
-        body = _read_bounded(raw.chunks, MAX_ATTESTATION_BYTES, "attestation response")
-    except VerificationError as e:
-        raise _fail("document", str(e)) from None
-    finally:
-        raw.close()
-    request = RequestInfo("GET", raw.target, b"", nonce)
-    return verify_attestation_response(
-        base_url=base, request=request, status=raw.status, headers=raw.headers, body=body, policy=policy, now=now,
-        observed_tls_sha256=observed_tls_sha256 if observed_tls_sha256 is not None else raw.tls_spki_sha256,
-    )
+        try:
+            body = _read_bounded(raw.chunks, MAX_ATTESTATION_BYTES, "attestation response")
+        except VerificationError as e:
+            raise _fail("document", str(e)) from None
+        finally:
+            raw.close()
+        request = RequestInfo("GET", raw.target, b"", nonce)
+        appliance = verify_attestation_response(
+            base_url=base, request=request, status=raw.status, headers=raw.headers, body=body, policy=policy, now=now,
+            observed_tls_sha256=observed_tls_sha256 if observed_tls_sha256 is not None else raw.tls_spki_sha256,
+        )
+    except AttestationFailed as e:
+        if served is None or isinstance(e, ReplicaAttestationFailed):
+            raise
+        claimed = (e.report.claims or {}).get("signing_key")
+        kid = claimed.get("kid") if isinstance(claimed, dict) and isinstance(claimed.get("kid"), str) else None
+        raise ReplicaAttestationFailed(e.report, kid=kid, route=served) from None
+    return dataclasses.replace(appliance, route=served)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,7 +761,7 @@ class _VerifiedByteStream(_SyncByteStream):
 
 
 class VerifyingTransport(_BaseTransport):
-    """An httpx2 transport that only ever returns responses signed by the attested appliance.
+    """An httpx2 transport that only ever returns responses signed by an attested appliance.
 
         transport = VerifyingTransport("http://127.0.0.1:3000", policy=Policy(...))
         client = openai.OpenAI(base_url="http://127.0.0.1:3000/v1", api_key="...",
@@ -689,6 +772,14 @@ class VerifyingTransport(_BaseTransport):
     and the request as sent: JSON in full before it is returned, SSE streams incrementally (see
     `StreamVerifier`). Failures raise `AttestationFailed` / `VerificationError`, which the openai
     client passes through unchanged (it neither wraps nor retries them).
+
+    Behind a load balancer (spec/attestation.md §10) it keeps every replica it attested, by key id
+    (`replicas`). A response signed by another key id is held, before any byte of it is returned,
+    while that replica is attested with the `Appliance-Route` value the response carried (a fresh
+    nonce, the same policy); the attested key's id must be the response's. Each replica is attested
+    once, however many threads meet it at the same time. A replica that fails raises
+    `ReplicaAttestationFailed` naming it; a response with an unknown key id and no route, or whose
+    route leads to another key, raises `VerificationError`. At most `max_replicas` key ids are kept.
     """
 
     def __init__(
@@ -701,6 +792,7 @@ class VerifyingTransport(_BaseTransport):
         random_bytes: RandomBytes = secrets.token_bytes,
         now: Callable[[], float] | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        max_replicas: int = MAX_REPLICAS,
     ) -> None:
         if _httpx2 is None:
             raise ImportError("VerifyingTransport needs httpx2 (pip install httpx2, or openai>=3)")
@@ -715,23 +807,97 @@ class VerifyingTransport(_BaseTransport):
         self._random_bytes = random_bytes
         self._now = now
         self._max_response = max_response_bytes
-        self._lock = threading.Lock()
+        self._max_replicas = max_replicas
+        self._lock = threading.Lock()  # the first attestation (held while it runs: nothing is sent before it)
+        self._state = threading.Lock()  # replicas, gates and counters (never held across I/O)
+        self._replicas: dict[str, AttestedAppliance] = {}
+        self._gates: dict[str, threading.Lock] = {}  # one per key id being attested: each replica attested once
         self._origin = _url_origin(self.base_url)
         self.verified_responses = 0
         self.verified_streams = 0
+        self.attestations = 0
+        """Attestation requests this transport made (the first one, and one per further replica tried)."""
+        if appliance is not None:
+            self._replicas[appliance.kid] = appliance
 
     @property
     def appliance(self) -> AttestedAppliance:
-        """The attested appliance, attesting now if that has not happened yet."""
+        """The first attested appliance (replica), attesting now if that has not happened yet."""
         with self._lock:
             if self._appliance is None:
                 if self.policy is None:  # __init__ requires a policy when no appliance is given
                     raise ValueError("VerifyingTransport: no policy to attest with")
-                self._appliance = attest(
-                    self.base_url, policy=self.policy, http=_HttpxTransportHTTP(self._inner),
-                    now=self._now() if self._now else None, random_bytes=self._random_bytes,
-                )
+                appliance = self._attest()
+                with self._state:
+                    self._replicas.setdefault(appliance.kid, appliance)
+                self._appliance = appliance
             return self._appliance
+
+    @property
+    def replicas(self) -> dict[str, AttestedAppliance]:
+        """Every attested replica by key id (a copy), the first one included."""
+        with self._state:
+            return dict(self._replicas)
+
+    def _attest(self, route: str | None = None) -> AttestedAppliance:
+        if self.policy is None:
+            raise ValueError("VerifyingTransport: no policy to attest a replica with")
+        with self._state:
+            self.attestations += 1
+        return attest(
+            self.base_url, policy=self.policy, http=_HttpxTransportHTTP(self._inner),
+            now=self._now() if self._now else None, random_bytes=self._random_bytes, route=route,
+        )
+
+    def _key_for(self, primary: AttestedAppliance, headers: Mapping[str, str]) -> Ed25519PublicKey:
+        """The attested key to verify a response with: the one its signature names, attested now if new.
+
+        A response without a parsable appliance signature is checked against the first replica's key,
+        which fails it with the precise reason."""
+        kid = response_key_id(headers)
+        if kid is None or kid == primary.kid:
+            return primary.signing_key
+        with self._state:
+            known = self._replicas.get(kid)
+        if known is not None:
+            return known.signing_key
+        return self._attest_replica(kid, response_route(headers)).signing_key
+
+    def _attest_replica(self, kid: str, route: str | None) -> AttestedAppliance:
+        if self.policy is None:
+            raise VerificationError(f"signature: signed by key id {kid}, not the given appliance's, and no policy to attest it with")
+        if route is None:
+            raise VerificationError(
+                f"signature: signed by key id {kid}, which is not an attested replica, and the response "
+                f"names no {ROUTE_HEADER} to attest it by"
+            )
+        with self._state:
+            known = self._replicas.get(kid)
+            if known is not None:
+                return known
+            if len(self._replicas) >= self._max_replicas:
+                raise VerificationError(f"signature: key id {kid}: more than {self._max_replicas} replicas to attest")
+            gate = self._gates.setdefault(kid, threading.Lock())
+        with gate:
+            with self._state:
+                known = self._replicas.get(kid)
+            if known is not None:  # another thread attested it while this one waited
+                return known
+            try:
+                attested = self._attest(route)
+                with self._state:  # attested in full either way; only the response's own key verifies it
+                    self._replicas.setdefault(attested.kid, attested)
+            except AttestationFailed as e:
+                raise ReplicaAttestationFailed(e.report, kid=kid, route=route) from None
+            finally:
+                with self._state:
+                    self._gates.pop(kid, None)
+            if attested.kid != kid:
+                raise VerificationError(
+                    f"signature: the response is signed by key id {kid}, but attesting replica {route!r} gave "
+                    f"key id {attested.kid} (route {attested.route!r}): the answer's replica is not attested"
+                )
+            return attested
 
     def handle_request(self, request: _httpx2.Request) -> _httpx2.Response:
         url = request.url
@@ -750,15 +916,19 @@ class VerifyingTransport(_BaseTransport):
         headers = _header_map(response.headers.raw)
         stream: _httpx2.SyncByteStream
         try:
+            # Known from the headers, before any byte of the body is returned (streams included).
+            key = self._key_for(appliance, headers)
             if _is_stream(headers):
-                verifier = StreamVerifier(appliance.signing_key, request=info, status=response.status_code, headers=headers)
+                verifier = StreamVerifier(key, request=info, status=response.status_code, headers=headers)
                 stream = _VerifiedByteStream(raw, verifier)
-                self.verified_streams += 1
+                with self._state:
+                    self.verified_streams += 1
             else:
                 data = _read_bounded(raw, self._max_response, "response")
-                verify_response(appliance.signing_key, request=info, status=response.status_code, headers=headers, body=data)
+                verify_response(key, request=info, status=response.status_code, headers=headers, body=data)
                 stream = _httpx2.ByteStream(data)
-                self.verified_responses += 1
+                with self._state:
+                    self.verified_responses += 1
         except BaseException:
             raw.close()
             raise

@@ -55,6 +55,8 @@ class Policy:
     binary_sha256: tuple[str, ...] = ()
     model_sha256: tuple[str, ...] = ()
     required_models: tuple[str, ...] = ()
+    telemetry_policy_sha256: tuple[str, ...] = ()
+    """The telemetry policies (spec/telemetry.md) the appliance may enforce: its SHA-256 is in the claims."""
     tdx: dict[str, Any] = field(default_factory=dict)
     sev_snp: dict[str, Any] = field(default_factory=dict)
     nitro: dict[str, Any] = field(default_factory=dict)
@@ -73,7 +75,7 @@ class Policy:
             raise PolicyError(f"policy: unknown keys {sorted(unknown)}")
         out = {}
         for k, v in data.items():
-            if k in ("allowed_providers", "binary_sha256", "model_sha256", "required_models"):
+            if k in ("allowed_providers", "binary_sha256", "model_sha256", "required_models", "telemetry_policy_sha256"):
                 if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                     raise PolicyError(f"policy: {k} must be a list of strings")
                 v = tuple(x.lower() if k.endswith("sha256") else x for x in v)

@@ -152,6 +152,15 @@ def verify_attestation(
     else:
         report.add("binary", "skip", "no binary_sha256 in the policy (any binary accepted)")
 
+    telemetry = claims.get("telemetry_policy_sha256")
+    if policy.telemetry_policy_sha256:
+        ok = telemetry in policy.telemetry_policy_sha256
+        report.add("telemetry-policy", "pass" if ok else "fail",
+                   f"telemetry policy sha256 {str(telemetry)[:16]}…" if telemetry else "the claims name no telemetry policy")
+    elif telemetry:
+        report.add("telemetry-policy", "skip", f"telemetry policy sha256 {str(telemetry)[:16]}…; no "
+                   "telemetry_policy_sha256 in the policy (any telemetry policy accepted)")
+
     digests = {m["name"]: m["sha256"] for m in claims["models"]}
     missing = [n for n in policy.required_models if n not in digests]
     bad = [n for n, d in digests.items() if policy.model_sha256 and d not in policy.model_sha256]

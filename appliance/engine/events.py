@@ -11,7 +11,7 @@ from appliance.engine.llama import SamplingParams
 
 __all__ = [
     "GenerationRequest", "TokenLogprob", "Delta", "Usage", "Timings", "Done", "Failed", "Event", "DeltaSink",
-    "EngineObserver", "NullObserver",
+    "EngineObserver", "NullObserver", "Finished",
 ]
 
 
@@ -118,11 +118,25 @@ DeltaSink = Callable[[Delta], bool]
 """Takes a streamed delta on the scheduler thread; returns whether to go on (see Generation.events)."""
 
 
+@dataclass(frozen=True)
+class Finished:
+    """What the observer learns of a request that ended normally (stop or length), once per request:
+    its times in seconds (queued: submission to a slot; e2e: submission to the last token; itl: the
+    mean gap between its generated tokens, None with fewer than two) and its prompt's token counts."""
+
+    queued: float
+    e2e: float
+    itl: float | None
+    prompt: int
+    cached: int
+
+
 class EngineObserver(Protocol):
     def first_token(self, model: str, seconds: float) -> None: ...
     def tokens_generated(self, model: str, n: int) -> None: ...
     def prompt_tokens(self, model: str, n: int) -> None: ...
     def embedding_tokens(self, model: str, n: int) -> None: ...
+    def request_finished(self, model: str, finished: Finished) -> None: ...
 
 
 class NullObserver:
@@ -136,4 +150,7 @@ class NullObserver:
         pass
 
     def embedding_tokens(self, model: str, n: int) -> None:
+        pass
+
+    def request_finished(self, model: str, finished: Finished) -> None:
         pass

@@ -87,7 +87,7 @@ def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         if captured is not None:  # a request's own mistake: answered to it, not logged as a server error
             captured.append(line)
         else:
-            log.log(py_level, line)
+            log.log(py_level, "llama.cpp: %s", line)  # an argument, so the policy bounds its length
 
 
 _log_callback = C.llama_log_callback(_log)  # the C function pointer llama.cpp calls (kept alive here)

@@ -40,6 +40,7 @@ from appliance.engine.events import (
     EngineObserver,
     Event,
     Failed,
+    Finished,
     GenerationRequest,
     NullObserver,
     Timings,
@@ -595,6 +596,14 @@ class ModelEngine:
         now = self._clock()
         prompt_n = len(req.prompt) - s.cached
         t_first = s.t_first or now
+        if s.index == 0:  # once per request: the other choices share its prompt and its queueing
+            self._observer.request_finished(self.name, Finished(
+                queued=s.t_admitted - s.t_queued,
+                e2e=now - s.t_queued,
+                itl=(now - t_first) / (s.n_generated - 1) if s.n_generated > 1 else None,
+                prompt=len(req.prompt),
+                cached=s.cached,
+            ))
         out.append(
             (
                 s.gen,

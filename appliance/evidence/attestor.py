@@ -8,9 +8,11 @@ layer serves the document at `GET /v1/attestation?nonce=<64 hex>` as a signed re
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from appliance.buildinfo import VERSION, binary_digest, variant
@@ -18,6 +20,7 @@ from appliance.engine.registry import ModelRegistry
 from appliance.evidence import EvidenceProvider, MeasurementEvent, ProviderError
 from appliance.osthreads import off_loop, real_lock
 from appliance.settings import Settings
+from appliance.telemetry import policy_sha256
 from appliance.trust.identity import Identity
 from attestation.claims import Claims, ModelClaim, report_data
 from attestation.measurements import event_digest, model_event
@@ -53,6 +56,9 @@ class Attestor:
         self.event_log: list[dict[str, Any]] = []
         self._config_sha256 = settings.public_digest()
         self._variant = settings.attestation.variant
+        # The web UI's manifest, read once here; the UI resource serves the copy it read only if it is
+        # the same (appliance/web/resources/ui.py).
+        self.ui_sha256 = _ui_sha256()
         # A real lock: models load on pool threads, and the log must list extends in their order.
         self._measure_lock = real_lock()
         # Read once here (at worker start): for configfs it probes the kernel interface.
@@ -81,6 +87,8 @@ class Attestor:
             tls_public_key_sha256=self.tls_public_key_sha256,
             runtime_measurements=tuple(self.event_log),
             backend=_backend_claim(self.models),
+            telemetry_policy_sha256=policy_sha256(),
+            ui_sha256=self.ui_sha256,
         )
 
     def measure_model(self, name: str, sha256_hex: str) -> None:
@@ -142,6 +150,14 @@ class Attestor:
             state = "ok" if self._evidence_ok else "unavailable"
         return {"provider": self.provider_name, "evidence": state, "error": self._evidence_error,
                 "checked_at": self._evidence_at}
+
+
+def _ui_sha256() -> str | None:
+    """SHA-256 of the web UI's manifest.json (it lists every UI file's SHA-256), or None without a UI."""
+    try:
+        return hashlib.sha256((Path(__file__).resolve().parents[1] / "web" / "ui" / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _backend_claim(models: ModelRegistry) -> dict[str, Any] | None:

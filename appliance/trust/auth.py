@@ -31,7 +31,10 @@ __all__ = [
 ]
 
 PUBLIC_ROUTES = frozenset({"/health", "/readiness", "/v1/keys", "/v1/attestation"})
-ADMIN_ROUTES = frozenset({"/load_model", "/unload_model", "/metrics"})
+ADMIN_ROUTES = frozenset({"/load_model", "/unload_model"})
+# Read by a scraper: a key with the `metrics` scope (or `admin`, which includes it) and nothing else
+# needed, so Prometheus holds no key that can load models or run inference.
+METRICS_ROUTES = frozenset({"/metrics"})
 _REFUSED = "Invalid or missing credentials"
 
 
@@ -174,7 +177,7 @@ class Auth:
         self._limit(f"ip:{creds.remote_addr}")
         if creds.method == "OPTIONS":
             return None  # the framework's OPTIONS responder (CORS preflight, which never carries credentials)
-        scope = "admin" if route in ADMIN_ROUTES else "inference"
+        scope = "admin" if route in ADMIN_ROUTES else "metrics" if route in METRICS_ROUTES else "inference"
         principal = self._authenticate(creds)
         if principal is None:
             if self.open and scope == "inference":
@@ -184,7 +187,7 @@ class Auth:
             if self.open:
                 self._refuse("no_admin_key", NotPermitted("Model management is disabled: no admin key is configured"))
             self._refuse("missing", Unauthenticated(_REFUSED))
-        if scope not in principal.scopes:
+        if scope not in principal.scopes and not (scope == "metrics" and "admin" in principal.scopes):
             self._refuse("scope", NotPermitted(f"This key lacks the {scope} scope"))
         self._limit(f"key:{principal.name}")
         return principal.name

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import falcon
 
+from appliance.conversations import boot_key, open_store
 from appliance.desired import SharedState, StateFull
 from appliance.engine.cpuprobe import BackendChoice
 from appliance.engine.llama import BackendConfig
@@ -22,16 +23,19 @@ from appliance.engine.registry import ModelRegistry
 from appliance.evidence import EvidenceProvider, detect_provider
 from appliance.evidence.attestor import Attestor
 from appliance.metrics import Metrics
+from appliance.osthreads import off_loop
 from appliance.settings import Settings, default_threads
 from appliance.trust.auth import Auth
 from appliance.trust.identity import Identity
 from appliance.web.errors import handle_error
 from appliance.web.middleware import Authentication, BodyLimit, JsonBody, RequestContext, ResponseSigning
 from appliance.web.resources.attestation import Attestation, Keys
+from appliance.web.resources.conversations import ConversationItem, ConversationItems, Conversations, OneConversation
 from appliance.web.resources.embeddings import Embeddings
 from appliance.web.resources.inference import Inference
 from appliance.web.resources.models import Admin, Models
 from appliance.web.resources.ops import Health, Prometheus, Readiness, Status
+from appliance.web.resources.responses import InputItems, Responses, StoredResponses
 from appliance.web.resources.tokens import Tokens
 from appliance.web.state import AppState
 
@@ -76,6 +80,13 @@ ROUTES: list[tuple[str, str, str | None]] = [
     ("/chat/completions/input_tokens", "tokens", "chat_input_tokens"),
     ("/v1/embeddings", "embeddings", None),
     ("/v1/rerank", "embeddings", "rerank"),
+    ("/v1/responses", "responses", None),
+    ("/v1/responses/{response_id}", "stored_responses", None),
+    ("/v1/responses/{response_id}/input_items", "input_items", None),
+    ("/v1/conversations", "conversations", None),
+    ("/v1/conversations/{conversation_id}", "conversation", None),
+    ("/v1/conversations/{conversation_id}/items", "conversation_items", None),
+    ("/v1/conversations/{conversation_id}/items/{item_id}", "conversation_item", None),
 ]
 
 
@@ -131,6 +142,12 @@ def create_app(
     state = AppState(settings, models, metrics, identity, wall_clock, started=wall_clock(), attestor=attestor,
                      desired=shared.desired if shared is not None else None)
     seeds = {m.name: m.seed for m in settings.models}
+    # Sealed under a key derived from the identity (made in the master before the fork: the same after a
+    # worker restart, gone with the process) or a TEE's sealing secret where the provider offers one.
+    store = open_store(
+        settings.conversations, boot_key(identity, provider),
+        clock=wall_clock, run_blocking=off_loop,
+    )
     resources = {
         "inference": Inference(
             models,
@@ -150,7 +167,17 @@ def create_app(
         "readiness": Readiness(state),
         "prometheus": Prometheus(state),
         "keys": Keys(identity),
-        "attestation": Attestation(attestor, settings, clock=wall_clock),
+        "attestation": Attestation(attestor, settings, clock=wall_clock, metrics=metrics),
+        "responses": Responses(
+            models, store, settings.limits, settings.conversations, wall_clock=wall_clock,
+            default_seeds=lambda name: seeds.get(name, settings.model_defaults.seed),
+        ),
+        "stored_responses": StoredResponses(store),
+        "input_items": InputItems(store),
+        "conversations": Conversations(store, settings.conversations, wall_clock=wall_clock),
+        "conversation": OneConversation(store),
+        "conversation_items": ConversationItems(store, settings.conversations),
+        "conversation_item": ConversationItem(store),
     }
     middleware: list[Middleware] = [
         RequestContext(metrics),
@@ -164,6 +191,7 @@ def create_app(
     app = falcon.App(middleware=middleware, request_type=falcon.Request)
     app.req_options.strip_url_path_trailing_slash = True
     app.resp_options.secure_cookies_by_default = True
+    metrics.allow_routes(path for path, _, _ in ROUTES)
     for path, key, suffix in ROUTES:
         if suffix:
             app.add_route(path, resources[key], suffix=suffix)

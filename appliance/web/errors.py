@@ -15,6 +15,7 @@ from typing import Any, Literal, cast
 
 import falcon
 
+from appliance import conversations as stored
 from appliance.engine import errors as engine
 from appliance.trust import auth as trust
 
@@ -42,6 +43,7 @@ __all__ = [
     "GrammarParam",
     "from_engine",
     "from_trust",
+    "from_store",
     "to_api_error",
     "retry_after",
     "handle_error",
@@ -277,6 +279,20 @@ def from_trust(e: trust.AuthError) -> ApiError:
             return Unauthorized(e.message)
 
 
+def from_store(e: stored.RecordNotFound | stored.RecordTooLarge, *, param: str | None = None) -> ApiError:
+    """The conversation store's refusals on the wire. `param`: the request field that named the record
+    (`previous_response_id` gets OpenAI's own code); None where the URL named it."""
+    match e:
+        case stored.RecordNotFound() if param == "previous_response_id":
+            return NotFound(f"Previous response with id '{e.record_id[:80]}' not found.", param=param,
+                            code="previous_response_not_found")
+        case stored.RecordNotFound():
+            return NotFound(f"No {e.kind} found with id '{e.record_id[:80]}'.", param=param)
+        case _:
+            return BadRequest(f"The {e.kind} would take {e.size} bytes sealed; the store holds at most "
+                              f"{e.budget} (conversations.memory_budget_bytes)", param=param, code="too_large")
+
+
 def to_api_error(e: Exception, *, prompt_param: PromptParam = "prompt") -> ApiError | None:
     """An ApiError as it is, engine and trust errors through their tables; None for anything else (a
     bug: a 500)."""
@@ -286,6 +302,8 @@ def to_api_error(e: Exception, *, prompt_param: PromptParam = "prompt") -> ApiEr
         return from_engine(e, prompt_param=prompt_param)
     if isinstance(e, trust.AuthError):
         return from_trust(e)
+    if isinstance(e, stored.RecordNotFound | stored.RecordTooLarge):
+        return from_store(e)
     return None
 
 

@@ -26,6 +26,7 @@ from gunicorn.http.errors import NoMoreData, ParseException
 
 from appliance.metrics import Metrics
 from appliance.settings import Settings
+from appliance.telemetry import normal_method
 from appliance.trust.auth import Auth, Credentials
 from appliance.trust.identity import Identity
 from appliance.web.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
@@ -72,9 +73,10 @@ class RequestContext:
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
     ) -> None:
         route = req.uri_template or "unmatched"
+        method = normal_method(req.method)
         status = resp.status_code
         elapsed = time.perf_counter() - getattr(req.context, "t0", time.perf_counter())
-        self.metrics.requests.labels(route, req.method, str(status)).inc()
+        self.metrics.requests.labels(route, method, str(status)).inc()
         self.metrics.latency.labels(route).observe(elapsed)
         if status >= 400:
             self.metrics.errors.labels(route, str(status)).inc()
@@ -82,7 +84,7 @@ class RequestContext:
             "request",
             extra={
                 "request_id": req.context.request_id,
-                "method": req.method,
+                "method": method,
                 "route": route,
                 "status": status,
                 "ms": round(elapsed * 1000, 2),

@@ -14,6 +14,7 @@ llama-server's `grammar` (GBNF) and `json_schema`: at most one of them per reque
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -39,6 +40,12 @@ __all__ = [
     "EmbeddingRequest",
     "RerankRequest",
     "MAX_EMBEDDING_INPUTS",
+    "ResponseRequest",
+    "InputMessage",
+    "ConversationCreateRequest",
+    "ConversationUpdateRequest",
+    "ConversationItemsRequest",
+    "MAX_ITEMS_PER_REQUEST",
     "parse",
 ]
 
@@ -352,6 +359,210 @@ class RerankRequest(_Body):
     documents: Annotated[list[str], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
     top_n: Annotated[int, Field(ge=1)] | None = None
     return_documents: bool = False
+
+
+# -- the Responses and Conversations APIs ----------------------------------------------------------
+
+MAX_ITEMS_PER_REQUEST = 20
+"""Items one POST /v1/conversations or .../items may add (OpenAI's own limit)."""
+
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)
+]
+"""OpenAI's metadata: at most 16 pairs, keys up to 64 characters, values up to 512."""
+
+
+class InputText(_Body):
+    type: Literal["input_text"]
+    text: str
+
+
+class OutputText(_Body):
+    """An assistant message's text, as a response's output gives it (sent back as input)."""
+
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+
+class InputMessage(_Body):
+    """A message item: OpenAI's EasyInputMessage (content a string) or a message item with text
+    parts. Other item types (function calls and their outputs, item references, reasoning) and
+    other content (images, files, audio) are refused naming them. An `id` or `status` sent is ignored:
+    every stored item gets the server's own id."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: list[Annotated[InputText | OutputText, Field(discriminator="type")]] | str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _message_items_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type", "message") not in ("message", None):
+            kind = str(data["type"])[:64]
+            raise ValueError(f"item type {kind!r} is not supported: only message items with text")
+        return data
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ConversationRef(_Body):
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class TextFormat(_Body):
+    """`text.format`: plain text, any JSON object, or JSON valid against `schema` (enforced as the chat
+    route enforces `response_format`)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> TextFormat:
+        if self.type != "json_schema" and (self.schema_ is not None or self.name is not None or self.strict is not None):
+            raise ValueError("text: name, schema and strict are only allowed with format type json_schema")
+        return self
+
+
+class TextConfig(_Body):
+    format: TextFormat | None = None
+    verbosity: Literal["medium"] | None = None
+
+
+class ResponseStreamOptions(_Body):
+    include_obfuscation: bool | None = None
+    """Accepted; no obfuscation padding is ever added (the stream is signed, and TLS is the operator's)."""
+
+
+class ResponseRequest(_Body):
+    """OpenAI's POST /v1/responses body, plus the chat route's llama.cpp sampling fields and original
+    appliance fields. Known OpenAI fields this server cannot honour are refused naming them."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    # The list first: pydantic reports a union's errors in order, and the list's are the telling ones.
+    input: Annotated[list[InputMessage], Field(min_length=1)] | str | None = None
+    instructions: str | None = None
+    previous_response_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    conversation: Annotated[str, Field(min_length=1, max_length=256)] | ConversationRef | None = None
+    store: bool | None = None
+    stream: bool | None = None
+    stream_options: ResponseStreamOptions | None = None
+    max_output_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_CAP)] | None = None
+    metadata: Metadata | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    text: TextConfig | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Prob | None = None
+    top_k: Annotated[int, Field(ge=0, le=1 << 20)] | None = None
+    min_p: Prob | None = None
+    repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    repeat_last_n: Annotated[int, Field(ge=-1, le=1 << 16)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: Annotated[int, Field(ge=-1, lt=1 << 64)] | None = None
+    ignore_eos: bool | None = None
+    logit_bias: dict[str, Bias] | None = None
+    stop: str | list[str] | None = None
+    n_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    n_ctx: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
+    # Accepted and without effect here: who the end user is, cache and tier hints, and a tool setting
+    # that means nothing without tools.
+    user: Annotated[str, Field(max_length=256)] | None = None
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = None
+    prompt_cache_key: Annotated[str, Field(max_length=256)] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: Annotated[int, Field(ge=1)] | None = None
+    # Refused unless absent, null or empty: features this server does not have.
+    tool_choice: Literal["none", "auto"] | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = None
+    include: Annotated[list[Any], Field(max_length=0)] | None = None
+    reasoning: Any = None
+    prompt: Any = None
+    background: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=0)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        """The refusals that say why (a bare range error would not), checked before the types."""
+        if not isinstance(data, dict):
+            return data
+        refused: dict[str, tuple[Callable[[Any], bool], str]] = {  # field: (what may be sent, why else not)
+            "tools": (lambda v: v is None or v == [] and isinstance(v, list), "tool calling is not supported"),
+            "include": (lambda v: v is None or v == [] and isinstance(v, list),
+                        "no additional output data can be included"),
+            "tool_choice": (lambda v: v is None or v in ("none", "auto") and isinstance(v, str),
+                            "tool calling is not supported; only none or auto (without tools)"),
+            "reasoning": (lambda v: v is None, "reasoning options are not supported"),
+            "prompt": (lambda v: v is None, "stored prompt templates are not supported"),
+            "background": (lambda v: v is None or v is False, "background responses are not supported"),
+            "top_logprobs": (lambda v: v is None or type(v) is int and v == 0,
+                             "log probabilities are not supported on this route (use /v1/chat/completions)"),
+        }
+        for name, (allowed, reason) in refused.items():
+            if name in data and not allowed(data[name]):
+                raise ValueError(f"{name}: {reason}")
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ResponseRequest:
+        if self.previous_response_id is not None and self.conversation is not None:
+            raise ValueError("conversation: not together with previous_response_id (use one or the other)")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        if self.logit_bias:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
+            bad = next((k for k in self.logit_bias if not _TOKEN_ID.match(k)), None)
+            if bad is not None:
+                raise ValueError(f"logit_bias: keys are token ids (decimal integers); {bad[:32]!r} is not one")
+        return self
+
+    @property
+    def conversation_id(self) -> str | None:
+        c = self.conversation
+        return c.id if isinstance(c, ConversationRef) else c
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if any(s == "" for s in stops):
+            raise BadRequest("stop: stop strings must not be empty", param="stop")
+        return tuple(stops)
+
+    @property
+    def biases(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
+
+    def output_constraint(self) -> OutputConstraint | None:
+        fmt = self.text.format if self.text is not None else None
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object" or fmt.schema_ is None:
+            return OutputConstraint("response_format", gbnf=JSON_OBJECT_GBNF)
+        return OutputConstraint("response_format", schema=fmt.schema_)
+
+
+class ConversationCreateRequest(_Body):
+    items: Annotated[list[InputMessage], Field(max_length=MAX_ITEMS_PER_REQUEST)] | None = None
+    metadata: Metadata | None = None
+
+
+class ConversationUpdateRequest(_Body):
+    metadata: Metadata
+
+
+class ConversationItemsRequest(_Body):
+    items: Annotated[list[InputMessage], Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)]
 
 
 def _legacy_chat(body: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from gunicorn.workers.ggevent import GeventWorker
 from appliance.buildinfo import binary_digest
 from appliance.desired import CONFIG, RUNTIME, SharedState
 from appliance.engine.errors import Conflict, ShuttingDown
+from appliance.logs import JsonFormatter
 from appliance.osthreads import off_loop
 from appliance.settings import Settings
 from appliance.web.streams import DirectWrites
@@ -74,6 +75,50 @@ class _QuietLogger(Logger):  # type: ignore[misc]  # gunicorn is untyped
 
     def access(self, resp: object, req: object, environ: object, request_time: object) -> None:
         pass
+
+    def setup(self, cfg: object) -> None:
+        """gunicorn's own lines (boots, worker deaths, its request-parsing errors, which may quote what a
+        client sent) go out as our JSON lines, through the same telemetry policy, after `_GunicornLines`."""
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(JsonFormatter())
+            handler.addFilter(_GunicornLines())
+
+
+def _no_request_log(worker: object, req: object) -> None:
+    pass
+
+
+class _GunicornLines(logging.Filter):
+    """gunicorn's messages as the telemetry policy allows them (spec/telemetry.md §5). Some quote a
+    request (`Error handling request %s %s` with its URI; `Invalid request from ip=...: <error>`, which
+    gunicorn formats itself, quoting what the client sent). Only the templates below keep their
+    arguments (pids, signal names, exit codes, addresses, versions); any other template loses them; a
+    message with no arguments is shown only when it is one of gunicorn's fixed sentences."""
+
+    WITH_ARGS = frozenset({
+        "Starting gunicorn %s", "Listening at: %s (%s)", "Listening at: %s", "Using worker: %s",
+        "Booting worker with pid: %s", "Worker exiting (pid: %s)", "WORKER TIMEOUT (pid:%s)",
+        "Worker (pid:%s) exited with code %s.", "Worker (pid:%s) was sent %s!",
+        "Worker (pid:%s) was sent %s! Perhaps out of memory?", "Handling signal: %s", "Shutting down: %s",
+        "Worker graceful timeout (pid:%s)", "Reaped unknown child process (pid:%s, status:%s)",
+    })
+    FIXED = frozenset({
+        "Arbiter booted", "graceful stop of workers", "Autorestarting worker after current request.",
+        "Control socket disabled", "Unhandled exception in main loop", "Exception in worker process",
+        "Error handling request (no URI read)", "Socket error processing request.", "Error handling request",
+        "Ignoring connection reset", "Ignoring EPIPE", "Ignoring socket not connected", "ssl connection closed",
+        "Failed to send error message.", "Error processing SSL request.", "Quick shutdown requested",
+    })
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else "?"
+        if record.args:
+            if msg not in self.WITH_ARGS:
+                record.msg, record.args = msg.replace("%s", "<withheld>").replace("%r", "<withheld>"), None
+        elif msg not in self.FIXED:
+            record.msg = "a gunicorn message withheld by the telemetry policy (it may quote a request)"
+        return True
 
 
 # Why a worker may have died, for the log line that names the signal.
@@ -194,6 +239,9 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]  # gunicorn is unt
             "preload_app": False,
             "control_socket_disable": True,
             "proc_name": "appliance",
+            # gunicorn's default hook logs each request's method and path (a path can hold a client's
+            # data): the access log is ours (route templates only).
+            "pre_request": _no_request_log,
             "limit_request_line": 8190,
             "limit_request_fields": 100,
             "worker_exit": self._worker_exit,

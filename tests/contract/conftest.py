@@ -75,6 +75,17 @@ class Spec:
     def pointer(self, ref: str) -> Any:
         return pointer(self.doc, ref)
 
+    def route(self, path: str) -> str:
+        """The spec path that serves a concrete path: itself, or the template it fills
+        (`/v1/responses/resp_...` is `/v1/responses/{response_id}`); unchanged if none does."""
+        path = path.split("?", 1)[0].rstrip("/") or "/"
+        if path in self.doc["paths"]:
+            return path
+        for template in self.doc["paths"]:
+            if "{" in template and re.fullmatch(re.sub(r"\\{[^/}]+\\}", "[^/]+", re.escape(template)), path):
+                return template
+        return path
+
     def operation(self, path: str, method: str) -> dict | None:
         item = self.doc["paths"].get(path)
         return None if item is None else item.get(method.lower())
@@ -196,7 +207,7 @@ class SpecClient:
         result = self.client.simulate_request(method, path, **kw)
         self.verify_signature(method, path, kw, body, result)
         checked = self.check(method, path, result)
-        self.seen.append((method, path.rstrip("/") or "/", result.status_code))
+        self.seen.append((method, self.spec.route(path), result.status_code))
         return checked
 
     def verify_signature(self, method: str, path: str, kw: dict, body: bytes, result) -> None:
@@ -225,7 +236,7 @@ class SpecClient:
         rid = result.headers.get("X-Request-Id")
         assert rid and _REQUEST_ID.match(rid), f"{method} {path}: missing or bad X-Request-Id: {rid!r}"
         ctype = (result.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
-        route = path.rstrip("/") or "/"
+        route = self.spec.route(path)
         op = self.spec.operation(route, method)
 
         if method == "HEAD":

@@ -107,14 +107,15 @@ def response_is_signed(ctx, response, case) -> None:
 
 SEMANTIC_PARAMS = frozenset(
     {"grammar", "json_schema", "response_format", "logit_bias", "tokens", "prompt", "n_ctx", "n", "suffix", "best_of",
-     "input", "dimensions"}
+     "input", "dimensions", "text"}
 )
 """Fields whose validity a JSON Schema cannot say: a grammar must parse as GBNF, a JSON schema must use the
 keywords the converter supports, token ids must be in the model's vocabulary, a prompt's tokens and a
 request's n_ctx must fit the model's context, `n` its parallel slots, a `suffix` needs FIM tokens, and
 `best_of` must equal `n`, an embedding input's token ids must be in the vocabulary and `dimensions` at
-most the model's embedding size. A schema-valid body may still be refused there, with a 400
-that names the field."""
+most the model's embedding size; a response's `text` format schema must use the converter's keywords, and
+its `input` must give something to respond to (a conversation may hold no items). A schema-valid body may
+still be refused there, with a 400 that names the field."""
 
 
 @schemathesis.check
@@ -124,7 +125,8 @@ def positive_data_accepted(ctx, response, case) -> None:
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive or response.status_code != 400:
         return
-    if not re.fullmatch(r"(/v1)?/(chat/)?completions(/input_tokens)?|/tokenize|/detokenize|/v1/embeddings", case.operation.path):
+    if not re.fullmatch(r"(/v1)?/(chat/)?completions(/input_tokens)?|/tokenize|/detokenize|/v1/embeddings|/v1/responses",
+                        case.operation.path):
         return
     try:
         error = json.loads(response.content)["error"]

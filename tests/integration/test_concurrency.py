@@ -132,7 +132,7 @@ def _busy(server) -> int:
 
 def _tokens_generated(server) -> float:
     text = server.get("/metrics").text
-    m = re.search(r'^appliance_tokens_generated_total\{model="m"\} (\S+)$', text, re.M)
+    m = re.search(r'^appliance_generation_tokens_total\{model="m"\} (\S+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
 
 

@@ -46,7 +46,7 @@ def test_metrics_after_traffic(server):
         "appliance_requests_total",
         "appliance_time_to_first_token_seconds_count",
         "appliance_time_to_first_token_seconds_bucket",
-        "appliance_tokens_generated_total",
+        "appliance_generation_tokens_total",
         "appliance_queue_depth",
         "appliance_busy_slots",
         "appliance_models_loaded",
@@ -60,7 +60,7 @@ def test_metrics_after_traffic(server):
     assert delta("appliance_requests_total", route="/v1/chat/completions", method="POST", status="200") == 1
     assert delta("appliance_requests_total", route="/v1/completions", method="POST", status="404") == 1
     assert delta("appliance_request_errors_total", route="/v1/completions", status="404") == 1
-    assert delta("appliance_tokens_generated_total", model=MODEL) == 5 + 5 + 7
+    assert delta("appliance_generation_tokens_total", model=MODEL) == 5 + 5 + 7
     assert delta("appliance_time_to_first_token_seconds_count", model=MODEL) == 3
     assert delta("appliance_time_to_first_token_seconds_sum", model=MODEL) > 0
     assert value(after, "appliance_time_to_first_token_seconds_bucket", model=MODEL, le="+Inf") >= 3
@@ -68,8 +68,37 @@ def test_metrics_after_traffic(server):
     assert (("appliance_queue_depth", (("model", MODEL),)) in after) and value(after, "appliance_queue_depth", model=MODEL) == 0
     assert (("appliance_busy_slots", (("model", MODEL),)) in after) and value(after, "appliance_busy_slots", model=MODEL) == 0
     assert value(after, "appliance_slots", model=MODEL) == 4
+    # One observation per finished request (the streamed chat included) in each request histogram;
+    # all three requests made two tokens or more, so each has an inter-token gap.
+    for hist in ("appliance_request_queue_time_seconds", "appliance_e2e_request_latency_seconds",
+                 "appliance_inter_token_latency_seconds"):
+        assert delta(f"{hist}_count", model=MODEL) == 3, hist
+        assert value(after, f"{hist}_bucket", model=MODEL, le="+Inf") >= 3, hist
+    assert delta("appliance_e2e_request_latency_seconds_sum", model=MODEL) >= delta(
+        "appliance_time_to_first_token_seconds_sum", model=MODEL)
+    prompt_total = delta("appliance_prompt_tokens_total", model=MODEL)
+    assert prompt_total >= 3 and prompt_total == delta("appliance_prompt_tokens_processed_total", model=MODEL) + delta(
+        "appliance_prompt_tokens_cached_total", model=MODEL)
+    text = server.get("/metrics").text
+    # Prometheus conventions: counters end in _total, no _created series beside them.
+    assert "_created" not in text
+    for family in text_string_to_metric_families(text):
+        if family.type == "counter":
+            assert {s.name for s in family.samples} <= {family.name + "_total"}, family.name
     # Labels never carry request data: no prompt text anywhere in the exposition.
-    assert "Count" not in server.get("/metrics").text
+    assert "Count" not in text
+
+
+def test_attestation_requests_are_counted(server):
+    before = scrape(server)
+    bad = server.get("/v1/attestation", params={"nonce": "not-hex"})
+    assert bad.status_code == 400
+    server.get("/v1/attestation", params={"nonce": "ab" * 32})
+    after = scrape(server)
+    counted = {dict(labels)["status"]: v - before.get((name, labels), 0.0)
+               for (name, labels), v in after.items() if name == "appliance_attestation_requests_total"}
+    assert counted.get("400") == 1, counted
+    assert sum(counted.values()) == 2, counted
 
 
 def test_metrics_gauges_under_load(server):

@@ -10,10 +10,11 @@ import falcon
 
 from appliance.evidence import ProviderError
 from appliance.evidence.attestor import AttestationDisabled, Attestor
+from appliance.metrics import Metrics
 from appliance.settings import Settings
 from appliance.trust.auth import RateLimiter
 from appliance.trust.identity import Identity
-from appliance.web.errors import BadRequest, NotReady, RateLimited, retry_after
+from appliance.web.errors import ApiError, BadRequest, NotReady, RateLimited, retry_after
 from attestation.claims import NONCE_RE
 
 __all__ = ["Keys", "Attestation"]
@@ -39,12 +40,27 @@ class Keys:
 class Attestation:
     """`GET /v1/attestation?nonce=<64 hex>`: claims + the TEE's raw evidence binding them."""
 
-    def __init__(self, attestor: Attestor, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, attestor: Attestor, settings: Settings, clock: Callable[[], float] = time.time, metrics: Metrics | None = None
+    ) -> None:
         self.attestor = attestor
+        self.metrics = metrics
         rate = settings.attestation.rate_per_minute
         self.limiter = RateLimiter(rate, max(1, rate // 6 or 1), clock)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        status = "500"
+        try:
+            self._attest(req, resp)
+            status = "200"
+        except ApiError as e:
+            status = str(e.status)
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.attestations.labels(self.attestor.provider_name, status).inc()
+
+    def _attest(self, req: falcon.Request, resp: falcon.Response) -> None:
         nonce = req.get_param("nonce")
         if not nonce or not NONCE_RE.match(nonce):
             raise BadRequest("nonce: required, 64 lowercase hex characters (32 random bytes)", param="nonce")

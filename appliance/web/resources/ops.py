@@ -5,6 +5,7 @@ from __future__ import annotations
 import falcon
 
 from appliance import __version__
+from appliance.telemetry import filter_status
 from appliance.web.errors import NotReady
 from appliance.web.state import AppState
 
@@ -50,10 +51,10 @@ class Status:
         self.state = state
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {
+        resp.media = filter_status({
             "version": __version__,
             "uptime_seconds": round(self.state.wall_clock() - self.state.started, 3),
             "devices": self.state.models.devices(),
             "models": [r.status() for r in self.state.models.records()],
             "attestation": self.state.attestor.evidence_status() if self.state.attestor is not None else None,
-        }
+        })

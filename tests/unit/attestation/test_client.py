@@ -722,3 +722,14 @@ def test_cli_entry_points_know_verify():
     assert args.command == "verify" and args.allow_simulated and args.complete == "Hi" and args.max_tokens == 4
     out = subprocess.run([sys.executable, "-m", "attestation", "verify", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "--allow-simulated" in out.stdout
+
+
+def test_the_telemetry_policy_digest_is_claimed_and_can_be_pinned(served):
+    from appliance.telemetry import policy_sha256
+
+    a = attest(served.url, policy=Policy(allow_simulated=True, telemetry_policy_sha256=(policy_sha256(),)))
+    assert a.claims["telemetry_policy_sha256"] == policy_sha256()
+    assert ("telemetry-policy", "pass") in [(f.name, f.status) for f in a.factors]
+    with pytest.raises(AttestationFailed) as e:
+        attest(served.url, policy=Policy(allow_simulated=True, telemetry_policy_sha256=("00" * 32,)))
+    assert [f.name for f in e.value.report.failures()] == ["telemetry-policy"]

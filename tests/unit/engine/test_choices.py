@@ -24,6 +24,10 @@ class _Counts:
     def __init__(self) -> None:
         self.prompt: list[int] = []
         self.first: int = 0
+        self.finished: int = 0
+
+    def request_finished(self, model, finished) -> None:
+        self.finished += 1
 
     def first_token(self, model, seconds) -> None:
         self.first += 1
@@ -75,12 +79,13 @@ def wait_idle(engine, timeout: float = 5.0) -> None:
 def test_greedy_choices_are_identical_and_the_prompt_is_decoded_once(engine):
     counts: _Counts = engine._observer
     text = "A prompt that nobody sent before, decoded once for all its choices."
-    before_prompt, before_first = sum(counts.prompt), counts.first
+    before_prompt, before_first, before_finished = sum(counts.prompt), counts.first, counts.finished
     req = request(engine, text=text, max_tokens=12, temperature=0.0, n=3, ignore_eos=True)
     texts, dones = collect(engine.submit(req))
     assert sorted(dones) == [0, 1, 2] and len(set(texts.values())) == 1 and texts[0]
     assert sum(counts.prompt) - before_prompt == len(req.prompt) - dones[0].usage.cached_tokens
     assert counts.first - before_first == 1  # one first token: the prompt's decode
+    assert counts.finished - before_finished == 1  # one request in the latency histograms, not three
     for d in dones.values():
         assert d.usage.prompt_tokens == len(req.prompt) and d.usage.completion_tokens == 12
         assert d.finish_reason == "length"

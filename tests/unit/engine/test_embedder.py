@@ -29,6 +29,9 @@ class Counting:
     def embedding_tokens(self, model, n) -> None:
         self.embedded += n
 
+    def request_finished(self, model, finished) -> None:
+        pass
+
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):

@@ -236,6 +236,10 @@ class _Counts:
     def __init__(self) -> None:
         self.generated: list[int] = []
         self.prompt: list[int] = []
+        self.finished: list = []
+
+    def request_finished(self, model, finished) -> None:
+        self.finished.append(finished)
 
     def first_token(self, model, seconds) -> None:
         pass
@@ -275,6 +279,13 @@ def test_token_counts_reach_the_observer_in_batches_and_completely_by_the_end(mo
                 if isinstance(ev, Done):  # all counted by the time the client hears the end
                     assert sum(counts.generated) - before[0] == n
                     assert sum(counts.prompt) - before[1] == len(req.prompt) - ev.usage.cached_tokens
+                    # and the request's times and prompt, once
+                    f = counts.finished[-1]
+                    assert (f.prompt, f.cached) == (len(req.prompt), ev.usage.cached_tokens)
+                    assert 0 <= f.queued <= f.e2e and f.itl is not None and 0 <= f.itl * (n - 1) <= f.e2e
+                    if tick:
+                        assert f.itl > 0 and f.e2e > f.queued
+        assert len(counts.finished) == 2
         if tick:
             assert len(counts.generated) > 2, counts.generated
         else:

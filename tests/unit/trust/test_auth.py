@@ -41,6 +41,9 @@ SECURITY_HEADERS = {
 }
 
 
+METRICS_KEY = "sk-metrics-" + "m" * 24
+
+
 def sha(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -54,6 +57,7 @@ KEYS = {
         {"name": "infer", "sha256": sha(INFER_KEY), "scopes": ["inference"]},
         {"name": "admin", "sha256": sha(ADMIN_KEY), "scopes": ["admin"]},
         {"name": "both", "sha256": sha(BOTH_KEY), "scopes": ["inference", "admin"]},
+        {"name": "scraper", "sha256": sha(METRICS_KEY), "scopes": ["metrics"]},
     ]
 }
 CLIENT_KEYS = {"client_keys": [{"keyid": "client-1", "public_key": pub_b64(CLIENT), "scopes": ["inference"]}]}
@@ -200,6 +204,10 @@ def test_keys_configured_right_key_scopes_and_public_routes():
     assert_refused(api.complete(headers=bearer(ADMIN_KEY)), 403, "permission_error")
     assert api.get("/metrics", headers=bearer(ADMIN_KEY)).status_code == 200
     assert api.get("/metrics", headers=bearer(BOTH_KEY)).status_code == 200
+    # a scraper's key reads /metrics and nothing else
+    assert api.get("/metrics", headers=bearer(METRICS_KEY)).status_code == 200
+    assert_refused(api.complete(headers=bearer(METRICS_KEY)), 403, "permission_error")
+    assert_refused(api.get("/v1/models", headers=bearer(METRICS_KEY)), 403, "permission_error")
     # bearer scheme is case-insensitive
     assert api.complete(headers={"Authorization": f"bearer {INFER_KEY}"}).status_code == 200
     # public routes need nothing
@@ -210,7 +218,7 @@ def test_keys_configured_right_key_scopes_and_public_routes():
     # every other route does
     for path in ("/v1/models", "/models", "/status"):
         assert_refused(api.get(path), 401, "authentication_error")
-    assert api.auth_failures() == {"scope": 2.0, "missing": 3.0}
+    assert api.auth_failures() == {"scope": 4.0, "missing": 3.0}
 
 
 def test_bearer_is_compared_against_every_key(monkeypatch):

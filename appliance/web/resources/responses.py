@@ -1,0 +1,452 @@
+"""OpenAI's Responses API: POST /v1/responses (JSON or typed SSE events), and the stored responses.
+
+A response is generated on the chat path: the model's chat template applied to the instructions (as a
+system message), the history, and the new input. The history is the previous response's input and
+output (`previous_response_id`), or a conversation's items (`conversation`), read from the sealed store
+(appliance/conversations) as the calling key: another key's ids answer 404, exactly like unknown ones.
+
+Context policy (`truncation`, default `auto` here): when the prompt would leave the answer less than
+min(max_output_tokens, or a quarter of the context, and at most half of it) of the model's context
+per request (or exceeds `limits.max_prompt_tokens`), the oldest turns of the history are left out, a
+turn being a user message and what follows it up to the next one; system and developer messages of
+the history, the instructions and the new input are always kept. How many items were left out is the
+response's `x_appliance.pruned_items`, and the stored input (`input_items`) is what the model saw, so a
+chain continues from the pruned history. `truncation: "disabled"` sends everything (a prompt that does
+not fit is a 400 `context_length_exceeded`), as OpenAI's default does.
+
+Stored (`store`, default true) is the response and its input once generation ends; a stream cut
+short, a failure, or `store: false` stores nothing (a conversation still gets a finished exchange
+appended). /v1/chat/completions stays stateless: nothing here touches it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import falcon
+
+from appliance.conversations import ConversationStore, RecordNotFound, RecordTooLarge
+from appliance.engine.errors import InvalidGrammar
+from appliance.engine.events import Delta, Done, Failed, GenerationRequest
+from appliance.engine.llama import SamplingParams
+from appliance.engine.mailbox import Generation
+from appliance.engine.prompt import Message
+from appliance.engine.registry import ModelRegistry
+from appliance.engine.scheduler import ModelEngine
+from appliance.settings import ConversationSettings, LimitsSettings
+from appliance.web import openai
+from appliance.web.errors import (
+    ApiError,
+    BadRequest,
+    ClientClosedRequest,
+    InternalError,
+    NotFound,
+    from_engine,
+    from_store,
+    to_api_error,
+)
+from appliance.web.responses import EventWriter, Json, PageError, ResponseDraft, chat_message, list_page, message_item
+from appliance.web.schemas import InputMessage, ResponseRequest, parse
+from appliance.web.streams import GenerationStream, StreamOutcome, finish, watch_disconnect
+
+__all__ = ["Responses", "StoredResponses", "InputItems", "owner_of", "list_params", "page", "new_items"]
+
+log = logging.getLogger("appliance.http")
+
+_LIMIT = re.compile(r"^[0-9]{1,6}$")
+
+
+def owner_of(req: falcon.Request) -> str:
+    """Whose records these are: the authenticated key's name (an API key's configured name, a client
+    key's id: stable, never secret); "" on a server without keys, where whoever holds an id may use it."""
+    principal = getattr(req.context, "principal", None)
+    return principal if isinstance(principal, str) else ""
+
+
+def list_params(req: falcon.Request) -> tuple[str, int, str | None]:
+    """`order` (asc|desc, default desc), `limit` (1-100, default 20), `after` (an item id)."""
+    order = req.get_param("order")
+    if order is None:
+        order = "desc"
+    elif order not in ("asc", "desc"):
+        raise BadRequest("order: asc or desc", param="order")
+    raw = req.get_param("limit")
+    limit = 20
+    if raw is not None:
+        if not _LIMIT.match(raw) or not 1 <= int(raw) <= 100:
+            raise BadRequest("limit: an integer from 1 to 100", param="limit")
+        limit = int(raw)
+    return order, limit, req.get_param("after")
+
+
+def page(items: list[Json], req: falcon.Request) -> Json:
+    order, limit, after = list_params(req)
+    try:
+        return list_page(items, order=order, limit=limit, after=after)
+    except PageError as e:  # a cursor naming no item of the list: not found, like any other unknown id
+        raise NotFound(e.message, param=e.param) from None
+
+
+def new_items(store: ConversationStore, messages: list[InputMessage]) -> list[Json]:
+    """Request messages as stored items, each with a fresh id."""
+    return [message_item(store.new_id("msg"), m.role, m.text()) for m in messages]
+
+
+class StoredResponses:
+    """GET and DELETE /v1/responses/{response_id}. (One resource class per route: the JSON body check
+    goes by the class's responders, and a POST here must be a 405, whatever its content type.)"""
+
+    def __init__(self, store: ConversationStore) -> None:
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, response_id: str) -> None:
+        if req.get_param_as_bool("stream"):
+            raise BadRequest("stream: a stored response is retrieved whole, not replayed as a stream", param="stream")
+        record: Json = self.store.get("response", response_id, owner_of(req))
+        resp.media = record["response"]
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, response_id: str) -> None:
+        self.store.delete("response", response_id, owner_of(req))
+        resp.media = {"id": response_id, "object": "response", "deleted": True}
+
+
+class InputItems:
+    """GET /v1/responses/{response_id}/input_items: what the model saw, instructions aside."""
+
+    def __init__(self, store: ConversationStore) -> None:
+        self.store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, response_id: str) -> None:
+        record: Json = self.store.get("response", response_id, owner_of(req))
+        resp.media = page(record["input_items"], req)
+
+
+class Responses:
+    """POST /v1/responses."""
+
+    def __init__(
+        self,
+        models: ModelRegistry,
+        store: ConversationStore,
+        limits: LimitsSettings,
+        conversations: ConversationSettings,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        random_seed: Callable[[], int] = lambda: secrets.randbits(32),
+        default_seeds: Callable[[str], int | None] = lambda name: None,
+    ) -> None:
+        self.models = models
+        self.store = store
+        self.limits = limits
+        self.max_items = conversations.max_items_per_conversation
+        self._wall_clock = wall_clock
+        self._random_seed = random_seed
+        self._default_seeds = default_seeds
+
+    # -- creating one ------------------------------------------------------------------------
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.prompt_param = "input"
+        body = parse(ResponseRequest, req.context.json)
+        owner = owner_of(req)
+        history, conversation = self._history(body, owner)
+        given: list[InputMessage] = (
+            [InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input or [])
+        )
+        fresh = new_items(self.store, given)
+        if not fresh and not history:
+            raise BadRequest("input: nothing to respond to (no input, and no history to continue)", param="input")
+        if conversation is not None and len(history) + len(fresh) + 1 > self.max_items:
+            raise BadRequest(
+                f"conversation: it holds {len(history)} items; with this exchange it would exceed "
+                f"conversations.max_items_per_conversation = {self.max_items}", param="conversation",
+            )
+        engine, prompt, kept, pruned = self._prompt(body, history, fresh)
+        gen, sampling = self._submit(body, engine, prompt)
+        draft = ResponseDraft(
+            id=self.store.record_id("response"),
+            created_at=int(self._wall_clock()),
+            model=body.model,
+            instructions=body.instructions,
+            previous_response_id=body.previous_response_id,
+            conversation_id=conversation,
+            store=body.store is not False,
+            max_output_tokens=body.max_output_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            truncation=body.truncation or "auto",
+            text_format=_text_format(body),
+            metadata=dict(body.metadata or {}),
+            tool_choice=body.tool_choice or "auto",
+            parallel_tool_calls=body.parallel_tool_calls if body.parallel_tool_calls is not None else True,
+            pruned_items=pruned,
+        )
+        exchange = _Exchange(owner, draft, kept + fresh, fresh, self.store.new_id("msg"))
+        watcher = watch_disconnect(req.env.get("gunicorn.socket"), gen)
+        if body.stream:
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-store")
+            resp.set_header("X-Accel-Buffering", "no")
+            outcome = StreamOutcome()
+            resp.stream = GenerationStream(self._sse(exchange, gen, outcome), outcome, on_close=lambda: finish(gen, watcher))
+            return
+        try:
+            text, done = self._collect(gen)
+        finally:
+            finish(gen, watcher)
+        resp.media = self._finish(exchange, text, done)
+
+    def _history(self, body: ResponseRequest, owner: str) -> tuple[list[Json], str | None]:
+        """The items this response continues from, and the conversation it belongs to (if any)."""
+        if body.previous_response_id is not None:
+            try:
+                prev: Json = self.store.get("response", body.previous_response_id, owner)
+            except RecordNotFound as e:
+                raise from_store(e, param="previous_response_id") from None
+            return [*prev["input_items"], *prev["response"]["output"]], None
+        cid = body.conversation_id
+        if cid is not None:
+            try:
+                conv: Json = self.store.get("conversation", cid, owner)
+            except RecordNotFound as e:
+                raise from_store(e, param="conversation") from None
+            return list(conv["items"]), cid
+        return [], None
+
+    def _prompt(
+        self, body: ResponseRequest, history: list[Json], fresh: list[Json]
+    ) -> tuple[ModelEngine, list[int], list[Json], int]:
+        """The prompt tokens, with the oldest history turns left out as the context policy requires
+        (module docstring): (engine, tokens, the history kept, how many items were left out)."""
+        system: list[Message] = [{"role": "system", "content": body.instructions}] if body.instructions else []
+        turns = _turns(history)
+
+        def messages(dropped: int) -> tuple[list[Json], list[Message]]:
+            kept = [it for it, turn in zip(history, turns, strict=True) if turn is None or turn >= dropped]
+            return kept, [*system, *(_message(it) for it in (*kept, *fresh))]
+
+        kept, msgs = messages(0)
+        engine, prompt = self.models.chat_prompt(body.model, msgs)
+        n_turns = max((t for t in turns if t is not None), default=-1) + 1
+        if (body.truncation or "auto") == "disabled" or n_turns == 0:
+            return engine, prompt, kept, 0
+        n_ctx = min(engine.n_ctx, body.n_ctx or engine.n_ctx)
+        budget = n_ctx - min(body.max_output_tokens or n_ctx // 4, n_ctx // 2)
+        if self.limits.max_prompt_tokens:
+            budget = min(budget, self.limits.max_prompt_tokens)
+        if len(prompt) <= budget:
+            return engine, prompt, kept, 0
+        # The fewest turns to leave out (fewer turns, fewer tokens: a binary search over the count).
+        lo, hi = 1, n_turns
+        best: tuple[int, list[Json], list[int]] | None = None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            kept, msgs = messages(mid)
+            engine, prompt = self.models.chat_prompt(body.model, msgs)
+            if len(prompt) <= budget:
+                best, hi = (mid, kept, prompt), mid - 1
+            else:
+                lo = mid + 1
+        if best is None:  # even the new input alone does not leave the answer its room: send that much
+            kept, msgs = messages(n_turns)
+            engine, prompt = self.models.chat_prompt(body.model, msgs)
+        else:
+            _, kept, prompt = best
+        return engine, prompt, kept, len(history) - len(kept)
+
+    def _submit(self, body: ResponseRequest, engine: ModelEngine, prompt: list[int]) -> tuple[Generation, SamplingParams]:
+        """The checks the chat route makes, then the generation (web/resources/inference.py `_run`)."""
+        cap = self.limits.max_prompt_tokens
+        if cap and len(prompt) > cap:
+            raise BadRequest(f"input: the prompt has {len(prompt)} tokens; at most {cap} are allowed", param="input",
+                             code="context_length_exceeded")
+        stops = body.stops()
+        if len(stops) > self.limits.max_stop:
+            raise BadRequest(f"stop: at most {self.limits.max_stop} stop strings", param="stop")
+        if any(len(s) > self.limits.max_stop_length for s in stops):
+            raise BadRequest(f"stop: each stop string is at most {self.limits.max_stop_length} characters", param="stop")
+        max_tokens = body.max_output_tokens
+        if max_tokens is None:
+            max_tokens = self.limits.max_tokens
+        elif max_tokens > self.limits.max_tokens:
+            raise BadRequest(f"max_output_tokens: at most {self.limits.max_tokens}", param="max_output_tokens")
+        if body.n_ctx is not None and body.n_ctx > engine.n_ctx:
+            raise BadRequest(f"n_ctx: this model's context per request is at most {engine.n_ctx}", param="n_ctx")
+        grammar = None
+        constraint = body.output_constraint()
+        if constraint is not None:
+            try:
+                grammar = self.models.grammar(body.model, gbnf=constraint.gbnf, schema=constraint.schema)
+            except InvalidGrammar as e:
+                err = from_engine(e, grammar_param="response_format")
+                raise BadRequest(err.message.replace("response_format", "text", 1), param="text", code=err.code) from None
+        seed = body.seed
+        if seed is None or seed == -1:
+            seed = self._default_seeds(body.model)
+            if seed is None:
+                seed = self._random_seed()
+        sampling = SamplingParams.with_overrides(
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            min_p=body.min_p,
+            repeat_penalty=body.repeat_penalty,
+            repeat_last_n=body.repeat_last_n,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            seed=seed & 0xFFFFFFFF,
+            logit_bias=body.biases,
+            grammar=grammar,
+        )
+        gen = engine.submit(
+            GenerationRequest(
+                prompt=tuple(prompt),
+                max_tokens=max_tokens,
+                sampling=sampling,
+                stop=stops,
+                ignore_eos=bool(body.ignore_eos),
+                n_threads=body.n_threads,
+                n_ctx=body.n_ctx,
+                stream=bool(body.stream),
+            )
+        )
+        return gen, sampling
+
+    # -- answering ---------------------------------------------------------------------------
+
+    def _collect(self, gen: Generation) -> tuple[str, Done]:
+        text: list[str] = []
+        for ev in gen.events():
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+            elif isinstance(ev, Failed):
+                raise from_engine(ev.error, prompt_param="input")
+            elif isinstance(ev, Done):
+                return "".join(text), ev
+        if gen.cancelled:
+            raise ClientClosedRequest()
+        raise InternalError()
+
+    def _finish(self, x: _Exchange, text: str, done: Done) -> Json:
+        """The finished response: stored (unless store is false), its exchange appended to its
+        conversation; returns the response object."""
+        status = "incomplete" if done.finish_reason == "length" else "completed"
+        item = message_item(x.output_id, "assistant", text, status=status)
+        x.draft.finish(item, done, int(self._wall_clock()))
+        obj = x.draft.to_json()
+        if x.draft.conversation_id is not None:
+            added = [*x.fresh, item]
+
+            def append(conv: Json) -> Json:
+                if len(conv["items"]) + len(added) > self.max_items:
+                    raise BadRequest(f"conversation: full (conversations.max_items_per_conversation = {self.max_items})",
+                                     param="conversation")
+                return {**conv, "items": [*conv["items"], *added]}
+
+            try:
+                self.store.update("conversation", x.draft.conversation_id, x.owner, append)
+            except (RecordNotFound, RecordTooLarge) as e:  # deleted (or grown too large) meanwhile
+                raise from_store(e, param="conversation") from None
+        if x.draft.store:
+            try:
+                self.store.put("response", x.draft.id, x.owner, {"response": obj, "input_items": x.input_items})
+            except RecordTooLarge as e:
+                raise from_store(e, param="input") from None
+        return obj
+
+    def _sse(self, x: _Exchange, gen: Generation, outcome: StreamOutcome) -> Iterator[bytes]:
+        event = EventWriter()
+        item_id = x.output_id
+        started = x.draft.to_json()
+        yield event("response.created", response=started)
+        yield event("response.in_progress", response=started)
+        yield event("response.output_item.added", output_index=0,
+                    item={**message_item(item_id, "assistant", "", status="in_progress"), "content": []})
+        empty = message_item(item_id, "assistant", "")["content"][0]
+        yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=empty)
+        text: list[str] = []
+        try:
+            for ev in gen.events():
+                if isinstance(ev, Delta):
+                    if ev.text:
+                        text.append(ev.text)
+                        yield event.delta(item_id, ev.text)
+                    continue
+                if isinstance(ev, Failed):
+                    outcome.finish_reason = "error"
+                    yield openai.error_event(from_engine(ev.error, prompt_param="input"))
+                    return
+                full = "".join(text)
+                obj = self._finish(x, full, ev)
+                outcome.finish_reason = ev.finish_reason
+                outcome.usage = obj["usage"]
+                item = obj["output"][0]
+                yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=full,
+                            logprobs=[])
+                yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
+                            part=item["content"][0])
+                yield event("response.output_item.done", output_index=0, item=item)
+                yield event("response.completed" if obj["status"] == "completed" else "response.incomplete", response=obj)
+                return
+        except Exception as e:
+            yield _stream_failed(e, outcome)
+
+
+@dataclass
+class _Exchange:
+    """One POST /v1/responses on its way: who asked, the response being built, what the model saw."""
+
+    owner: str
+    draft: ResponseDraft
+    input_items: list[Json]
+    """The history kept and the new input: what the model saw (instructions aside), stored as input_items."""
+    fresh: list[Json]
+    """The new input only: what a conversation gets appended, with the output."""
+    output_id: str
+
+
+def _stream_failed(e: Exception, outcome: StreamOutcome) -> bytes:
+    err: ApiError | None = to_api_error(e, prompt_param="input")
+    if err is None:
+        log.exception("response stream failed")
+        err = InternalError()
+    outcome.finish_reason = "error"
+    return openai.error_event(err)
+
+
+def _message(item: Json) -> Message:
+    m = chat_message(item)
+    return {"role": m["role"], "content": m["content"]}
+
+
+def _turns(history: list[Json]) -> list[int | None]:
+    """Each history item's turn number (a turn starts at a user message), or None for what is never
+    left out (system and developer messages)."""
+    out: list[int | None] = []
+    turn = -1
+    for it in history:
+        role = it.get("role")
+        if role in ("system", "developer"):
+            out.append(None)
+            continue
+        if role == "user" or turn < 0:
+            turn += 1
+        out.append(turn)
+    return out
+
+
+def _text_format(body: ResponseRequest) -> dict[str, Any]:
+    fmt = body.text.format if body.text is not None else None
+    if fmt is None:
+        return {"type": "text"}
+    out: dict[str, Any] = {"type": fmt.type}
+    if fmt.type == "json_schema":
+        out.update({"name": fmt.name or "response", "schema": fmt.schema_ or {}, "strict": bool(fmt.strict),
+                    "description": fmt.description})
+    return out
