@@ -58,9 +58,15 @@ check: setup
 test: setup system-deps
 	$(BIN)/python -m pytest -ra
 
-# Debian's prometheus, haproxy, umoci and skopeo, which tests drive for real (installed when root).
+# Debian's prometheus, haproxy, umoci, skopeo and chromium, which tests drive for real (installed when root).
 system-deps:
 	scripts/system-deps.sh
+
+# The web chat: ui/ (npm, pinned by package-lock.json) built into appliance/web/ui/, which is committed
+# (tests/browser/test_ui_build.py checks that a fresh build gives the same bytes).
+.PHONY: ui
+ui:
+	cd ui && npm ci --no-audit --no-fund && npm run build
 
 test-unit: setup
 	$(BIN)/python -m pytest -ra tests/unit tests/contract
@@ -86,7 +92,7 @@ clean:
 .PHONY: binary binary-cuda test-binary repro-check lock-build
 MODEL ?= $(DEMO_MODEL)
 MODEL_NAME ?=
-BINARY_INPUTS := $(wildcard appliance/*.py appliance/*/*.py appliance/*/*/*.py attestation/*.py attestation/*/*.py \
+BINARY_INPUTS := $(wildcard appliance/*.py appliance/*/*.py appliance/*/*/*.py appliance/web/ui/* attestation/*.py attestation/*/*.py \
   build/*.py build/*.sh build/*.spec build/*.lock scripts/patches/*.patch) requirements.lock scripts/llama-wheel.sh
 
 binary: $(MODEL)

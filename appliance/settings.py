@@ -108,6 +108,9 @@ class ServerSettings(_Strict):
     keepalive: Annotated[int, Field(ge=0, le=300)] = 5
     """Seconds an idle keep-alive connection is kept, and the most a request's line and headers may
     take to arrive (a slow sender is cut off)."""
+    websocket_idle_timeout: Annotated[int, Field(ge=0, le=86400)] = 300
+    """Seconds a WebSocket connection (GET /v1/responses) may stay without a message before it is closed
+    (1000, "idle"); 0 keeps it open."""
     body_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
     """Seconds a request's body may take to arrive; slower gets a 408 (a slow body holds a connection)."""
     worker_connections: Annotated[int, Field(ge=1, le=100_000)] = 4096

@@ -41,6 +41,7 @@ __all__ = [
     "TAG",
     "NONCE_HEADER",
     "CLIENT_HEADER",
+    "CONVERSATION_HEADER",
     "REQUEST_DIGEST_HEADER",
     "STREAM_HEADER",
     "STREAM_SCHEME",
@@ -65,12 +66,23 @@ __all__ = [
     "sign_request",
     "verify_request",
     "VerifiedRequest",
+    "conversation_genesis",
+    "conversation_turn",
+    "conversation_header",
+    "parse_conversation_header",
+    "ConversationChain",
+    "WS_SCHEME",
+    "WebSocketChain",
+    "WebSocketVerifier",
 ]
 
 LABEL = "appliance"
 TAG = "appliance-v1"
 NONCE_HEADER = "appliance-nonce"
 CLIENT_HEADER = "appliance-client"
+# A response of a conversation (POST /v1/responses): `prev=:<b64>:, head=:<b64>:`, the running hash of the
+# conversation before and after this turn (spec/signing.md §6). Covered by the signature when present.
+CONVERSATION_HEADER = "appliance-conversation"
 REQUEST_ID_HEADER = "x-request-id"
 # The digest of the request body received, in a response whose request carried no Content-Digest.
 REQUEST_DIGEST_HEADER = "appliance-request-digest"
@@ -88,6 +100,12 @@ _CHAIN_DOMAIN = b"appliance-stream-v1\x00"
 _CHECKPOINT_DOMAIN = b"appliance-checkpoint-v1\x00"
 _FINAL_DOMAIN = b"appliance-final-v1\x00"
 _REQUEST_DOMAIN = b"appliance-request-v1\x00"
+_WS_CLIENT_DOMAIN = b"appliance-ws-client-v1\x00"
+_WS_FINAL_DOMAIN = b"appliance-ws-final-v1\x00"
+# The `appliance-stream` value of a WebSocket upgrade (spec/signing.md §8).
+WS_SCHEME = "sha256-ws-chain-v1"
+_GENESIS_DOMAIN = b"appliance-conversation-v1\x00genesis\x00"
+_TURN_DOMAIN = b"appliance-conversation-v1\x00turn\x00"
 
 
 class VerificationError(Exception):
@@ -243,7 +261,10 @@ class _Keys(HTTPSignatureKeyResolver):
         return self._public
 
 
-def response_components(*, streaming: bool, has_nonce: bool, has_client: bool, request_content_digest: bool = False) -> list[str]:
+def response_components(
+    *, streaming: bool, has_nonce: bool, has_client: bool, request_content_digest: bool = False,
+    has_conversation: bool = False,
+) -> list[str]:
     """The covered components of spec/signing.md §2.2, in order. `request_content_digest`: the request
     body is bound by the request's own `Content-Digest` (`"content-digest";req`); otherwise by the
     response's `appliance-request-digest`. Exactly one of the two is covered."""
@@ -251,6 +272,8 @@ def response_components(*, streaming: bool, has_nonce: bool, has_client: bool, r
     covered.append(STREAM_HEADER if streaming else "content-digest")
     if has_client:
         covered.append(CLIENT_HEADER)
+    if has_conversation:
+        covered.append(CONVERSATION_HEADER)
     if not request_content_digest:
         covered.append(REQUEST_DIGEST_HEADER)
     covered += ['"@method";req', '"@path";req', '"@query";req']
@@ -289,7 +312,7 @@ def sign_response_headers(
     msg = _Resp(status, h, request.message())
     covered = response_components(
         streaming=body is None, has_nonce=request.nonce is not None, has_client=CLIENT_HEADER in h,
-        request_content_digest=request.content_digest is not None,
+        request_content_digest=request.content_digest is not None, has_conversation=CONVERSATION_HEADER in h,
     )
     prepared = _plain_signature_base(msg, tuple(covered), int(created.timestamp()), kid, nonce)
     if prepared is None:  # something unusual: the library builds it (and raises what it rejects)
@@ -477,9 +500,10 @@ class StreamChain:
         return CHECKPOINT_PREFIX + _canonical(body) + b"\n\n"
 
     def final_fields(
-        self, request: RequestInfo, finish_reason: str | None, usage: dict[str, Any] | None
+        self, request: RequestInfo, finish_reason: str | None, usage: dict[str, Any] | None,
+        conversation: tuple[bytes, bytes] | None = None,
     ) -> dict[str, Any]:
-        return {
+        fields = {
             "v": 1,
             "seq": self.seq,
             "chain": b64(self.head),
@@ -487,13 +511,187 @@ class StreamChain:
             "finish_reason": finish_reason,
             "usage": usage,
         }
+        if conversation is not None:  # (prev, head): spec/signing.md §6
+            fields["conversation"] = {"prev": b64(conversation[0]), "head": b64(conversation[1])}
+        return fields
 
     def final_line(
-        self, private_key: Ed25519PrivateKey, request: RequestInfo, finish_reason: str | None, usage: dict[str, Any] | None
+        self, private_key: Ed25519PrivateKey, request: RequestInfo, finish_reason: str | None, usage: dict[str, Any] | None,
+        conversation: tuple[bytes, bytes] | None = None,
     ) -> bytes:
-        fields = self.final_fields(request, finish_reason, usage)
+        fields = self.final_fields(request, finish_reason, usage, conversation)
         fields["sig"] = b64(private_key.sign(_FINAL_DOMAIN + _canonical(fields)))
         return FINAL_PREFIX + _canonical(fields) + b"\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations (spec/signing.md §6)
+
+
+def conversation_genesis(chain_id: str) -> bytes:
+    """head_0 of a chain: SHA-256(domain || the conversation's id, or the first response's id)."""
+    return hashlib.sha256(_GENESIS_DOMAIN + chain_id.encode()).digest()
+
+
+def conversation_turn(prev: bytes, request_body: bytes, response: bytes) -> bytes:
+    """head_n = SHA-256(domain || head_{n-1} || SHA-256(request body) || SHA-256(response bytes)).
+
+    The response bytes are the HTTP body of a JSON response, or, in a stream, the JSON data of its
+    `response.completed` (or `.incomplete`) event exactly as sent (between `data: ` and the blank line)."""
+    if len(prev) != 32:
+        raise VerificationError("conversation: a head is 32 bytes")
+    return hashlib.sha256(
+        _TURN_DOMAIN + prev + hashlib.sha256(request_body).digest() + hashlib.sha256(response).digest()
+    ).digest()
+
+
+def conversation_header(prev: bytes, head: bytes) -> str:
+    """The `appliance-conversation` field: an RFC 8941 dictionary of two byte sequences."""
+    return f"prev=:{b64(prev)}:, head=:{b64(head)}:"
+
+
+def parse_conversation_header(value: str) -> tuple[bytes, bytes]:
+    try:
+        parsed: Any = http_sf.parse(value.encode(), tltype="dictionary")
+        prev, head = parsed["prev"][0], parsed["head"][0]
+    except Exception:
+        raise VerificationError(f"{CONVERSATION_HEADER}: not a dictionary with prev and head byte sequences") from None
+    if not (isinstance(prev, bytes) and isinstance(head, bytes) and len(prev) == len(head) == 32):
+        raise VerificationError(f"{CONVERSATION_HEADER}: prev and head must be 32-byte sequences")
+    return prev, head
+
+
+class ConversationChain:
+    """A client's record of one conversation: each turn's (prev, head), as signed by the appliance, must
+    continue the last head it holds and recompute from the bytes it sent and received. A dropped,
+    altered, replayed or reordered turn breaks the chain and raises VerificationError."""
+
+    def __init__(self, chain_id: str | None = None, head: bytes | None = None) -> None:
+        self.head: bytes | None = head if head is not None else (conversation_genesis(chain_id) if chain_id else None)
+        self.turns = 0
+
+    def add(self, prev: bytes, head: bytes, request_body: bytes, response: bytes) -> bytes:
+        if self.head is not None and prev != self.head:
+            raise VerificationError(
+                f"conversation: turn {self.turns + 1} does not continue turn {self.turns} (a turn was dropped, "
+                "replayed or reordered, or another conversation's answer came back)"
+            )
+        if conversation_turn(prev, request_body, response) != head:
+            raise VerificationError(f"conversation: turn {self.turns + 1}'s head does not match what was sent and received")
+        self.head = head
+        self.turns += 1
+        return head
+
+
+# ---------------------------------------------------------------------------------------------
+# WebSocket mode (spec/signing.md §8)
+
+
+class WebSocketChain:
+    """Both directions of one WebSocket connection, chained from the signed 101 response.
+
+    Server frames (every text frame but checkpoints and finals) chain as a stream's events do (§3.2);
+    the client's text frames that the server took chain separately, from
+    SHA-256("appliance-ws-client-v1\\0" || Signature). Checkpoints sign the server chain as in §3.3;
+    after each response a final frame signs both heads, the upgrade request's digest, and the
+    response's finish reason, usage and conversation turn."""
+
+    def __init__(self, signature_header: str) -> None:
+        self.server = StreamChain(signature_header)
+        self.client_head = hashlib.sha256(_WS_CLIENT_DOMAIN + signature_header.encode()).digest()
+        self.client_seq = 0
+
+    def took(self, frame: bytes) -> None:
+        self.client_head = hashlib.sha256(self.client_head + frame).digest()
+        self.client_seq += 1
+
+    def sent(self, frame: bytes) -> None:
+        self.server.add(frame)
+
+    def checkpoint_fields(self, private_key: Ed25519PrivateKey) -> dict[str, Any]:
+        sig = private_key.sign(self.server.checkpoint_payload())
+        return {"v": 1, "seq": self.server.seq, "chain": b64(self.server.head), "sig": b64(sig)}
+
+    def final_fields(
+        self, request: RequestInfo, finish_reason: str | None, usage: dict[str, Any] | None,
+        conversation: tuple[bytes, bytes] | None,
+    ) -> dict[str, Any]:
+        fields = {
+            "v": 1, "seq": self.server.seq, "chain": b64(self.server.head),
+            "client_seq": self.client_seq, "client_chain": b64(self.client_head),
+            "request": request_digest(request), "finish_reason": finish_reason, "usage": usage,
+        }
+        if conversation is not None:
+            fields["conversation"] = {"prev": b64(conversation[0]), "head": b64(conversation[1])}
+        return fields
+
+    def signed_final(
+        self, private_key: Ed25519PrivateKey, request: RequestInfo, finish_reason: str | None,
+        usage: dict[str, Any] | None, conversation: tuple[bytes, bytes] | None = None,
+    ) -> dict[str, Any]:
+        fields = self.final_fields(request, finish_reason, usage, conversation)
+        fields["sig"] = b64(private_key.sign(_WS_FINAL_DOMAIN + _canonical(fields)))
+        return fields
+
+
+class WebSocketVerifier:
+    """A client's check of one WebSocket connection (spec/signing.md §8): the 101's signature first,
+    then every frame in order. `sent(frame)` for each text frame the client sends, `received(frame)`
+    for each text frame it gets; raises VerificationError at the first frame that breaks the chain,
+    a checkpoint or a final that does not verify. `finals` holds each response's verified final."""
+
+    def __init__(self, public_key: Ed25519PublicKey, request: RequestInfo, headers: Mapping[str, str]) -> None:
+        result, h = verify_stream_headers(public_key, request, 101, headers)
+        if h.get(STREAM_HEADER) != WS_SCHEME:
+            raise VerificationError(f"websocket: the 101 response must carry {STREAM_HEADER}: {WS_SCHEME}")
+        self._key = public_key
+        self._request = request
+        self._chain = WebSocketChain(h["signature"])
+        self._sent: list[bytes] = []
+        self.key_id = str(result.parameters["keyid"])
+        self.finals: list[dict[str, Any]] = []
+        self.events = 0
+
+    def sent(self, frame: bytes) -> None:
+        self._sent.append(frame)
+
+    def received(self, frame: bytes) -> dict[str, Any] | None:
+        """The frame's JSON when it is a verified checkpoint or final, else None (a chained event)."""
+        try:
+            obj = json.loads(frame)
+        except ValueError:
+            obj = None
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if kind == "appliance.checkpoint":
+            cp = obj.get("checkpoint") if isinstance(obj, dict) else None
+            if not isinstance(cp, dict) or cp.get("v") != 1:
+                raise VerificationError("websocket: malformed checkpoint")
+            server = self._chain.server
+            if cp.get("seq") != server.seq or cp.get("chain") != b64(server.head):
+                raise VerificationError(f"websocket: checkpoint after frame {server.seq} does not match the frames before it")
+            _check_sig(self._key, server.checkpoint_payload(), cp.get("sig"), "websocket checkpoint")
+            return dict(obj)
+        if kind == "appliance.final":
+            fin = obj.get("final") if isinstance(obj, dict) else None
+            if not isinstance(fin, dict):
+                raise VerificationError("websocket: malformed final")
+            fin = dict(fin)
+            sig = fin.pop("sig", None)
+            k = fin.get("client_seq")
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= len(self._sent):
+                raise VerificationError("websocket: the final counts frames this client never sent")
+            while self._chain.client_seq < k:
+                self._chain.took(self._sent[self._chain.client_seq])
+            conversation = _final_conversation(fin.get("conversation"))
+            expected = self._chain.final_fields(self._request, fin.get("finish_reason"), fin.get("usage"), conversation)
+            if fin != expected:
+                raise VerificationError("websocket: final does not match the frames sent and received")
+            _check_sig(self._key, _WS_FINAL_DOMAIN + _canonical(fin), sig, "websocket final")
+            self.finals.append(fin)
+            return dict(obj)
+        self._chain.sent(frame)
+        self.events += 1
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +713,22 @@ class VerifiedStream:
     events: list[bytes] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    conversation: tuple[bytes, bytes] | None = None
+    """(prev, head) of a conversation's turn, from the signed final line (spec/signing.md §6)."""
+
+
+def _final_conversation(value: object) -> tuple[bytes, bytes] | None:
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, dict) or set(value) != {"prev", "head"}:
+            raise ValueError
+        prev, head = (base64.b64decode(value[k], validate=True) for k in ("prev", "head"))
+    except (ValueError, TypeError):
+        raise VerificationError("stream: the final checkpoint's conversation is malformed") from None
+    if len(prev) != 32 or len(head) != 32:
+        raise VerificationError("stream: the final checkpoint's conversation heads must be 32 bytes")
+    return prev, head
 
 
 def _verify_headers(
@@ -536,7 +750,7 @@ def _verify_headers(
     by_field = request.content_digest is not None and REQUEST_DIGEST_HEADER not in h
     required = response_components(
         streaming=streaming, has_nonce=request.nonce is not None, has_client=CLIENT_HEADER in h,
-        request_content_digest=by_field,
+        request_content_digest=by_field, has_conversation=CONVERSATION_HEADER in h,
     )
     verifier = _Verifier(signature_algorithm=algorithms.ED25519, key_resolver=_Keys(public=public_key))
     try:
@@ -638,7 +852,8 @@ def verify_stream(
         elif ev.startswith(FINAL_PREFIX):
             fin = _json_line(ev, FINAL_PREFIX, "final checkpoint")
             sig = fin.pop("sig", None)
-            expected = chain.final_fields(request, fin.get("finish_reason"), fin.get("usage"))
+            conversation = _final_conversation(fin.get("conversation"))
+            expected = chain.final_fields(request, fin.get("finish_reason"), fin.get("usage"), conversation)
             if fin != expected:
                 raise VerificationError("stream: final checkpoint does not match the events or the request")
             _check_sig(public_key, _FINAL_DOMAIN + _canonical(fin), sig, "final checkpoint")
@@ -646,7 +861,8 @@ def verify_stream(
             if rest != [SSE_DONE]:
                 raise VerificationError("stream: events after the final checkpoint other than data: [DONE]")
             return VerifiedStream(
-                str(result.parameters["keyid"]), int(result.parameters["created"]), data, fin.get("finish_reason"), fin.get("usage")
+                str(result.parameters["keyid"]), int(result.parameters["created"]), data, fin.get("finish_reason"),
+                fin.get("usage"), conversation,
             )
         elif ev == SSE_DONE:
             raise VerificationError("stream: data: [DONE] before the final checkpoint")

@@ -66,6 +66,9 @@ from pathlib import Path
 from typing import IO, Any, Protocol, cast
 from urllib.parse import quote
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from manifest import sha256  # build/manifest.py: the build's one file-digest helper
+
 ROOT = Path(__file__).resolve().parent.parent
 
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -280,12 +283,6 @@ def deb_owner(path: Path) -> DebPackage | None:
     return None
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -673,7 +670,7 @@ def sbom(i: SbomInputs) -> dict[str, Any]:
                     wheel.group(2) if wheel else "NOASSERTION",
                     primaryPackagePurpose="LIBRARY",
                     packageFileName=f"/{LIB_DIR}/{lib.soname}",
-                    checksums=[{"algorithm": "SHA256", "checksumValue": sha256_file(lib.path)}],
+                    checksums=[{"algorithm": "SHA256", "checksumValue": sha256(lib.path)}],
                     **extra,
                 ),
             )
@@ -735,7 +732,7 @@ def default_cuda_runtime() -> Path:
         os.environ.get("APPLIANCE_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "appliance"
     )
-    key = sha256_file(ROOT / "build" / "requirements-cuda.lock")[:12]
+    key = sha256(ROOT / "build" / "requirements-cuda.lock")[:12]
     return cache / "cuda-toolkit" / key / "nvidia" / "cu13" / "lib"
 
 
@@ -754,7 +751,7 @@ def _load_checked_manifest(binary: Path) -> tuple[dict[str, Any], str]:
         if not p.is_file():
             raise BuildError(f"{p} missing: `make binary` writes it next to the binary")
     manifest = json.loads(manifest_path.read_text())
-    digest = sha256_file(binary)
+    digest = sha256(binary)
     if sidecar.read_text().split() != [digest, binary.name] or manifest["binary"]["sha256"] != digest:
         raise BuildError(
             f"{binary}: its digest {digest} is not the one in {sidecar.name} and {manifest_path.name} (stale?)"
@@ -797,7 +794,7 @@ def build(o: Options, log: Callable[[str], None]) -> dict[str, Any]:
         needed |= set(parse_elf(data, f"{o.binary.name}:{e.name}").needed) - bundled_names
         # A system library PyInstaller copied in as it was: the Debian package it came from goes in the SBOM.
         host = HOST_LIB_DIRS[0] / e.name
-        if "/" not in e.name and host.is_file() and sha256_file(host) == hashlib.sha256(data).hexdigest():
+        if "/" not in e.name and host.is_file() and sha256(host) == hashlib.sha256(data).hexdigest():
             deb = deb_owner(host)
             if deb:
                 bundled_debs[deb.name] = deb

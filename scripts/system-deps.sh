@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The Debian programs the test suite drives for real (README "Tests"): Prometheus and promtool (the
-# scrape test and the compose config check), HAProxy (the load-balanced replicas test), umoci and
+# scrape test and the compose config check), HAProxy (the load-balanced replicas test), Chromium (the
+# browser tests of the web chat), umoci and
 # skopeo (the OCI image tests). Installed with apt-get when missing and this runs as root; otherwise
 # it names what is missing, and those tests skip saying why. Quick when everything is there.
 set -euo pipefail
-declare -A want=([prometheus]=prometheus [promtool]=prometheus [haproxy]=haproxy [umoci]=umoci [skopeo]=skopeo)
+declare -A want=([prometheus]=prometheus [promtool]=prometheus [haproxy]=haproxy [umoci]=umoci [skopeo]=skopeo [chromium]=chromium)
 missing=()
 for cmd in "${!want[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("${want[$cmd]}")

@@ -10,6 +10,19 @@ Where a template comes from, first match wins:
 4. none: chat requests get a 400 naming the `chat_template` setting (completions still work). A
    format whose markers the model does not have is never used: it would only echo them as text.
 
+Tool calling (the generic format, llama.cpp's for models without a tool-call format of their own):
+a request that calls tools gets a system instruction (`tool_instruction`: the tools, name, description
+and parameters as JSON, and the exact JSON reply), appended to its first system message or put before
+the others as one. The conversation's own tool traffic is rendered as text, in the form the model is
+asked to write: an assistant turn that called tools becomes its reply `{"tool_calls": [{"name": ...,
+"arguments": {...}}]}` (after its text, if it had some), and a tool message becomes a user turn
+`Tool result (<call id>, <function name>): <content>`. A Jinja template that renders tools, tool calls
+and tool results itself (found by rendering probes, once per template) gets them as they are instead:
+`tools` as OpenAI's function tools, each call's arguments as an object, `tool_call_id` kept; its
+instruction then only asks for the JSON reply. Should such a template refuse a conversation (some
+take one call per message only), the generic text is rendered instead. llama.cpp's built-in
+templates know none of this.
+
 Jinja templates come from a file or a config the operator chose, but they are still code: they run in
 Jinja's immutable sandbox, and a template error becomes a 400, never a traceback. Built-in templates
 are rendered by llama.cpp itself (`llama_chat_apply_template`), so the bytes are the ones llama.cpp
@@ -21,7 +34,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -41,6 +54,9 @@ __all__ = [
     "detect_builtin",
     "model_chat_template",
     "render_chat",
+    "ToolPrompt",
+    "tool_instruction",
+    "jinja_renders_tools",
 ]
 
 # Built-in templates recognised from a model's vocabulary, most specific first: (llama.cpp's name,
@@ -201,6 +217,138 @@ def _tojson(
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
 
 
+@dataclass(frozen=True)
+class ToolPrompt:
+    """The tools a chat request lets the model call, for its prompt: OpenAI's function tools
+    (`{"type": "function", "function": {"name", "description", "parameters"}}`), whether a call is
+    required (and of which `function`, if one is named), and whether several calls may come at once."""
+
+    tools: tuple[Mapping[str, Any], ...]
+    required: bool
+    function: str | None = None
+    parallel: bool = True
+
+
+def tool_instruction(tools: ToolPrompt, *, list_tools: bool = True) -> str:
+    """The system instruction for a request that calls tools: the tools (where the template does not
+    list them itself) and the one JSON object to reply with."""
+    lines: list[str] = []
+    if list_tools:
+        lines.append("You can call these tools (functions), given as JSON:")
+        for t in tools.tools:
+            f = t.get("function", {})
+            described = {"name": f.get("name"), "description": f.get("description", ""),
+                         "parameters": f.get("parameters") or {"type": "object"}}
+            lines.append(json.dumps(described, ensure_ascii=False))
+        lines.append("")
+    how_many = "one call or more" if tools.parallel else "exactly one call"
+    call = '{"tool_calls": [{"name": "<tool name>", "arguments": {<arguments, as the tool\'s parameters say>}}]}'
+    if tools.function is not None:
+        lines.append(f"You must call the tool {tools.function}. Reply with only this JSON object ({how_many}):")
+        lines.append(call.replace("<tool name>", tools.function))
+    elif tools.required:
+        lines.append(f"You must call a tool. Reply with only this JSON object ({how_many}):")
+        lines.append(call)
+    else:
+        lines.append(f"Reply with only one JSON object: to call tools ({how_many}),")
+        lines.append(call)
+        lines.append("or, to answer without calling a tool,")
+        lines.append('{"response": "<your answer>"}')
+    return "\n".join(lines)
+
+
+def _arguments(raw: Any) -> Any:
+    """A call's arguments as an object where they are JSON (the wire sends them as a string)."""
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def _with_instruction(messages: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
+    """The instruction appended to the first message's text if that is a system (or developer)
+    message, else a system message before them all (many templates take only one, first)."""
+    if messages and messages[0].get("role") in ("system", "developer"):
+        first = dict(messages[0])
+        text = first.get("content") or ""
+        first["content"] = f"{text}\n\n{instruction}" if text else instruction
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
+
+
+def _generic_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation's tool calls and tool results as text (the module's docstring has the form);
+    other messages as they are."""
+    names: dict[str, str] = {}
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        calls = m.get("tool_calls") or []
+        if m.get("role") == "assistant" and calls:
+            reply = {"tool_calls": [
+                {"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])} for c in calls
+            ]}
+            for c in calls:
+                names[c["id"]] = c["function"]["name"]
+            text = m.get("content") or ""
+            as_json = json.dumps(reply, ensure_ascii=False)
+            out.append({"role": "assistant", "content": f"{text}\n{as_json}" if text else as_json})
+        elif m.get("role") == "tool":
+            call_id = m.get("tool_call_id")
+            about = ", ".join(x for x in (call_id, names.get(call_id or "")) if x)
+            head = f"Tool result ({about})" if about else "Tool result"
+            out.append({"role": "user", "content": f"{head}: {m.get('content') or ''}"})
+        else:
+            out.append({k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")})
+    return out
+
+
+def _native_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages for a template that renders tool traffic itself: each call's arguments an object."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": _arguments(c["function"]["arguments"])}}
+                for c in m["tool_calls"]
+            ]
+        out.append(m)
+    return out
+
+
+_PROBE_NAME = "appliance_probe_fn_7f3a"
+_PROBE_ARG = "appliance_probe_arg_7f3a"
+_PROBE_RESULT = "appliance_probe_result_7f3a"
+
+
+@lru_cache(maxsize=32)
+def jinja_renders_tools(source: str) -> bool:
+    """Whether a Jinja template renders tools, assistant tool calls (arguments as an object) and tool
+    results itself: each probe's marker must come out in the text (llama.cpp's minja asks the same)."""
+    tool = {"type": "function", "function": {"name": _PROBE_NAME, "description": "probe",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    call = {"id": "call_probe", "type": "function", "function": {"name": _PROBE_NAME, "arguments": {"x": _PROBE_ARG}}}
+    user = {"role": "user", "content": "Hi"}
+    asked = {"role": "assistant", "content": None, "tool_calls": [call]}
+    probes = (
+        ([user], [tool], _PROBE_NAME),
+        ([user, asked], None, _PROBE_ARG),
+        ([user, asked, {"role": "tool", "tool_call_id": "call_probe", "content": _PROBE_RESULT}], None, _PROBE_RESULT),
+    )
+    try:
+        template = _compile(source)
+        for messages, tools, marker in probes:
+            text = template.render(messages=messages, tools=tools, add_generation_prompt=True, bos_token="",
+                                   eos_token="", strftime_now=datetime.datetime(2025, 1, 1).strftime)
+            if marker not in text:
+                return False
+    except Exception:  # a template that cannot render a probe does not render tools
+        return False
+    return True
+
+
 def render_chat(
     template: ChatTemplate | None,
     messages: list[dict[str, Any]],
@@ -209,8 +357,10 @@ def render_chat(
     bos_token: str,
     eos_token: str,
     now: datetime.datetime | None = None,
+    tools: ToolPrompt | None = None,
 ) -> str:
-    """Render messages into the prompt text the model was trained on, ready for generation.
+    """Render messages into the prompt text the model was trained on, ready for generation; with
+    `tools`, the tool instruction too (the module's docstring says how tool traffic is rendered).
 
     A built-in template is rendered by llama.cpp (a short C call that releases the GIL)."""
     if template is None:
@@ -220,21 +370,46 @@ def render_chat(
             "chat_template setting to a Jinja template or to a built-in template's name (e.g. gemma, "
             "llama3, chatml)."
         )
+    has_tool_traffic = any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
     if template.name is not None:
-        return _apply_builtin(template.name, messages)
+        return _apply_builtin(template.name, _tool_text(messages, tools, native=False, traffic=has_tool_traffic))
+    source = template.jinja or ""
     when = now or datetime.datetime.now(datetime.UTC)
-    try:
-        return _compile(template.jinja).render(
+
+    def jinja(messages: list[dict[str, Any]], **extra: Any) -> str:
+        return _compile(source).render(
             messages=messages,
             add_generation_prompt=True,
             bos_token=bos_token,
             eos_token=eos_token,
             strftime_now=when.strftime,
+            **extra,
         )
+
+    if (tools is not None or has_tool_traffic) and jinja_renders_tools(source):
+        try:
+            extra = {"tools": [dict(t) for t in tools.tools]} if tools is not None else {}
+            return jinja(_tool_text(messages, tools, native=True, traffic=has_tool_traffic), **extra)
+        except Exception:  # a native rendering it refuses (say, several calls at once): the generic one
+            pass
+    try:
+        return jinja(_tool_text(messages, tools, native=False, traffic=has_tool_traffic))
     except jinja2.TemplateError as e:
         raise InvalidPrompt(f"the model's chat template rejected them: {e.message}") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError):
         raise InvalidPrompt("the model's chat template could not render them") from None
+
+
+def _tool_text(
+    messages: list[dict[str, Any]], tools: ToolPrompt | None, *, native: bool, traffic: bool
+) -> list[dict[str, Any]]:
+    """The messages with their tool traffic rendered (as they are for a template that renders it, else
+    as text) and the tool instruction, where the request calls tools."""
+    if traffic:
+        messages = _native_messages(messages) if native else _generic_messages(messages)
+    if tools is not None:
+        messages = _with_instruction(messages, tool_instruction(tools, list_tools=not native))
+    return messages
 
 
 def _apply_builtin(name: str, messages: list[dict[str, Any]]) -> str:

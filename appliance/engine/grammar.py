@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
-from typing import Any, Final, cast
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, cast
 
 from llama_cpp import llama_grammar
 
@@ -39,6 +40,8 @@ __all__ = [
     "check_schema",
     "schema_gbnf",
     "build_grammar",
+    "ToolSpec",
+    "tool_calls_schema",
 ]
 
 MAX_GRAMMAR_CHARS: Final = 256 * 1024
@@ -539,3 +542,83 @@ def build_grammar(model: LlamaModel, *, gbnf: str | None = None, schema: object 
         return Grammar(model, text)
     except ValueError as e:
         raise InvalidGrammar(f"llama.cpp refused the grammar: {e}", subject="grammar" if gbnf is not None else "schema") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool calls: the generic format (llama.cpp's, for models without a tool-call format of their own)
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One function a chat request offers the model: its name and its parameters' JSON schema
+    (checked by `check_schema`)."""
+
+    name: str
+    parameters: Mapping[str, Any]
+
+
+_ANY_ARGUMENTS: Final[dict[str, Any]] = {"type": "object"}
+
+
+def _rebased(node: Any, base: str) -> Any:
+    """A tool's parameters schema moved under `base` ("#/$defs/<name>"): each local `$ref` of it
+    re-pointed there, so it still resolves inside the combined schema."""
+    if isinstance(node, list):
+        return [_rebased(x, base) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        if k in ("enum", "const", "default", "examples"):
+            out[k] = v  # values, not schemas
+        elif k == "$ref" and isinstance(v, str) and v.startswith("#"):
+            out[k] = base + v[1:]
+        else:
+            out[k] = _rebased(v, base)
+    return out
+
+
+def tool_calls_schema(
+    tools: Sequence[ToolSpec], *, mode: Literal["auto", "required"], parallel: bool
+) -> dict[str, Any]:
+    """The JSON schema of a reply in the generic tool-call format:
+
+        {"tool_calls": [{"name": <a tool's name>, "arguments": <that tool's parameters>}, ...]}
+
+    (one call or more; exactly one unless `parallel`), or, with mode "auto", that or
+
+        {"response": "<text for the user>"}
+
+    Each tool's parameters sit in `$defs` under the tool's name (a name is `[a-zA-Z0-9_-]`, safe in
+    a JSON pointer), their own local references re-pointed there; the result is checked and compiled
+    like any schema (`schema_gbnf`), so a reply that completes always parses and validates."""
+    if not tools:
+        raise InvalidGrammar("no tools to call", subject="schema")
+    defs = {t.name: _rebased(dict(t.parameters) or _ANY_ARGUMENTS, f"#/$defs/{t.name}") for t in tools}
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.name}, "arguments": {"$ref": f"#/$defs/{t.name}"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    array: dict[str, Any] = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
+    if not parallel:
+        array["maxItems"] = 1
+    call_reply = {
+        "type": "object",
+        "properties": {"tool_calls": array},
+        "required": ["tool_calls"],
+        "additionalProperties": False,
+    }
+    if mode == "required":
+        return {**call_reply, "$defs": defs}
+    text_reply = {
+        "type": "object",
+        "properties": {"response": {"type": "string"}},
+        "required": ["response"],
+        "additionalProperties": False,
+    }
+    return {"anyOf": [call_reply, text_reply], "$defs": defs}

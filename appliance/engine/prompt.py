@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
-from appliance.engine.chat import ChatTemplate, render_chat
+from appliance.engine.chat import ChatTemplate, ToolPrompt, render_chat
 from appliance.engine.errors import InfillNotSupported, InvalidPrompt
 from appliance.engine.llama import LlamaModel
 
@@ -21,11 +21,14 @@ __all__ = [
 
 
 class Message(TypedDict, total=False):
-    """One chat message as templates take it (role, content and an optional name)."""
+    """One chat message as templates take it (role, content and an optional name); an assistant's
+    tool calls (OpenAI's shape, arguments a JSON string) and a tool result's call id."""
 
     role: str
     content: str
     name: str
+    tool_calls: list[dict[str, Any]]
+    tool_call_id: str
 
 
 def text_tokens(model: LlamaModel, text: str) -> list[int]:
@@ -52,9 +55,13 @@ def token_pieces(model: LlamaModel, ids: Sequence[int]) -> list[bytes]:
     return [model.shown_piece(t) for t in token_ids(model, ids)]
 
 
-def chat_tokens(model: LlamaModel, template: ChatTemplate | None, messages: list[Message], *, model_name: str) -> list[int]:
-    """Render the messages with the model's template, then tokenize; BOS is added only where the
-    rendered text does not already start with it (templates that write `bos_token` themselves)."""
+def chat_tokens(
+    model: LlamaModel, template: ChatTemplate | None, messages: list[Message], *, model_name: str,
+    tools: ToolPrompt | None = None,
+) -> list[int]:
+    """Render the messages with the model's template (and, with `tools`, the tool instruction), then
+    tokenize; BOS is added only where the rendered text does not already start with it (templates
+    that write `bos_token` themselves)."""
     bos_text = model.token_text(model.bos) if model.bos >= 0 else None
     try:
         text = render_chat(
@@ -63,6 +70,7 @@ def chat_tokens(model: LlamaModel, template: ChatTemplate | None, messages: list
             model_name=model_name,
             bos_token=bos_text or "",
             eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
+            tools=tools,
         )
     except UnicodeEncodeError:  # a built-in template hands the messages to llama.cpp as UTF-8
         raise InvalidPrompt(_NOT_UTF8) from None

@@ -30,7 +30,7 @@ __all__ = [
     "AuthError", "Unauthenticated", "NotPermitted", "TooManyRequests", "ReplayCacheFull",
 ]
 
-PUBLIC_ROUTES = frozenset({"/health", "/readiness", "/v1/keys", "/v1/attestation"})
+PUBLIC_ROUTES = frozenset({"/health", "/readiness", "/v1/keys", "/v1/attestation", "/", "/ui/{name}"})
 ADMIN_ROUTES = frozenset({"/load_model", "/unload_model"})
 # Read by a scraper: a key with the `metrics` scope (or `admin`, which includes it) and nothing else
 # needed, so Prometheus holds no key that can load models or run inference.
@@ -232,6 +232,13 @@ class Auth:
         if not fresh:
             self._refuse("replay", Unauthenticated(_REFUSED))
         return self._client_principals[v.keyid]
+
+    def limit(self, principal: str | None, remote_addr: str | None) -> None:
+        """Rate limits for one more request on a long-lived connection (a WebSocket's response.create):
+        the address's, and the key's when one authenticated it."""
+        self._limit(f"ip:{remote_addr}")
+        if principal is not None:
+            self._limit(f"key:{principal}")
 
     def _limit(self, key: str) -> None:
         wait = (self.ip_limit if key.startswith("ip:") else self.key_limit).take(key)

@@ -14,7 +14,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from attestation.signing import RequestInfo, StreamChain, key_id, sign_response_headers
+from attestation.signing import RequestInfo, StreamChain, WebSocketChain, key_id, sign_response_headers
 
 __all__ = ["Identity"]
 
@@ -59,7 +59,17 @@ class Identity:
     def stream_checkpoint(self, chain: StreamChain) -> bytes:
         return chain.checkpoint_line(self._key)
 
+    def ws_checkpoint(self, chain: WebSocketChain) -> dict[str, Any]:
+        return chain.checkpoint_fields(self._key)
+
+    def ws_final(
+        self, chain: WebSocketChain, request: RequestInfo, finish_reason: str | None, usage: dict[str, Any] | None,
+        conversation: tuple[bytes, bytes] | None = None,
+    ) -> dict[str, Any]:
+        return chain.signed_final(self._key, request, finish_reason, usage, conversation)
+
     def stream_final(
-        self, chain: StreamChain, request: RequestInfo, finish_reason: str | None, usage: dict[str, Any] | None
+        self, chain: StreamChain, request: RequestInfo, finish_reason: str | None, usage: dict[str, Any] | None,
+        conversation: tuple[bytes, bytes] | None = None,
     ) -> bytes:
-        return chain.final_line(self._key, request, finish_reason, usage)
+        return chain.final_line(self._key, request, finish_reason, usage, conversation)

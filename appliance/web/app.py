@@ -37,6 +37,7 @@ from appliance.web.resources.models import Admin, Models
 from appliance.web.resources.ops import Health, Prometheus, Readiness, Status
 from appliance.web.resources.responses import InputItems, Responses, StoredResponses
 from appliance.web.resources.tokens import Tokens
+from appliance.web.resources.ui import Ui, UiAssets
 from appliance.web.state import AppState
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ ROUTES: list[tuple[str, str, str | None]] = [
     ("/v1/conversations/{conversation_id}", "conversation", None),
     ("/v1/conversations/{conversation_id}/items", "conversation_items", None),
     ("/v1/conversations/{conversation_id}/items/{item_id}", "conversation_item", None),
+    ("/", "ui", None),
+    ("/ui/{name}", "ui", "asset"),
 ]
 
 
@@ -170,7 +173,7 @@ def create_app(
         "attestation": Attestation(attestor, settings, clock=wall_clock, metrics=metrics),
         "responses": Responses(
             models, store, settings.limits, settings.conversations, wall_clock=wall_clock,
-            default_seeds=lambda name: seeds.get(name, settings.model_defaults.seed),
+            default_seeds=lambda name: seeds.get(name, settings.model_defaults.seed), state=state,
         ),
         "stored_responses": StoredResponses(store),
         "input_items": InputItems(store),
@@ -178,6 +181,7 @@ def create_app(
         "conversation": OneConversation(store),
         "conversation_items": ConversationItems(store, settings.conversations),
         "conversation_item": ConversationItem(store),
+        "ui": Ui(UiAssets.load(), claimed_sha256=attestor.ui_sha256),
     }
     middleware: list[Middleware] = [
         RequestContext(metrics),

@@ -35,6 +35,7 @@ __all__ = [
     "RateLimited",
     "Overloaded",
     "NotReady",
+    "UpgradeRequired",
     "InternalError",
     "ClientClosedRequest",
     "EngineFailure",
@@ -159,6 +160,14 @@ class Overloaded(ApiError):
     code = "overloaded"
 
 
+class UpgradeRequired(ApiError):
+    """GET /v1/responses without a WebSocket upgrade (RFC 9110 §15.5.22)."""
+
+    status = 426
+    type = "invalid_request_error"
+    code = "upgrade_required"
+
+
 class NotReady(ApiError):
     status = 503
     type = "server_error"
@@ -202,9 +211,9 @@ PromptParam = Literal["prompt", "messages", "input", "content", "tokens", "docum
 (/tokenize), `tokens` (/detokenize), `input` (/v1/embeddings), `documents` (/v1/rerank)."""
 
 
-GrammarParam = Literal["grammar", "json_schema", "response_format"]
+GrammarParam = Literal["grammar", "json_schema", "response_format", "tools"]
 """The request field that constrains the output: `response_format` (OpenAI), `grammar` or
-`json_schema` (llama-server)."""
+`json_schema` (llama-server), or `tools` (a chat that calls tools: their parameters' schemas)."""
 
 
 def retry_after(seconds: float) -> dict[str, str]:

@@ -27,9 +27,9 @@ from gunicorn.http.errors import NoMoreData, ParseException
 from appliance.metrics import Metrics
 from appliance.settings import Settings
 from appliance.telemetry import normal_method
-from appliance.trust.auth import Auth, Credentials
+from appliance.trust.auth import Auth, AuthError, Credentials
 from appliance.trust.identity import Identity
-from appliance.web.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from appliance.web.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType, from_trust
 from appliance.web.streams import SignedStream, SseBody
 from attestation.signing import (
     CLIENT_HEADER,
@@ -217,6 +217,15 @@ class Authentication:
             return
         creds = Credentials(route, req.method, req.remote_addr, req.headers, lambda: request_info(req))
         principal = self.auth.authenticate(creds)
+        auth, remote = self.auth, req.remote_addr
+
+        def rate_limit() -> None:  # a long-lived connection's next request (web/websocket.py)
+            try:
+                auth.limit(principal, remote)
+            except AuthError as e:
+                raise from_trust(e) from None
+
+        req.context.rate_limit = rate_limit
         if principal is not None:
             req.context.principal = principal
             resp.set_header(CLIENT_HEADER, principal)  # bound into the response signature

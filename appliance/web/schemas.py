@@ -1,10 +1,15 @@
 """Request bodies: parse, then validate strictly (wrong types are 400s, not silent coercions).
 
 Unknown fields are ignored, as OpenAI clients send extras (`user`, `metadata`); fields we know but do
-not support (`best_of` other than 1 or `n`, `tools`, `echo` with `logprobs`) are refused with a message
+not support (`best_of` other than 1 or `n`, `echo` with `logprobs`) are refused with a message
 saying so. `n` choices (up to the model's parallel slots, checked against the model) share one decode
 of the prompt; `echo` prepends a completion's prompt to each choice; `suffix` asks a model with FIM
 tokens to fill in the middle (checked against the model).
+
+Tool calling comes as OpenAI's `tools` (functions only), `tool_choice` and `parallel_tool_calls`;
+each function's `parameters` schema is checked here as a `response_format` schema is (every keyword
+enforced, or refused by name), and `ChatRequest.tool_use()` says what the reply must be. A request
+that calls tools (tool_choice other than none) cannot also constrain the output another way.
 
 Structured output comes as OpenAI's `response_format` (text, json_object, json_schema) or
 llama-server's `grammar` (GBNF) and `json_schema`: at most one of them per request. Their contents
@@ -18,15 +23,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from appliance.engine.grammar import JSON_OBJECT_GBNF
+from appliance.engine.errors import InvalidGrammar
+from appliance.engine.grammar import JSON_OBJECT_GBNF, ToolSpec, check_schema
 from appliance.web.errors import BadRequest
 
 __all__ = [
     "CompletionRequest",
     "ChatRequest",
     "ChatMessage",
+    "Tool",
+    "ToolCall",
+    "ToolUse",
+    "MAX_TOOLS",
     "ResponseFormat",
     "OutputConstraint",
     "MAX_LOGIT_BIAS",
@@ -222,10 +232,89 @@ class TextPart(_Body):
     text: str
 
 
+MAX_TOOLS = 128
+"""The most tools one chat request may offer (OpenAI's own limit)."""
+_FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(_Body):
+    """A tool's function. `strict` is accepted either way: the parameters schema is always enforced
+    (every keyword it has is, or the request is refused)."""
+
+    name: Annotated[str, Field(pattern=_FUNCTION_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _enforceable(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                check_schema(value)
+            except InvalidGrammar as e:
+                raise ValueError(f"unsupported JSON schema: {e.message}") from None
+        return value
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    arguments: str
+
+
+class ToolCall(_Body):
+    """A call an assistant message made (sent back in the conversation's history)."""
+
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["function"]
+    function: CalledFunction
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """What a chat request's reply must be when it calls tools: a call to one of `tools` (or, with
+    mode "auto", that or text), one call or more where `parallel`. `tools` is the offered functions
+    as OpenAI spells them (for the prompt), narrowed to the named one where tool_choice names one
+    (then exactly one call, as OpenAI forces a named function)."""
+
+    tools: tuple[dict[str, Any], ...]
+    mode: Literal["auto", "required"]
+    function: str | None
+    parallel: bool
+
+    @property
+    def specs(self) -> tuple[ToolSpec, ...]:
+        return tuple(ToolSpec(t["function"]["name"], t["function"].get("parameters") or {}) for t in self.tools)
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: Annotated[str, Field(max_length=256)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message has tool calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("tool_call_id: only a tool message answers a tool call")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -240,14 +329,27 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=100)] | None = None
-    tools: list[Any] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # The second seed service's `device`: models are placed by their configuration, this is checked only.
     device: Literal["cpu", "cuda", "metal", "auto"] | None = None
 
     @model_validator(mode="after")
     def _supported_chat(self) -> ChatRequest:
-        if self.tools:
-            raise ValueError("tools: tool calling is not supported")
+        names = [t.function.name for t in self.tools or ()]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise ValueError(f"tools: function names must be unique; '{twice}' appears twice")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: no function named '{choice.function.name[:64]}' in tools")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice: 'required' needs tools")
+        if self.tool_use() is not None:
+            constrained = self.output_constraint()
+            if constrained is not None:
+                raise ValueError(f"{constrained.param}: not together with tools (unless tool_choice is none)")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
@@ -259,6 +361,18 @@ class ChatRequest(_Sampling):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def tool_use(self) -> ToolUse | None:
+        """What the reply must be, when this request calls tools (tools given, tool_choice not none)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        parallel = self.parallel_tool_calls is not False
+        offered = tuple(t.model_dump(exclude_none=True) for t in self.tools)
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):  # OpenAI's "forced function": exactly one call to it
+            named = tuple(t for t in offered if t["function"]["name"] == choice.function.name)
+            return ToolUse(named, "required", choice.function.name, False)
+        return ToolUse(offered, "required" if choice == "required" else "auto", None, parallel)
 
 
 class LoadModelRequest(_Body):

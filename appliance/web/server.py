@@ -21,13 +21,14 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 import gevent
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.glogging import Logger
+from gunicorn.workers.base_async import ALREADY_HANDLED
 from gunicorn.workers.ggevent import GeventWorker
 
 from appliance.buildinfo import binary_digest
@@ -37,9 +38,10 @@ from appliance.logs import JsonFormatter
 from appliance.osthreads import off_loop
 from appliance.settings import Settings
 from appliance.web.streams import DirectWrites
+from appliance.web.websocket import UPGRADED
 
 if TYPE_CHECKING:
-    from wsgiref.types import WSGIApplication
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
     from appliance.settings import ModelSettings
     from appliance.trust.tls import AttestedTls
@@ -83,6 +85,23 @@ class _QuietLogger(Logger):  # type: ignore[misc]  # gunicorn is untyped
         for handler in self.error_log.handlers:
             handler.setFormatter(JsonFormatter())
             handler.addFilter(_GunicornLines())
+
+
+class Upgraded:
+    """WSGI wrapper: a request whose connection became a WebSocket session (web/websocket.py) has
+    nothing more for gunicorn to write; gunicorn's marker says so, and it closes the connection."""
+
+    def __init__(self, app: WSGIApplication) -> None:
+        self._app = app
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        result = self._app(environ, start_response)
+        if not environ.get(UPGRADED):
+            return result
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        return cast("Iterable[bytes]", ALREADY_HANDLED)
 
 
 def _no_request_log(worker: object, req: object) -> None:
@@ -300,8 +319,8 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]  # gunicorn is unt
             self.settings, self.identity, self.tls.spki_sha256 if self.tls is not None else None, shared=self.shared
         )
         if self.tls is None:
-            return DirectWrites(app)  # streamed tokens may then be written by a scheduler thread
-        return app
+            return Upgraded(DirectWrites(app))  # streamed tokens may then be written by a scheduler thread
+        return Upgraded(app)
 
     def _when_ready(self, server: Arbiter) -> None:
         # Master, bound and not yet forked: choose the CPU build once, here, where no thread can hold a
@@ -348,6 +367,8 @@ class ApplianceServer(BaseApplication):  # type: ignore[misc]  # gunicorn is unt
         armed: list[gevent.Greenlet] = []
 
         def on_sigterm(sig: int, frame: Any) -> None:
+            if self.state is not None:
+                self.state.stopping = True
             if callable(previous):
                 previous(sig, frame)
             if not armed:

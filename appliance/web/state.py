@@ -29,3 +29,5 @@ class AppState:
     attestor: Attestor | None = None
     desired: DesiredModels | None = None
     """The models to serve, kept by the gunicorn master across worker restarts (None in-process)."""
+    stopping: bool = False
+    """SIGTERM came: long-lived connections (WebSocket sessions) close once idle."""

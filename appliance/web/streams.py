@@ -58,6 +58,8 @@ class StreamOutcome:
 
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    conversation: tuple[bytes, bytes] | None = None
+    """(prev, head) of a conversation's turn (POST /v1/responses), signed in the final line."""
 
 
 @runtime_checkable
@@ -218,7 +220,10 @@ class SignedStream:
             tail, self._buf = self._buf, b""
             self._event(tail + b"\n\n")
         self._finished = True
-        self._pending.append(self._identity.stream_final(self._chain, self._request, self._inner.outcome.finish_reason, self._inner.outcome.usage))
+        outcome = self._inner.outcome
+        self._pending.append(
+            self._identity.stream_final(self._chain, self._request, outcome.finish_reason, outcome.usage, outcome.conversation)
+        )
         self._pending.append(SSE_DONE)
 
     def close(self) -> None:

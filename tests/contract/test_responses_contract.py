@@ -49,8 +49,29 @@ def test_request_schema_fields_match_the_parser(spec, name, model):
     assert set(schema.get("required", [])) == required
 
 
+WEBSOCKET = ("/v1/responses", "GET")
+"""The WebSocket mode: a 101, never a 200 (tests/integration/test_responses_websocket.py)."""
+
+
 def _paths(spec) -> set[tuple[str, str]]:
-    return {(p, m) for p, m in spec.operations() if p.startswith(("/v1/responses", "/v1/conversations"))}
+    return {(p, m) for p, m in spec.operations() if p.startswith(("/v1/responses", "/v1/conversations"))} - {WEBSOCKET}
+
+
+def test_get_responses_without_an_upgrade_is_426(api, spec):
+    assert WEBSOCKET in spec.operations()
+    r = api.get("/v1/responses")
+    assert r.status == 426 and r.json["error"]["code"] == "upgrade_required", r.json
+    assert "Upgrade: websocket" in r.json["error"]["message"]
+    # an upgrade the in-process server cannot take (no socket): still 426, saying why
+    r = api.request("GET", "/v1/responses", headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                                     "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert r.status == 426 and r.json["error"]["code"] == "upgrade_required", r.json
+    for missing in ("Connection", "Sec-WebSocket-Version", "Sec-WebSocket-Key"):
+        headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+        del headers[missing]
+        r = api.request("GET", "/v1/responses", headers=headers)
+        assert r.status == 426 and missing in r.json["error"]["message"], (missing, r.json)
 
 
 def test_every_operation_of_the_two_apis_has_a_validated_200(api, spec):

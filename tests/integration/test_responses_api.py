@@ -7,6 +7,7 @@ still there) and a full restart (gone)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -221,6 +222,56 @@ def test_bad_ids_are_404_and_bad_bodies_400(alice):
 # Restarts: the sealing key survives a worker's, not the process's
 
 
+def _turn(rserver, pk, body: dict) -> tuple[dict, bytes, tuple[bytes, bytes], bytes]:
+    """POST /v1/responses as raw bytes: (the response object, the request body, (prev, head) as signed,
+    the response bytes the turn hashes), every signature verified on the way."""
+    raw = json.dumps(body).encode()
+    r = requests.post(rserver.url + "/v1/responses", data=raw, timeout=120,
+                      headers={"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    info = signing.RequestInfo("POST", "/v1/responses", raw)
+    if body.get("stream"):
+        v = signing.verify_stream(pk, request=info, status=200, headers=dict(r.headers), transcript=r.content)
+        assert v.conversation is not None, "a stream's final line carries its turn"
+        final = [e for e in v.events if b'"type":"response.completed"' in e or b'"type":"response.incomplete"' in e]
+        data = final[-1][len(b"data: "):-2]
+        return json.loads(data)["response"], raw, v.conversation, data
+    v = signing.verify_response(pk, request=info, status=200, headers=dict(r.headers), body=r.content)
+    assert signing.CONVERSATION_HEADER in v.covered or f'"{signing.CONVERSATION_HEADER}"' in v.covered, v.covered
+    return r.json(), raw, signing.parse_conversation_header(r.headers[signing.CONVERSATION_HEADER]), r.content
+
+
+def test_a_conversation_is_a_signed_hash_chain_the_client_verifies(rserver, alice):
+    """spec/signing.md §6: each turn's (prev, head) is signed; a client holding the transcript checks
+    that every turn continues the last and recomputes it; a dropped, altered or reordered turn fails."""
+    pk = signing.public_key_from_b64(requests.get(rserver.url + "/v1/keys", timeout=10).json()["public_key"])
+    conv = alice.conversations.create(items=[])
+    turns = [
+        _turn(rserver, pk, {"model": "m", "input": f"Turn {i}.", "conversation": conv.id, "max_output_tokens": 4,
+                            "stream": i == 1})
+        for i in range(3)
+    ]
+    chain = signing.ConversationChain(conv.id)
+    for _, raw, (prev, head), data in turns:
+        chain.add(prev, head, raw, data)
+    assert chain.turns == 3
+    # a dropped turn, a reordered pair, an altered answer: each breaks the chain
+    altered = turns[1][3].replace(b'"model":"m"', b'"model":"n"')
+    assert altered != turns[1][3]
+    for bad in ([turns[0], turns[2]], [turns[1], turns[0]], [turns[0], (None, turns[1][1], turns[1][2], altered)]):
+        c = signing.ConversationChain(conv.id)
+        with pytest.raises(signing.VerificationError):
+            for _, raw, (prev, head), data in bad:
+                c.add(prev, head, raw, data)
+    # previous_response_id chains the same way, from the genesis of the first response's id
+    first = _turn(rserver, pk, {"model": "m", "input": "One.", "max_output_tokens": 4})
+    second = _turn(rserver, pk, {"model": "m", "input": "Two.", "max_output_tokens": 4,
+                                 "previous_response_id": first[0]["id"], "stream": True})
+    c = signing.ConversationChain(first[0]["id"])
+    for _, raw, (prev, head), data in (first, second):
+        c.add(prev, head, raw, data)
+
+
 def _worker_pid(server) -> int:
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -268,3 +319,4 @@ def test_records_survive_a_worker_restart_not_a_full_one(rserver, alice, state_d
         assert len(list(state_dir.iterdir())) == 2  # a new key writes a new subdirectory; the old one stays
     finally:
         again.stop()
+

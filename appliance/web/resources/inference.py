@@ -4,6 +4,12 @@ A request's greenlet asks the registry for the model's engine and the prompt's t
 the event loop), submits, and waits for events; a watcher greenlet on the client's socket cancels the
 generation as soon as the client goes away, so its slot is free within one decode step, streaming or
 not. The wire format is web/openai.py; where the bytes go is web/streams.py.
+
+A chat that calls tools (`tools`, tool_choice not none) is held by a grammar to the generic format's
+JSON reply (engine/grammar.py `tool_calls_schema`), and its prompt carries the tool instruction
+(engine/chat.py). The reply is answered as tool calls or as content (openai.py `tool_reply`). Streamed,
+tool calls come at the end, once the reply is complete (they are only known to parse then); a text
+reply (`{"response": ...}`) streams its text as it is decoded.
 """
 
 from __future__ import annotations
@@ -13,17 +19,21 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from dataclasses import replace
+from typing import Any, cast
 
 import falcon
 
+from appliance.engine.chat import ToolPrompt
 from appliance.engine.errors import InvalidGrammar
 from appliance.engine.events import Delta, DeltaSink, Done, Failed, GenerationRequest, TokenLogprob
-from appliance.engine.llama import SamplingParams
+from appliance.engine.grammar import tool_calls_schema
+from appliance.engine.llama import Grammar, SamplingParams
 from appliance.engine.mailbox import Generation
-from appliance.engine.prompt import Message
+from appliance.engine.prompt import Message, chat_tokens
 from appliance.engine.registry import ModelRegistry
 from appliance.engine.scheduler import ModelEngine
+from appliance.osthreads import off_loop
 from appliance.settings import LimitsSettings
 from appliance.web import openai
 from appliance.web.errors import BadRequest, ClientClosedRequest, InternalError, from_engine, to_api_error
@@ -49,6 +59,7 @@ class Inference:
         stream_writes: str = "auto",
         cpus: int = 1,
         stream_written: Callable[[str], None] = lambda writer: None,
+        tool_call_id: Callable[[], str] = lambda: "call_" + secrets.token_hex(12),
     ) -> None:
         self.models = models
         self.limits = limits
@@ -58,6 +69,7 @@ class Inference:
         self._wall_clock = wall_clock
         self._random_seed = random_seed
         self._default_seeds = default_seeds
+        self._tool_call_id = tool_call_id
 
     # -- falcon responders -------------------------------------------------------------------
 
@@ -87,7 +99,24 @@ class Inference:
     def on_post_chat(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.prompt_param = "messages"
         body = parse(ChatRequest, req.context.json)
-        engine, prompt = self.models.chat_prompt(body.model, chat_messages(body.messages))
+        use = body.tool_use()
+        grammar = None
+        if use is None:
+            engine, prompt = self.models.chat_prompt(body.model, chat_messages(body.messages))
+        else:
+            if body.stream and body.n > 1:
+                raise BadRequest("n: a stream that calls tools has one choice", param="n")
+            if body.stream and body.logprobs:
+                raise BadRequest("logprobs: not in a stream that calls tools", param="logprobs")
+            schema = tool_calls_schema(use.specs, mode=use.mode, parallel=use.parallel)
+            try:  # checked and compiled off the event loop
+                grammar = self.models.grammar(body.model, schema=schema)
+            except InvalidGrammar as e:
+                raise from_engine(e, grammar_param="tools") from None
+            engine = self.models.get(body.model)
+            tools = ToolPrompt(use.tools, use.mode == "required", use.function, use.parallel)
+            prompt = off_loop(chat_tokens, engine.model, self.models.record(body.model).chat_template,
+                              chat_messages(body.messages), model_name=body.model, tools=tools)
         top = None
         if body.logprobs:
             top = body.top_logprobs or 0
@@ -95,8 +124,9 @@ class Inference:
                 raise BadRequest(f"top_logprobs: at most {self.limits.max_top_logprobs}", param="top_logprobs")
         limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         x = openai.Exchange("chat", "chatcmpl-" + uuid.uuid4().hex, int(self._wall_clock()), body.model,
-                            top is not None, body.include_usage, n=body.n)
-        self._run(req, resp, x, body, engine, prompt, body.token_limit, top, limit_param)
+                            top is not None, body.include_usage, n=body.n,
+                            call_id=self._tool_call_id if use is not None else None)
+        self._run(req, resp, x, body, engine, prompt, body.token_limit, top, limit_param, grammar)
 
     # -- the common path ---------------------------------------------------------------------
 
@@ -111,7 +141,9 @@ class Inference:
         max_tokens: int | None,
         logprobs: int | None,
         limit_param: str,
+        grammar: Grammar | None = None,
     ) -> None:
+        """`grammar`: one the caller built (a chat that calls tools); else the body's constraint, if any."""
         cap = self.limits.max_prompt_tokens
         if cap and len(prompt) > cap:
             param = x.prompt_param
@@ -131,31 +163,13 @@ class Inference:
             )
         if body.n_ctx is not None and body.n_ctx > engine.n_ctx:
             raise BadRequest(f"n_ctx: this model's context per request is at most {engine.n_ctx}", param="n_ctx")
-        grammar = None
-        constraint = body.output_constraint()
+        constraint = body.output_constraint() if grammar is None else None
         if constraint is not None:  # checked and compiled off the event loop
             try:
                 grammar = self.models.grammar(body.model, gbnf=constraint.gbnf, schema=constraint.schema)
             except InvalidGrammar as e:
                 raise from_engine(e, grammar_param=constraint.param) from None
-        seed = body.seed
-        if seed is None or seed == -1:
-            seed = self._default_seeds(body.model)
-            if seed is None:
-                seed = self._random_seed()
-        sampling = SamplingParams.with_overrides(
-            temperature=body.temperature,
-            top_k=body.top_k,
-            top_p=body.top_p,
-            min_p=body.min_p,
-            repeat_penalty=body.repeat_penalty,
-            repeat_last_n=body.repeat_last_n,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            seed=seed & 0xFFFFFFFF,
-            logit_bias=body.biases,
-            grammar=grammar,
-        )
+        sampling = sampling_params(body, grammar, self._default_seeds, self._random_seed)
         gen = engine.submit(
             GenerationRequest(
                 prompt=tuple(prompt),
@@ -176,7 +190,8 @@ class Inference:
             resp.set_header("Cache-Control", "no-store")
             resp.set_header("X-Accel-Buffering", "no")
             # Plain token chunks may be written by the scheduler thread (logprob chunks are built here).
-            direct = DirectOut() if logprobs is None and body.n == 1 and self._writes_from_scheduler(engine) else None
+            plain = logprobs is None and body.n == 1 and x.call_id is None
+            direct = DirectOut() if plain and self._writes_from_scheduler(engine) else None
             outcome = StreamOutcome()
             resp.stream = GenerationStream(
                 self._sse(x, gen, outcome, direct), outcome, on_close=lambda: finish(gen, watcher), direct=direct
@@ -220,6 +235,9 @@ class Inference:
         opening = openai.opening_chunk(x)
         if opening is not None:
             yield opening
+        if x.call_id is not None:
+            yield from self._sse_tools(x, x.call_id, gen, outcome)
+            return
         if x.n > 1:
             yield from self._sse_choices(x, gen, outcome)
             return
@@ -271,6 +289,39 @@ class Inference:
             yield _stream_failed(e, x, outcome)
 
 
+    def _sse_tools(
+        self, x: openai.Exchange, call_id: Callable[[], str], gen: Generation, outcome: StreamOutcome
+    ) -> Iterator[bytes]:
+        """The events of a stream that calls tools (after its opening; one choice): a text reply's
+        text as it is decoded; tool calls (or a reply that did not complete, as its raw text) at the
+        end, then the finish chunk."""
+        text_chunk = openai.text_chunk_encoder(openai.chunk_base(x), chat=True)
+        reader = openai.ResponseText()
+        try:
+            for ev in gen.events():
+                if isinstance(ev, Delta):
+                    streamed = reader.feed(ev.text)
+                    if streamed:
+                        yield text_chunk(streamed)
+                    continue
+                if isinstance(ev, Done):
+                    reply = openai.tool_reply(reader.text, ev.finish_reason, call_id)
+                    if reply.tool_calls is not None:
+                        yield from openai.tool_call_chunks(x, reply.tool_calls)
+                    elif reply.content and not reader.streaming:
+                        yield text_chunk(reply.content)
+                    ev = replace(ev, finish_reason=reply.finish_reason)
+                    outcome.finish_reason = ev.finish_reason
+                    outcome.usage = openai.usage(ev)
+                else:
+                    outcome.finish_reason = "error"
+                events, _ = openai.chunks(x, ev, text_chunk, 0)
+                yield from events
+                return
+        except Exception as e:
+            yield _stream_failed(e, x, outcome)
+
+
 def _stream_failed(e: Exception, x: openai.Exchange, outcome: StreamOutcome) -> bytes:
     """The error event that ends a stream after its 200 (an unexpected error: logged, answered generically)."""
     err = to_api_error(e, prompt_param=x.prompt_param)
@@ -289,8 +340,19 @@ def prompt_source(prompt: str | list[str] | list[int]) -> str | list[int]:
 
 
 def chat_messages(messages: Sequence[ChatMessage]) -> list[Message]:
-    """A chat's messages as the template takes them (text parts joined)."""
-    return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+    """A chat's messages as the template takes them (text parts joined; an assistant's tool calls and
+    a tool result's call id where given)."""
+    out: list[Message] = []
+    for m in messages:
+        msg: Message = {"role": m.role, "content": m.text()}
+        if m.name:
+            msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
 
 
 def _text_sink(write: Writer, encode: Callable[[str], bytes]) -> DeltaSink:
@@ -298,3 +360,28 @@ def _text_sink(write: Writer, encode: Callable[[str], bytes]) -> DeltaSink:
         return write(encode(delta.text)) if delta.text else True
 
     return sink
+
+
+def sampling_params(
+    body: Any, grammar: Any, default_seeds: Callable[[str], int | None], random_seed: Callable[[], int]
+) -> SamplingParams:
+    """A request's sampler settings (chat, completions, responses: the same fields): its seed, else the
+    model's configured one, else a fresh random one."""
+    seed = body.seed
+    if seed is None or seed == -1:
+        seed = default_seeds(body.model)
+        if seed is None:
+            seed = random_seed()
+    return SamplingParams.with_overrides(
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        min_p=body.min_p,
+        repeat_penalty=body.repeat_penalty,
+        repeat_last_n=body.repeat_last_n,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=seed & 0xFFFFFFFF,
+        logit_bias=body.biases,
+        grammar=grammar,
+    )

@@ -17,10 +17,20 @@ not fit is a 400 `context_length_exceeded`), as OpenAI's default does.
 Stored (`store`, default true) is the response and its input once generation ends; a stream cut
 short, a failure, or `store: false` stores nothing (a conversation still gets a finished exchange
 appended). /v1/chat/completions stays stateless: nothing here touches it.
+
+Every response carries the running hash of its chain (spec/signing.md §6): `prev` (the head of the
+conversation, or of the previous response, before this turn; for a response that starts a chain, the
+genesis of its own id) and `head` = H(prev, this request's body, this response's bytes), in the signed
+`Appliance-Conversation` header (JSON) or the signed final line (streams). Heads are kept in the sealed
+records, so the next turn continues from them; a conversation's head moves in the same update that
+appends the exchange to it.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import json
 import logging
 import re
 import secrets
@@ -40,20 +50,33 @@ from appliance.engine.prompt import Message
 from appliance.engine.registry import ModelRegistry
 from appliance.engine.scheduler import ModelEngine
 from appliance.settings import ConversationSettings, LimitsSettings
-from appliance.web import openai
+from appliance.web import openai, websocket
 from appliance.web.errors import (
     ApiError,
     BadRequest,
     ClientClosedRequest,
     InternalError,
     NotFound,
+    UpgradeRequired,
     from_engine,
     from_store,
     to_api_error,
 )
+from appliance.web.middleware import request_info
+from appliance.web.resources.inference import sampling_params
 from appliance.web.responses import EventWriter, Json, PageError, ResponseDraft, chat_message, list_page, message_item
 from appliance.web.schemas import InputMessage, ResponseRequest, parse
+from appliance.web.state import AppState
 from appliance.web.streams import GenerationStream, StreamOutcome, finish, watch_disconnect
+from attestation.signing import (
+    CONVERSATION_HEADER,
+    STREAM_HEADER,
+    WS_SCHEME,
+    b64,
+    conversation_genesis,
+    conversation_header,
+    conversation_turn,
+)
 
 __all__ = ["Responses", "StoredResponses", "InputItems", "owner_of", "list_params", "page", "new_items"]
 
@@ -140,9 +163,12 @@ class Responses:
         wall_clock: Callable[[], float] = time.time,
         random_seed: Callable[[], int] = lambda: secrets.randbits(32),
         default_seeds: Callable[[str], int | None] = lambda name: None,
+        state: AppState | None = None,
     ) -> None:
         self.models = models
         self.store = store
+        self.state = state
+        """For the WebSocket mode: the identity that signs it, the server settings, whether SIGTERM came."""
         self.limits = limits
         self.max_items = conversations.max_items_per_conversation
         self._wall_clock = wall_clock
@@ -153,9 +179,63 @@ class Responses:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.prompt_param = "input"
-        body = parse(ResponseRequest, req.context.json)
+        body, exchange, gen = self._begin(req.context.json, req.context.raw_body, owner_of(req))
+        watcher = watch_disconnect(req.env.get("gunicorn.socket"), gen)
+        if body.stream:
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-store")
+            resp.set_header("X-Accel-Buffering", "no")
+            outcome = StreamOutcome()
+            resp.stream = GenerationStream(self._sse(exchange, gen, outcome), outcome, on_close=lambda: finish(gen, watcher))
+            return
+        try:
+            text, done = self._collect(gen)
+        finally:
+            finish(gen, watcher)
+        _, data = self._finish(exchange, text, done, _json_bytes)
+        resp.data = data
+        resp.content_type = falcon.MEDIA_JSON
+        if exchange.heads is not None:
+            resp.set_header(CONVERSATION_HEADER, conversation_header(*exchange.heads))
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """The WebSocket mode (appliance/web/websocket.py): the same responses, as frames."""
+        headers = {k.lower(): v for k, v in req.headers.items()}
+        problem = websocket.upgrade_problem(headers)
+        if problem is not None:
+            raise UpgradeRequired(problem, headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+        sock = req.env.get("gunicorn.socket")
+        state = self.state
+        if sock is None or state is None:
+            raise UpgradeRequired("This server cannot take WebSocket connections here (no socket to upgrade)")
         owner = owner_of(req)
-        history, conversation = self._history(body, owner)
+        out = {**{k.lower(): v for k, v in resp.headers.items()}, "content-type": "application/json",
+               **{k.lower(): v for k, v in websocket.handshake_headers(headers["sec-websocket-key"]).items()},
+               STREAM_HEADER: WS_SCHEME}
+        info = request_info(req)
+        signed = state.identity.sign_response(info, 101, out, None)
+        head = "".join(f"{k}: {v}\r\n" for k, v in {**out, **{k.lower(): v for k, v in signed.items()}}.items())
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\n" + head.encode("latin-1") + b"\r\n")
+        req.env[websocket.UPGRADED] = True
+        resp.status = falcon.code_to_http_status(101)
+        settings = state.settings
+
+        def start(body: dict[str, Any], raw: bytes) -> websocket.Turn:
+            body["stream"] = True
+            _, exchange, gen = self._begin(body, raw, owner)
+            outcome = StreamOutcome()
+            return websocket.Turn(self._sse(exchange, gen, outcome), outcome, lambda: finish(gen, None))
+
+        websocket.Session(
+            sock, state.identity, info, signed["Signature"], start,
+            max_message=settings.limits.max_body_bytes, idle_timeout=settings.server.websocket_idle_timeout,
+            stopping=lambda: state.stopping, rate_limit=getattr(req.context, "rate_limit", None),
+        ).run()
+
+    def _begin(self, json_body: Any, raw_body: bytes, owner: str) -> tuple[ResponseRequest, _Exchange, Generation]:
+        """Check a request and submit it: the parsed body, the exchange under way, its generation."""
+        body = parse(ResponseRequest, json_body)
+        history, conversation, prev_head = self._history(body, owner)
         given: list[InputMessage] = (
             [InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input or [])
         )
@@ -187,37 +267,28 @@ class Responses:
             parallel_tool_calls=body.parallel_tool_calls if body.parallel_tool_calls is not None else True,
             pruned_items=pruned,
         )
-        exchange = _Exchange(owner, draft, kept + fresh, fresh, self.store.new_id("msg"))
-        watcher = watch_disconnect(req.env.get("gunicorn.socket"), gen)
-        if body.stream:
-            resp.content_type = "text/event-stream"
-            resp.set_header("Cache-Control", "no-store")
-            resp.set_header("X-Accel-Buffering", "no")
-            outcome = StreamOutcome()
-            resp.stream = GenerationStream(self._sse(exchange, gen, outcome), outcome, on_close=lambda: finish(gen, watcher))
-            return
-        try:
-            text, done = self._collect(gen)
-        finally:
-            finish(gen, watcher)
-        resp.media = self._finish(exchange, text, done)
+        exchange = _Exchange(owner, draft, kept + fresh, fresh, self.store.new_id("msg"), raw_body,
+                             prev_head or conversation_genesis(draft.id))
+        return body, exchange, gen
 
-    def _history(self, body: ResponseRequest, owner: str) -> tuple[list[Json], str | None]:
-        """The items this response continues from, and the conversation it belongs to (if any)."""
+    def _history(self, body: ResponseRequest, owner: str) -> tuple[list[Json], str | None, bytes | None]:
+        """The items this response continues from, the conversation it belongs to (if any), and the head
+        of the previous response's chain (its conversation's head is read when the exchange is added)."""
         if body.previous_response_id is not None:
             try:
                 prev: Json = self.store.get("response", body.previous_response_id, owner)
             except RecordNotFound as e:
                 raise from_store(e, param="previous_response_id") from None
-            return [*prev["input_items"], *prev["response"]["output"]], None
+            head = _head(prev) or conversation_genesis(body.previous_response_id)
+            return [*prev["input_items"], *prev["response"]["output"]], None, head
         cid = body.conversation_id
         if cid is not None:
             try:
                 conv: Json = self.store.get("conversation", cid, owner)
             except RecordNotFound as e:
                 raise from_store(e, param="conversation") from None
-            return list(conv["items"]), cid
-        return [], None
+            return list(conv["items"]), cid, None
+        return [], None, None
 
     def _prompt(
         self, body: ResponseRequest, history: list[Json], fresh: list[Json]
@@ -286,24 +357,7 @@ class Responses:
             except InvalidGrammar as e:
                 err = from_engine(e, grammar_param="response_format")
                 raise BadRequest(err.message.replace("response_format", "text", 1), param="text", code=err.code) from None
-        seed = body.seed
-        if seed is None or seed == -1:
-            seed = self._default_seeds(body.model)
-            if seed is None:
-                seed = self._random_seed()
-        sampling = SamplingParams.with_overrides(
-            temperature=body.temperature,
-            top_k=body.top_k,
-            top_p=body.top_p,
-            min_p=body.min_p,
-            repeat_penalty=body.repeat_penalty,
-            repeat_last_n=body.repeat_last_n,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            seed=seed & 0xFFFFFFFF,
-            logit_bias=body.biases,
-            grammar=grammar,
-        )
+        sampling = sampling_params(body, grammar, self._default_seeds, self._random_seed)
         gen = engine.submit(
             GenerationRequest(
                 prompt=tuple(prompt),
@@ -333,21 +387,28 @@ class Responses:
             raise ClientClosedRequest()
         raise InternalError()
 
-    def _finish(self, x: _Exchange, text: str, done: Done) -> Json:
-        """The finished response: stored (unless store is false), its exchange appended to its
-        conversation; returns the response object."""
+    def _finish(self, x: _Exchange, text: str, done: Done, render: Callable[[Json], bytes]) -> tuple[Json, bytes]:
+        """The finished response: its turn added to its chain (`render` gives the bytes the client will
+        receive: the JSON body, or the final event's data), stored (unless store is false), its exchange
+        appended to its conversation; returns the response object and its rendered bytes."""
         status = "incomplete" if done.finish_reason == "length" else "completed"
         item = message_item(x.output_id, "assistant", text, status=status)
         x.draft.finish(item, done, int(self._wall_clock()))
         obj = x.draft.to_json()
+        data = render(obj)
+        x.heads = (x.prev_head, conversation_turn(x.prev_head, x.request_body, data))
         if x.draft.conversation_id is not None:
             added = [*x.fresh, item]
+            cid = x.draft.conversation_id
 
             def append(conv: Json) -> Json:
                 if len(conv["items"]) + len(added) > self.max_items:
                     raise BadRequest(f"conversation: full (conversations.max_items_per_conversation = {self.max_items})",
                                      param="conversation")
-                return {**conv, "items": [*conv["items"], *added]}
+                # the conversation's head as it is now (another turn may have moved it since this one began)
+                prev = _head(conv) or conversation_genesis(cid)
+                x.heads = (prev, conversation_turn(prev, x.request_body, data))
+                return {**conv, "items": [*conv["items"], *added], "head": b64(x.heads[1])}
 
             try:
                 self.store.update("conversation", x.draft.conversation_id, x.owner, append)
@@ -355,10 +416,11 @@ class Responses:
                 raise from_store(e, param="conversation") from None
         if x.draft.store:
             try:
-                self.store.put("response", x.draft.id, x.owner, {"response": obj, "input_items": x.input_items})
+                self.store.put("response", x.draft.id, x.owner,
+                               {"response": obj, "input_items": x.input_items, "head": b64(x.heads[1])})
             except RecordTooLarge as e:
                 raise from_store(e, param="input") from None
-        return obj
+        return obj, data
 
     def _sse(self, x: _Exchange, gen: Generation, outcome: StreamOutcome) -> Iterator[bytes]:
         event = EventWriter()
@@ -383,16 +445,20 @@ class Responses:
                     yield openai.error_event(from_engine(ev.error, prompt_param="input"))
                     return
                 full = "".join(text)
-                obj = self._finish(x, full, ev)
+                last = event.sequence + 3  # the final event's number, after the three below
+
+                obj, data = self._finish(x, full, ev, functools.partial(_final_event, sequence=last))
                 outcome.finish_reason = ev.finish_reason
                 outcome.usage = obj["usage"]
+                outcome.conversation = x.heads
                 item = obj["output"][0]
                 yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=full,
                             logprobs=[])
                 yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
                             part=item["content"][0])
                 yield event("response.output_item.done", output_index=0, item=item)
-                yield event("response.completed" if obj["status"] == "completed" else "response.incomplete", response=obj)
+                event.sequence += 1
+                yield b"data: " + data + b"\n\n"
                 return
         except Exception as e:
             yield _stream_failed(e, outcome)
@@ -409,6 +475,29 @@ class _Exchange:
     fresh: list[Json]
     """The new input only: what a conversation gets appended, with the output."""
     output_id: str
+    request_body: bytes
+    """The request body as received: the chain's turn hashes it (spec/signing.md §6)."""
+    prev_head: bytes
+    """The chain's head before this turn (a conversation's is read again when the exchange is appended)."""
+    heads: tuple[bytes, bytes] | None = None
+    """(prev, head) once the turn is recorded."""
+
+
+def _json_bytes(obj: Json) -> bytes:
+    """JSON as the appliance sends it (compact, UTF-8): `openai.sse_event`'s encoding."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _final_event(obj: Json, sequence: int) -> bytes:
+    """The data of a stream's final event (what the chain's turn hashes, and what is sent)."""
+    kind = "response.completed" if obj["status"] == "completed" else "response.incomplete"
+    return _json_bytes({"type": kind, "sequence_number": sequence, "response": obj})
+
+
+def _head(record: Json) -> bytes | None:
+    """The chain head a sealed record keeps (records written before heads existed have none)."""
+    value = record.get("head")
+    return base64.b64decode(value) if isinstance(value, str) else None
 
 
 def _stream_failed(e: Exception, outcome: StreamOutcome) -> bytes:
