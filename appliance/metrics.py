@@ -129,11 +129,6 @@ class Metrics:
         """The exposition, less anything the telemetry policy does not allow (spec/telemetry.md)."""
         return generate_latest(_Filtered(self.registry, self._policy))
 
-    @property
-    def withheld(self) -> int:
-        """Samples the policy kept out of the exposition so far (0 unless the code broke a rule)."""
-        return self._policy.dropped
-
 
 class _Filtered:
     def __init__(self, registry: CollectorRegistry, policy: MetricsPolicy) -> None:

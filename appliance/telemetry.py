@@ -4,7 +4,7 @@ The policy is data (`POLICY`); its canonical JSON (`policy_bytes()`, committed a
 spec/telemetry-policy.json) is hashed into the attestation claims (`telemetry_policy_sha256`), so a
 verifier knows which rules the attested binary applies. The binary enforces it at the three outputs:
 
-- metrics: `filter_families` drops any family the policy does not list, any sample whose label names
+- metrics: `MetricsPolicy.filter_families` drops any family the policy does not list, any sample whose label names
   differ from the family's, and any sample with a label value outside its rule;
 - `/status`: `filter_status` keeps only the keys the policy lists (recursively);
 - logs: `LogPolicy` keeps only the listed fields, checks each against its rule, and cuts every string
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 __all__ = [
-    "POLICY", "policy_bytes", "policy_sha256", "filter_families", "filter_status", "LogPolicy", "METHODS",
+    "POLICY", "policy_bytes", "policy_sha256", "MetricsPolicy", "filter_status", "LogPolicy", "METHODS",
     "normal_method",
 ]
 
@@ -189,10 +189,6 @@ class MetricsPolicy:
                     self.dropped += 1
             fam.samples = kept
             yield fam
-
-
-def filter_families(families: Iterable[Any], routes: Iterable[str]) -> list[Any]:
-    return list(MetricsPolicy(routes).filter_families(families))
 
 
 def filter_status(obj: Any, shape: Any = None) -> Any:

@@ -350,3 +350,11 @@ class SignedClient:
         signing.verify_response(self.key, request=signing.RequestInfo("POST", path, raw), status=r.status_code,
                                 headers=dict(r.headers), body=r.content)
         return r
+
+
+def openai_error(r: falcon.testing.Result, status: int) -> dict:
+    """The OpenAI error object of a response with this status (and nothing else in the body)."""
+    assert r.status_code == status, r.text
+    body = r.json
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]

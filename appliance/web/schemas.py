@@ -105,6 +105,30 @@ class ResponseFormat(_Body):
         return self
 
 
+def _check_logit_bias(bias: dict[str, float] | None) -> None:
+    """logit_bias (chat, completions, responses): bounded, and keyed by decimal token ids."""
+    if not bias:
+        return
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
+    bad = next((k for k in bias if not _TOKEN_ID.match(k)), None)
+    if bad is not None:
+        raise ValueError(f"logit_bias: keys are token ids (decimal integers); {bad[:32]!r} is not one")
+
+
+def _biases(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    return tuple((int(k), v) for k, v in (bias or {}).items())
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if any(s == "" for s in stops):
+        raise BadRequest("stop: stop strings must not be empty", param="stop")
+    return tuple(stops)
+
+
 class _Sampling(_Body):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     max_tokens: int | None = None
@@ -132,12 +156,7 @@ class _Sampling(_Body):
 
     @model_validator(mode="after")
     def _supported(self) -> _Sampling:
-        if self.logit_bias:
-            if len(self.logit_bias) > MAX_LOGIT_BIAS:
-                raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
-            bad = next((k for k in self.logit_bias if not _TOKEN_ID.match(k)), None)
-            if bad is not None:
-                raise ValueError(f"logit_bias: keys are token ids (decimal integers); {bad[:32]!r} is not one")
+        _check_logit_bias(self.logit_bias)
         given = [
             name
             for name, on in (
@@ -160,12 +179,7 @@ class _Sampling(_Body):
         return self
 
     def stops(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        if any(s == "" for s in stops):
-            raise BadRequest("stop: stop strings must not be empty", param="stop")
-        return tuple(stops)
+        return _stops(self.stop)
 
     @property
     def include_usage(self) -> bool:
@@ -174,7 +188,7 @@ class _Sampling(_Body):
     @property
     def biases(self) -> tuple[tuple[int, float], ...]:
         """logit_bias as (token id, bias) pairs (the keys are checked to be decimal integers)."""
-        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
+        return _biases(self.logit_bias)
 
     def output_constraint(self) -> OutputConstraint | None:
         """What constrains the output, if anything: the field it came from, and GBNF text or a schema."""
@@ -632,12 +646,7 @@ class ResponseRequest(_Body):
             raise ValueError("conversation: not together with previous_response_id (use one or the other)")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
-        if self.logit_bias:
-            if len(self.logit_bias) > MAX_LOGIT_BIAS:
-                raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
-            bad = next((k for k in self.logit_bias if not _TOKEN_ID.match(k)), None)
-            if bad is not None:
-                raise ValueError(f"logit_bias: keys are token ids (decimal integers); {bad[:32]!r} is not one")
+        _check_logit_bias(self.logit_bias)
         return self
 
     @property
@@ -646,16 +655,11 @@ class ResponseRequest(_Body):
         return c.id if isinstance(c, ConversationRef) else c
 
     def stops(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        if any(s == "" for s in stops):
-            raise BadRequest("stop: stop strings must not be empty", param="stop")
-        return tuple(stops)
+        return _stops(self.stop)
 
     @property
     def biases(self) -> tuple[tuple[int, float], ...]:
-        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
+        return _biases(self.logit_bias)
 
     def output_constraint(self) -> OutputConstraint | None:
         fmt = self.text.format if self.text is not None else None

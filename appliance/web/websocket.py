@@ -34,7 +34,7 @@ from wsproto.utilities import generate_accept_token
 from appliance.trust.identity import Identity
 from appliance.web.errors import ApiError, InternalError, to_api_error
 from appliance.web.streams import StreamOutcome, checkpoint_due
-from attestation.signing import STREAM_HEADER, WS_SCHEME, RequestInfo, WebSocketChain
+from attestation.signing import RequestInfo, WebSocketChain
 
 __all__ = ["UPGRADED", "upgrade_problem", "Session", "Turn", "handshake_headers"]
 
@@ -257,6 +257,3 @@ class Session:
 def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
-
-def stream_headers() -> dict[str, str]:
-    return {STREAM_HEADER: WS_SCHEME}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 
-import falcon.testing
 import numpy as np
 import pytest
 
@@ -15,6 +14,7 @@ from appliance.settings import Settings
 from appliance.web.app import create_app
 from tests.conftest import FakeEmbedder, FakeRegistry
 from tests.conftest import SignedClient as Client
+from tests.conftest import openai_error as error
 
 
 @pytest.fixture
@@ -29,13 +29,6 @@ def registry() -> FakeRegistry:
 def api(registry) -> Client:
     app, _ = create_app(Settings(), models=registry)
     return Client(app)
-
-
-def error(r: falcon.testing.Result, status: int) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    return body["error"]
 
 
 def expected(tokens: list[int]) -> list[float]:

@@ -15,6 +15,7 @@ from appliance.web.resources.tokens import shown
 from appliance.web.schemas import MAX_DETOKENIZE_TOKENS
 from tests.conftest import FakeRegistry
 from tests.conftest import SignedClient as Client
+from tests.conftest import openai_error as error
 
 CHAT = {"model": "tiny", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
 
@@ -30,13 +31,6 @@ def registry() -> FakeRegistry:
 def api(registry) -> Client:
     app, _ = create_app(Settings.model_validate({"limits": {"max_body_bytes": 4 << 20}}), models=registry)
     return Client(app)
-
-
-def error(r: falcon.testing.Result, status: int) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    return body["error"]
 
 
 # ---------------------------------------------------------------------------------------------
