@@ -84,6 +84,25 @@ def _health(url: str, timeout: float) -> int:
     return 0 if ok else 1
 
 
+def _cap_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives threads that allocate at once arenas of their own, up to 8 per CPU, and an arena
+    keeps the pages its freed blocks leave behind: under a steady mix of requests (the scheduler and
+    embedder threads, the hub's pool threads, a model loading beside them) the worker's RSS crept up
+    by ~8 MiB a minute in the soak (issue 21). Two arenas hold it (README, "Abuse and faults").
+    MALLOC_ARENA_MAX, where set, is glibc's own and wins. Set before any thread starts, so the
+    worker, forked from this process, has it too."""
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX (malloc.h)
+    except (OSError, AttributeError):  # not glibc (musl has no arenas to cap)
+        pass
+
+
 def _serve(args: argparse.Namespace) -> int:
     from appliance.engine.errors import LoadRefused
     from appliance.engine.modelfile import check_gguf
@@ -113,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
     # BLAS (llama.cpp does the math), and those threads took ~2% of the CPU from llama.cpp's own
     # (perf, single stream). One thread: no pool. Read when numpy loads, after the fork.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    _cap_malloc_arenas()
 
     from appliance.buildinfo import verify_bundle
     from appliance.logs import configure_logging

@@ -73,11 +73,17 @@ class ModelDefaults(_Strict):
     (the default, `auto`, simulated included), true only with `[attestation] provider = "none"`.
     /status and the claims report it; a verifier's default policy refuses a mapped model."""
     flash_attn: Literal["auto", "on", "off"] = "auto"
+    cache_ram_mib: Annotated[int, Field(ge=0, le=1 << 20)] = 512
+    """Host memory (MiB) for KV cells copied out of a slot before another request takes it, so that a
+    conversation's next turn skips its cached prefix even after its slot served others (as
+    llama-server's --cache-ram). Least recently used out first; 0 turns it off. Counted in the memory
+    check at load."""
     embeddings: bool = False
     """Serve POST /v1/embeddings from this model: a second llama context (pooled, its own thread)
     beside the generation one; an input is at most n_batch tokens."""
-    pooling: Literal["mean", "cls", "last"] | None = None
-    """How an input's token states become one vector; unset: what the GGUF declares, else mean."""
+    pooling: Literal["mean", "cls", "last", "rank"] | None = None
+    """How an input's token states become one vector; unset: what the GGUF declares, else mean. `rank`
+    makes the model a reranker (POST /v1/rerank; it needs a classification head), whatever `embeddings` says."""
 
 
 class ModelSettings(ModelDefaults):

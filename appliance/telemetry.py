@@ -93,6 +93,8 @@ POLICY: dict[str, Any] = {
             "mmap": {},
             "chat_template": {"source": {}, "name": {}},
             "embeddings": {"pooling": {}, "dimensions": {}, "max_input_tokens": {}},
+            "kv_host_cache": {"entries": {}, "bytes": {}, "budget_bytes": {}, "saved": {}, "restored": {},
+                              "evicted": {}},
         }],
         "attestation": {"provider": {}, "evidence": {}, "error": {}, "checked_at": {}},
     },

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -347,6 +348,143 @@ def natural_chat(url: str, clients: int, max_tokens: int = 300) -> dict:
     return {"tokens_per_s": tokens / wall, "tokens": tokens, "ended_by_model": sum(f == "stop" for _, f in done) / len(done)}
 
 
+def conversations(url: str, n_conv: int = 16, turns: int = 6, answer_tokens: int = 48,
+                  think_s: tuple[float, float] | None = None, seed: int = 7) -> dict:
+    """`n_conv` chats at once, `turns` turns each, every turn sent when that chat's previous answer is in
+    (after a pause of `think_s` seconds, uniform, where given: a person reading). With more chats than
+    slots, a chat's slot has usually served another chat meanwhile. Each chat has its own system prompt
+    (about 200 tokens), each user turn about 40 tokens, each answer `answer_tokens` tokens (greedy,
+    ignore_eos, so both servers do equal work); every chat draws its words and pauses from its own
+    seeded generator, so both servers get the same conversations. Returns times to first token by
+    turn, the servers' own prompt-processing times (`timings.prompt_ms`) and the share of prompt
+    tokens served from cache, for turns 2 on."""
+    ttft: dict[int, list[float]] = {t: [] for t in range(turns)}
+    prompt_ms: list[float] = []
+    cached: list[float] = []
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def run(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        messages = [{"role": "system", "content": f"You are assistant {i}. Context: " + prompt_of(150, rng)}]
+        for t in range(turns):
+            if t and think_s:
+                time.sleep(rng.uniform(*think_s))
+            messages.append({"role": "user", "content": prompt_of(30, rng) + "?"})
+            body = {"model": "bench", "messages": messages, "max_tokens": answer_tokens, "ignore_eos": True,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            t0 = time.perf_counter()
+            first, text, usage, timings = 0.0, "", {}, {}
+            try:
+                with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=900) as r:
+                    r.raise_for_status()
+                    for line in r.iter_lines():
+                        if not line.startswith(b"data: {"):
+                            continue
+                        c = json.loads(line[6:])
+                        usage = c.get("usage") or usage
+                        timings = c.get("timings") or timings
+                        d = (c.get("choices") or [{}])[0].get("delta", {}).get("content")
+                        if d:
+                            first = first or time.perf_counter() - t0
+                            text += d
+            except requests.RequestException as e:
+                errors.append(str(e))
+                return
+            with lock:
+                ttft[t].append(first)
+                if t and usage.get("prompt_tokens"):
+                    details = usage.get("prompt_tokens_details") or {}
+                    cached.append(details.get("cached_tokens", 0) / usage["prompt_tokens"])
+                if t and "prompt_ms" in timings:
+                    prompt_ms.append(timings["prompt_ms"])
+            messages.append({"role": "assistant", "content": text})
+
+    all_at_once(run, n_conv)
+    if errors:
+        raise SystemExit(f"conversation workload failed: {errors[0]}")
+    later = [x for t in range(1, turns) for x in ttft[t]]
+    return {"ttft_first_ms": statistics.median(ttft[0]) * 1000, "ttft_later_ms": statistics.median(later) * 1000,
+            "ttft_by_turn_ms": [statistics.median(ttft[t]) * 1000 for t in range(turns)],
+            "prompt_ms_later": statistics.median(prompt_ms) if prompt_ms else 0.0,
+            "cached_share": statistics.median(cached) if cached else None}
+
+
+REWRITE = ("Rewrite the text below with these changes: say 'beacon' instead of 'lighthouse' (and 'beacons' "
+           "instead of 'lighthouses'), 'ships' instead of 'sailors', and 'ocean' instead of 'sea'. Keep everything "
+           "else exactly as it is. Answer with the rewritten text only.\n\n")
+
+
+def predicted_outputs(url: str, prediction: str | None, max_tokens: int = 500) -> dict:
+    """One greedy rewrite of a real ~400-token text (bench/texts/lighthouses.txt), where most of the
+    answer repeats the text: with the text as the prediction, with an unrelated one, or with none.
+    Tokens per second end to end (request sent to answer received)."""
+    text = (ROOT / "bench" / "texts" / "lighthouses.txt").read_text()
+    body: dict[str, Any] = {"model": "bench", "messages": [{"role": "user", "content": REWRITE + text}],
+                            "temperature": 0, "max_tokens": max_tokens}
+    if prediction is not None:
+        body["prediction"] = {"type": "content", "content": prediction}
+    t0 = time.perf_counter()
+    r = requests.post(url + "/v1/chat/completions", json=body, timeout=900)
+    took = time.perf_counter() - t0
+    r.raise_for_status()
+    out = r.json()
+    n = out["usage"]["completion_tokens"]
+    details = out["usage"].get("completion_tokens_details") or {}
+    return {"tokens_per_s": n / took, "tokens": n, "text": out["choices"][0]["message"]["content"],
+            "accepted": details.get("accepted_prediction_tokens", 0), "draft_n": out.get("timings", {}).get("draft_n", 0),
+            "draft_n_accepted": out.get("timings", {}).get("draft_n_accepted", 0)}
+
+
+def predicted_section(model: Path, args) -> tuple[str, dict]:
+    """Predicted Outputs on the real model, ours only (llama-server has no such field): the rewrite with
+    the text as the prediction, with an unrelated prediction of the same length, and with none, in turn,
+    `args.predicted_reps` times. Greedy, so all three must give the same answer."""
+    text = (ROOT / "bench" / "texts" / "lighthouses.txt").read_text()
+    useless = " ".join(random.Random(5).choice(WORDS) for _ in range(len(text.split())))
+    server = ours(model, free_port(), threads=args.threads, parallel=4, n_ctx=args.n_ctx)
+    runs: dict[str, list[dict]] = {"none": [], "text": [], "useless": []}
+    try:
+        server.start()
+        predicted_outputs(server.url, None, max_tokens=16)  # warm-up
+        cases: list[tuple[str, str | None]] = [("none", None), ("text", text), ("useless", useless)]
+        for i in range(args.predicted_reps):
+            for what, pred in cases[i % 3:] + cases[:i % 3]:  # each case first in turn: no order favours one
+                runs[what].append(predicted_outputs(server.url, pred))
+    finally:
+        server.stop()
+    base = [r["tokens_per_s"] for r in runs["none"]]
+    rows = [("the text as the prediction", runs["text"]), ("an unrelated prediction of its length", runs["useless"])]
+    plain = runs["none"][0]
+    info = {
+        "identical_output": all(r["text"] == plain["text"] for rs in runs.values() for r in rs),
+        "completion_tokens": plain["tokens"],
+        "accepted_share": statistics.median(r["accepted"] / r["tokens"] for r in runs["text"]),
+        "draft_n": statistics.median(r["draft_n"] for r in runs["text"]),
+        "draft_n_accepted": statistics.median(r["draft_n_accepted"] for r in runs["text"]),
+        "useless_draft_n": statistics.median(r["draft_n"] for r in runs["useless"]),
+        "tokens_per_s": {k: [round(r["tokens_per_s"], 1) for r in v] for k, v in runs.items()},
+    }
+    table_md = ["| prediction | tok/s with it | tok/s without | with/without | each pair of runs |",
+                "| --- | ---: | ---: | ---: | ---: |"]
+    for label, rs in rows:
+        with_it = [r["tokens_per_s"] for r in rs]
+        paired = [a / b for a, b in zip(with_it, base)]
+        table_md.append(f"| {label} | {statistics.median(with_it):.1f} | {statistics.median(base):.1f} | "
+                        f"{statistics.median(with_it) / statistics.median(base):.2f}x | "
+                        f"{min(paired):.2f}-{max(paired):.2f}x |")
+    head = (f"Predicted Outputs (ours only; llama-server has no such field): {model.name}, {args.threads} threads, "
+            f"greedy chat rewrite of a {len(text.split())}-word (425-token) text (bench/texts/lighthouses.txt, a "
+            f"few words to swap), at most 500 tokens, {args.predicted_reps} runs of each (the order rotated), end-to-end tokens "
+            "per second. (The 270M model does not make the swaps: it repeats the request's instruction, then the "
+            "text, so most of its answer is the prediction, as in an edit that changes little.) "
+            f"Answer: {info['completion_tokens']} tokens, identical with and without a prediction: "
+            f"{'yes' if info['identical_output'] else 'NO'}; tokens of the answer at their place in the "
+            f"prediction: {info['accepted_share']:.0%}; drafted {info['draft_n']:.0f}, kept {info['draft_n_accepted']:.0f}; "
+            f"drafted with the unrelated prediction: {info['useless_draft_n']:.0f}.")
+    return head + "\n\n" + "\n".join(table_md), info
+
+
 def memory_bandwidth_gbs() -> float:
     """Copy bandwidth with one thread per CPU (numpy releases the GIL for large copies), best of 5."""
     import numpy as np
@@ -544,26 +682,42 @@ def measure(
 
 
 def measure_real(pair: list[Server], args, rng: random.Random) -> tuple[list[Row], dict]:
-    """The real model: fixed-length generation (ignore_eos), and natural chat that ends at EOS."""
+    """The real model: fixed-length generation (ignore_eos), natural chat that ends at EOS, and many
+    multi-turn conversations over few slots."""
     o, t = pair[0].name, pair[1].name
     rows: list[Row] = []
     label = "real model: "
-    v = alternate(pair, args.real_reps, lambda url: single_stream(url, args.single_tokens, rng))
-    rows.append(Row.of_runs(f"{label}single-stream generation", v[o], v[t], unit="tok/s"))
-    for c in (4,):
-        v = alternate(pair, args.real_reps, lambda url, c=c: concurrent(url, c, args.tokens // 2, rng))
-        rows.append(Row.of_runs(f"{label}aggregate, {c} streams", [x["tokens_per_s"] for x in v[o]],
-                                [x["tokens_per_s"] for x in v[t]], unit="tok/s"))
-    ended: dict[str, float] = {}
-    for c in (1, 4):
-        v = alternate(pair, args.real_reps, lambda url, c=c: natural_chat(url, c))
-        rows.append(Row.of_runs(f"{label}natural chat to EOS, {c} client(s)", [x["tokens_per_s"] for x in v[o]],
-                                [x["tokens_per_s"] for x in v[t]], unit="tok/s"))
-        ended[f"{c} client(s)"] = {n: statistics.median(x["ended_by_model"] for x in v[n]) for n in (o, t)}
-        ended[f"{c} client(s) tokens"] = {n: statistics.median(x["tokens"] for x in v[n]) for n in (o, t)}
-    v = alternate(pair, args.real_reps, lambda url: ttfts(url, 700, 2, rng))
-    rows.append(Row.of_runs(f"{label}prompt processing", [x["prompt_tokens_per_s"] for x in v[o]],
-                            [x["prompt_tokens_per_s"] for x in v[t]], unit="tok/s"))
+    ended: dict[str, Any] = {}
+    if not args.conversations_only:
+        v = alternate(pair, args.real_reps, lambda url: single_stream(url, args.single_tokens, rng))
+        rows.append(Row.of_runs(f"{label}single-stream generation", v[o], v[t], unit="tok/s"))
+        for c in (4,):
+            v = alternate(pair, args.real_reps, lambda url, c=c: concurrent(url, c, args.tokens // 2, rng))
+            rows.append(Row.of_runs(f"{label}aggregate, {c} streams", [x["tokens_per_s"] for x in v[o]],
+                                    [x["tokens_per_s"] for x in v[t]], unit="tok/s"))
+        for c in (1, 4):
+            v = alternate(pair, args.real_reps, lambda url, c=c: natural_chat(url, c))
+            rows.append(Row.of_runs(f"{label}natural chat to EOS, {c} client(s)", [x["tokens_per_s"] for x in v[o]],
+                                    [x["tokens_per_s"] for x in v[t]], unit="tok/s"))
+            ended[f"{c} client(s)"] = {n: statistics.median(x["ended_by_model"] for x in v[n]) for n in (o, t)}
+            ended[f"{c} client(s) tokens"] = {n: statistics.median(x["tokens"] for x in v[n]) for n in (o, t)}
+    chats = "16 chats x 6 turns on 4 slots"
+    ended["conversations"] = {}
+    for think, what in ((None, "back to back"), ((5.0, 15.0), "5-15 s pauses")):
+        v = alternate(pair, args.conv_reps, lambda url, think=think: conversations(url, think_s=think))
+        rows.append(Row.of_runs(f"{label}{chats}, {what}: median TTFT, turns 2-6",
+                                [x["ttft_later_ms"] for x in v[o]], [x["ttft_later_ms"] for x in v[t]],
+                                higher_is_better=False, unit="ms"))
+        rows.append(Row.of_runs(f"{label}{chats}, {what}: median prompt time, turns 2-6",
+                                [x["prompt_ms_later"] for x in v[o]], [x["prompt_ms_later"] for x in v[t]],
+                                higher_is_better=False, unit="ms"))
+        ended["conversations"][what] = {
+            n: {"cached_share_turns_2_6": statistics.median(x["cached_share"] or 0 for x in v[n]),
+                "ttft_by_turn_ms": [round(x) for x in v[n][-1]["ttft_by_turn_ms"]]} for n in (o, t)}
+    if not args.conversations_only:
+        v = alternate(pair, args.real_reps, lambda url: ttfts(url, 700, 2, rng))
+        rows.append(Row.of_runs(f"{label}prompt processing", [x["prompt_tokens_per_s"] for x in v[o]],
+                                [x["prompt_tokens_per_s"] for x in v[t]], unit="tok/s"))
     rows.append(Row(f"{label}peak RSS", pair[0].peak_rss_mb(), pair[1].peak_rss_mb(), False, "MiB"))
     return rows, ended
 
@@ -609,12 +763,27 @@ def real_model_section(llama_server: str, args, rng: random.Random) -> tuple[str
             f"ran: " + ", ".join(f"{k} {v}" for k, v in backends.items()) + ". "
             + (" ".join(notes) + " " if notes else "")
             + "Chat: llama.cpp's built-in `gemma` template in both (the GGUF has none; llama-server given "
-            "`--chat-template gemma`), greedy, max 300 tokens, the same four questions per client; share of "
-            "answers the model ended itself (EOS): " + ", ".join(
-                f"{k} ours {v['appliance']:.0%} / theirs {v['llama-server']:.0%}" for k, v in ended.items() if "tokens" not in k)
-            + "; completion tokens per run: " + ", ".join(
-                f"{k.removesuffix(' tokens')} {v['appliance']:.0f} / {v['llama-server']:.0f}" for k, v in ended.items() if "tokens" in k)
-            + ".")
+            "`--chat-template gemma`)"
+            + ("" if args.conversations_only else
+               ", greedy, max 300 tokens, the same four questions per client; share of "
+               "answers the model ended itself (EOS): " + ", ".join(
+                   f"{k} ours {v['appliance']:.0%} / theirs {v['llama-server']:.0%}" for k, v in ended.items()
+                   if "client" in k and "tokens" not in k)
+               + "; completion tokens per run: " + ", ".join(
+                   f"{k.removesuffix(' tokens')} {v['appliance']:.0f} / {v['llama-server']:.0f}" for k, v in ended.items()
+                   if "client" in k and "tokens" in k))
+            + ". Conversations: 16 chats at once, 6 turns each, each turn sent when that chat's answer is in, "
+            "4 slots; a system prompt of its own per chat (~200 tokens), ~40-token user turns, 48-token answers "
+            "(greedy, ignore_eos); each server with its default prompt cache (ours: `cache_ram_mib` 512, KV "
+            "copied out of a slot before another chat takes it; llama-server: `--cache-ram` 8192, idle slots "
+            f"saved), {args.conv_reps} alternating runs; back to back, or after a pause of 5 to 15 s (seeded, the "
+            "same for both) before each next turn, like a person reading. Prompt time: the server's own "
+            "`timings.prompt_ms` (admission to first token, without the queue). "
+            + " ".join(f"{what}: share of turns 2-6's prompt tokens served from cache "
+                       + ", ".join(f"{k} {v['cached_share_turns_2_6']:.0%}" for k, v in runs.items())
+                       + "; median TTFT by turn (ms), last run: "
+                       + ", ".join(f"{k} {v['ttft_by_turn_ms']}" for k, v in runs.items()) + "."
+                       for what, runs in ended["conversations"].items()))
     return head + "\n\n" + table(rows), {"cpu_backends": backends, "rows": [r.__dict__ for r in rows], "notes": notes, "chat": ended}
 
 
@@ -701,6 +870,11 @@ def main() -> None:
     ap.add_argument("--real-reps", type=int, default=5, help="alternating runs on the real model")
     ap.add_argument("--real-only", action="store_true", help="only the real-model section (no README update)")
     ap.add_argument("--skip-real", action="store_true", help="skip the real-model section")
+    ap.add_argument("--conv-reps", type=int, default=3, help="alternating runs of the conversation workload")
+    ap.add_argument("--predicted-reps", type=int, default=3, help="runs of each Predicted Outputs case")
+    ap.add_argument("--predicted-only", action="store_true", help="only the Predicted Outputs section")
+    ap.add_argument("--conversations-only", action="store_true",
+                    help="only the real model's conversation workload (implies --real-only)")
     ap.add_argument("--engine-ceiling", action="store_true", help=argparse.SUPPRESS)  # EngineCeiling's child
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -717,11 +891,20 @@ def main() -> None:
         return
     llama_server = subprocess.run(["bash", str(ROOT / "scripts/llama-server.sh")], check=True, capture_output=True, text=True).stdout.strip()
     rng = random.Random(1234)
-    if args.real_only:
+    if args.predicted_only:
+        real_model = Path(subprocess.run(["bash", str(ROOT / "scripts/real-model.sh")], check=True,
+                                         capture_output=True, text=True).stdout.strip())
+        md, result = predicted_section(real_model, args)
+        print(md)
+        (RESULTS / "predicted.json").write_text(json.dumps(result, indent=2))
+        (RESULTS / "predicted.md").write_text(md + "\n")
+        return
+    if args.real_only or args.conversations_only:
         md, result = real_model_section(llama_server, args, rng)
         print(md)
-        (RESULTS / "real-model.json").write_text(json.dumps(result, indent=2))
-        (RESULTS / "real-model.md").write_text(md + "\n")
+        stem = "conversations" if args.conversations_only else "real-model"
+        (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (RESULTS / f"{stem}.md").write_text(md + "\n")
         return
 
     equal = dict(threads=args.threads, parallel=args.slots, n_ctx=args.n_ctx)
@@ -758,6 +941,11 @@ def main() -> None:
                 s.stop()
 
     real_md, real = ("", {}) if args.skip_real else real_model_section(llama_server, args, rng)
+    if not args.skip_real:
+        real_model = Path(subprocess.run(["bash", str(ROOT / "scripts/real-model.sh")], check=True,
+                                         capture_output=True, text=True).stdout.strip())
+        predicted_md, real["predicted_outputs"] = predicted_section(real_model, args)
+        real_md += "\n\n" + predicted_md
 
     bw = memory_bandwidth_gbs()
     per_token = weights_read_per_token(model)

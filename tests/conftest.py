@@ -161,6 +161,9 @@ class FakeEngine:
     def stop(self, *, timeout: float = 30.0) -> bool:
         return True
 
+    def host_cache_status(self) -> dict[str, int] | None:
+        return None  # (the cache's own tests run the real engine: tests/unit/engine/test_kvcache.py)
+
 
 class FakeEmbeddingJob:
     def __init__(self, vectors: list) -> None:

@@ -1,4 +1,4 @@
-"""Synthetic llama-architecture GGUF models: a real tokenizer with seeded random weights.
+"""Synthetic llama-architecture GGUF models (and a BERT reranker): a real tokenizer with seeded random weights.
 
 Why: tests, demos and benchmarks need a model llama.cpp really loads, tokenizes with and decodes
 from, but downloading real weights is slow, licensed and not reproducible offline. The tokenizer
@@ -6,7 +6,10 @@ from, but downloading real weights is slow, licensed and not reproducible offlin
 in the pinned llama-cpp-python sdist; the weights are seeded noise. The output is byte-for-byte
 deterministic, so a model's sha256 can be pinned in tests and attestation fixtures.
 
-Usage: `python -m tools.modelgen OUT.gguf [--preset test|demo|bench] [--n-embd N] ...`
+`RerankerSpec` writes a tiny BERT-architecture cross-encoder instead: llama.cpp pooling `rank` and a
+classification head (`cls.*`), the BERT vocabulary from the sdist, for /v1/rerank tests.
+
+Usage: `python -m tools.modelgen OUT.gguf [--preset test|demo|bench|reranker] [--n-embd N] ...`
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 
 from appliance.digests import file_sha256
 
-__all__ = ["ModelSpec", "write_model", "PRESETS", "main"]
+__all__ = ["ModelSpec", "RerankerSpec", "write_model", "PRESETS", "main"]
 
 Dtype = Literal["f32", "f16", "q8_0"]
 
@@ -40,6 +43,11 @@ _VOCAB_ENV = "APPLIANCE_VOCAB_GGUF"
 _TEMPLATE_ENV = "APPLIANCE_CHAT_TEMPLATE"
 _DTYPES: tuple[str, ...] = ("f32", "f16", "q8_0")
 _RMS_EPS = 1e-5
+_LAYER_NORM_EPS = 1e-12  # BERT's
+_ZEROS = -1.0  # a plan's std for "all zeros" (a norm's bias); 0.0 is "all ones" (a norm's weight)
+_KEEP_F32 = frozenset({"position_embd.weight", "token_types.weight"})
+"""Tensors written in f32 whatever the dtype, as llama.cpp's converter keeps them (BERT adds a row of
+token_types by a view, which a quantized tensor cannot give)."""
 _CHUNK_ROWS = 8192  # rows generated per numpy call: bounds peak memory on the bench preset
 
 
@@ -100,7 +108,49 @@ class ModelSpec:
         return self.n_embd // self.n_head
 
 
-PRESETS: Mapping[str, ModelSpec] = MappingProxyType(
+@dataclasses.dataclass(frozen=True)
+class RerankerSpec:
+    """A BERT-architecture reranker (a cross-encoder): `general.architecture = bert`, non-causal,
+    `bert.pooling_type` = rank, and the classification head llama.cpp's rank pooling applies to the
+    first token's state (`cls.weight`/`cls.bias`, tanh, then `cls.output.weight`/`cls.output.bias`
+    to one score). ~2.3 MB at the defaults, most of it the 30k-token vocabulary's embeddings.
+
+    `rerank_template`: written as `tokenizer.chat_template.rerank` (llama-server lays out a query and
+    a document by it, `{query}` and `{document}` replaced); None writes none (the BOS/EOS/SEP layout).
+    """
+
+    vocab: str = "ggml-vocab-bert-bge.gguf"
+    rerank_template: str | None = None
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_ff: int = 128
+    n_ctx_train: int = 512
+    seed: int = 0
+    dtype: Dtype = "q8_0"
+    name: str = "appliance-reranker"
+
+    def __post_init__(self) -> None:
+        for field in ("n_embd", "n_layer", "n_head", "n_ff", "n_ctx_train"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"RerankerSpec.{field} must be a positive int, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"RerankerSpec.seed must be a non-negative int, got {self.seed!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"RerankerSpec.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"RerankerSpec.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.dtype == "q8_0" and (self.n_embd % 32 or self.n_ff % 32):
+            raise ValueError("RerankerSpec: q8_0 needs n_embd and n_ff divisible by 32 (the Q8_0 block size)")
+        if self.rerank_template is not None and "{query}" not in self.rerank_template:
+            raise ValueError("RerankerSpec.rerank_template must hold {query} (and {document})")
+        if not self.name:
+            raise ValueError("RerankerSpec.name must be non-empty")
+        _check_file_name("vocab", self.vocab)
+
+
+PRESETS: Mapping[str, ModelSpec | RerankerSpec] = MappingProxyType(
     {
         "test": ModelSpec(),
         "demo": ModelSpec(),
@@ -109,6 +159,7 @@ PRESETS: Mapping[str, ModelSpec] = MappingProxyType(
         "bench": ModelSpec(
             n_embd=1024, n_layer=12, n_head=16, n_head_kv=4, n_ff=2816, dtype="q8_0", name="appliance-bench"
         ),
+        "reranker": RerankerSpec(),
     }
 )
 
@@ -284,6 +335,51 @@ def _tensor_plan(spec: ModelSpec, n_vocab: int) -> list[tuple[str, tuple[int, ..
     return plan
 
 
+def _bert_tensor_plan(spec: RerankerSpec, n_vocab: int, n_token_types: int) -> list[tuple[str, tuple[int, ...], float]]:
+    """The BERT reranker's tensors as llama.cpp's bert loader and rank pooling read them (src/models/
+    bert.cpp, llama-graph.cpp build_pooling): (name, numpy shape, std); std 0 means all ones, _ZEROS
+    all zeros. Post-norm layers (LayerNorm after each residual add) keep activations at unit scale
+    whatever the weights, so every projection reads at 1/sqrt(fan_in); biases are small noise so that
+    they count. The score head's output gets 2/sqrt(n_embd): scores of a few units, spread across
+    documents.
+    """
+    e, f = spec.n_embd, spec.n_ff
+    read_e, read_f, bias = e**-0.5, f**-0.5, 0.1
+    plan: list[tuple[str, tuple[int, ...], float]] = [
+        ("token_embd.weight", (n_vocab, e), 1.0),
+        ("token_types.weight", (n_token_types, e), 0.5),
+        ("position_embd.weight", (spec.n_ctx_train, e), 0.5),
+        ("token_embd_norm.weight", (e,), 0.0),
+        ("token_embd_norm.bias", (e,), _ZEROS),
+    ]
+    for i in range(spec.n_layer):
+        plan += [
+            (f"blk.{i}.attn_q.weight", (e, e), read_e),
+            (f"blk.{i}.attn_q.bias", (e,), bias),
+            (f"blk.{i}.attn_k.weight", (e, e), read_e),
+            (f"blk.{i}.attn_k.bias", (e,), bias),
+            (f"blk.{i}.attn_v.weight", (e, e), read_e),
+            (f"blk.{i}.attn_v.bias", (e,), bias),
+            (f"blk.{i}.attn_output.weight", (e, e), read_e),
+            (f"blk.{i}.attn_output.bias", (e,), bias),
+            (f"blk.{i}.attn_output_norm.weight", (e,), 0.0),
+            (f"blk.{i}.attn_output_norm.bias", (e,), _ZEROS),
+            (f"blk.{i}.ffn_up.weight", (f, e), read_e),
+            (f"blk.{i}.ffn_up.bias", (f,), bias),
+            (f"blk.{i}.ffn_down.weight", (e, f), read_f),
+            (f"blk.{i}.ffn_down.bias", (e,), bias),
+            (f"blk.{i}.layer_output_norm.weight", (e,), 0.0),
+            (f"blk.{i}.layer_output_norm.bias", (e,), _ZEROS),
+        ]
+    plan += [
+        ("cls.weight", (e, e), read_e),
+        ("cls.bias", (e,), bias),
+        ("cls.output.weight", (1, e), 2.0 * read_e),
+        ("cls.output.bias", (1,), bias),
+    ]
+    return plan
+
+
 _Encode = Callable[[np.ndarray], np.ndarray]
 
 
@@ -308,6 +404,8 @@ def _generate(
     the host). `zero_rows` masks rows to 0."""
     if std == 0.0:
         return encode(np.ones(shape, dtype=np.float32))
+    if std == _ZEROS:
+        return encode(np.zeros(shape, dtype=np.float32))
     parts = []
     for start in range(0, shape[0], _CHUNK_ROWS):
         rows = min(_CHUNK_ROWS, shape[0] - start)
@@ -324,7 +422,7 @@ def _generate(
 
 def write_model(
     path: str | os.PathLike[str],
-    spec: ModelSpec = ModelSpec(),
+    spec: ModelSpec | RerankerSpec = ModelSpec(),
     *,
     vocab_path: str | os.PathLike[str] | None = None,
     template_path: str | os.PathLike[str] | None = None,
@@ -335,7 +433,11 @@ def write_model(
     Only tokens of type NORMAL get non-zero output-projection rows, so greedy and sampled decoding
     never emit EOS/EOT/control (or SPM byte) tokens: generations always run to max_tokens, and the
     detokenized text is never empty. Returns the path written.
+
+    A `RerankerSpec` writes its BERT reranker (`template_path` does not apply: its template is text).
     """
+    if isinstance(spec, RerankerSpec):
+        return _write_reranker(path, spec, vocab_path=vocab_path)[0]
     return _write_model(path, spec, vocab_path=vocab_path, template_path=template_path)[0]
 
 
@@ -420,6 +522,69 @@ def _write_model(
     return out, sum(int(np.prod(shape)) for _, shape, _ in plan)
 
 
+def _write_reranker(
+    path: str | os.PathLike[str], spec: RerankerSpec, *, vocab_path: str | os.PathLike[str] | None
+) -> tuple[Path, int]:
+    """write_model for a RerankerSpec, also returning the parameter count."""
+    import gguf
+
+    out = Path(path)
+    vocab_file = _find_asset(spec.vocab, subdir="vocab", env=_VOCAB_ENV, explicit=vocab_path)
+    tok_kv = _tokenizer_kv(vocab_file)
+    n_vocab = len(next(v for k, _, v, _ in tok_kv if k == "tokenizer.ggml.tokens"))
+    n_token_types = next((int(v) for k, _, v, _ in tok_kv if k == "tokenizer.ggml.token_type_count"), None)
+    ftypes = gguf.LlamaFileType
+    file_type = {"f32": ftypes.ALL_F32, "f16": ftypes.MOSTLY_F16, "q8_0": ftypes.MOSTLY_Q8_0}[spec.dtype]
+    plan = _bert_tensor_plan(spec, n_vocab, n_token_types or 2)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    writer: gguf.GGUFWriter | None = None
+    try:
+        writer = gguf.GGUFWriter(tmp, "bert")
+        writer.add_name(spec.name)
+        writer.add_context_length(spec.n_ctx_train)
+        writer.add_embedding_length(spec.n_embd)
+        writer.add_block_count(spec.n_layer)
+        writer.add_feed_forward_length(spec.n_ff)
+        writer.add_head_count(spec.n_head)
+        writer.add_layer_norm_eps(_LAYER_NORM_EPS)
+        writer.add_causal_attention(False)
+        writer.add_pooling_type(gguf.PoolingType.RANK)
+        writer.add_vocab_size(n_vocab)
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, vtype, value, sub in tok_kv:
+            sub_type = None if sub is None else gguf.GGUFValueType(sub)
+            writer.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type)
+        if n_token_types is None:  # llama.cpp's bert loader needs it
+            writer.add_token_type_count(2)
+        if spec.rerank_template is not None:
+            writer.add_key_value("tokenizer.chat_template.rerank", spec.rerank_template, gguf.GGUFValueType.STRING)
+
+        for name, shape, _ in plan:
+            _, qtype, nbytes = _encoder("f32" if name in _KEEP_F32 else spec.dtype, len(shape))
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        rng = np.random.Generator(np.random.PCG64(spec.seed))
+        for name, shape, std in plan:
+            encode, _, _ = _encoder("f32" if name in _KEEP_F32 else spec.dtype, len(shape))
+            writer.write_tensor_data(_generate(rng, shape, std, encode, None))
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out, sum(int(np.prod(shape)) for _, shape, _ in plan)
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 
@@ -431,7 +596,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", type=int, default=None)
     p.add_argument("--dtype", choices=_DTYPES, default=None)
     p.add_argument("--vocab", default=None, help="vocab GGUF file name in the sdist's models/")
-    p.add_argument("--template", default=None, help="chat template file name in models/templates/, or 'none'")
+    p.add_argument("--template", default=None, help="chat template file name in models/templates/, or 'none' "
+                   "(the reranker preset: its rerank template text, {query} and {document})")
     p.add_argument("--name", default=None, help="general.name")
     return p
 
@@ -441,11 +607,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     fields = ("n_embd", "n_layer", "n_ff", "n_head", "n_head_kv", "seed", "dtype", "vocab", "name")
     overrides: dict[str, Any] = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    preset = PRESETS[args.preset]
     if args.template is not None:
-        overrides["chat_template"] = None if args.template.lower() == "none" else args.template
+        template = None if args.template.lower() == "none" else args.template
+        overrides["rerank_template" if isinstance(preset, RerankerSpec) else "chat_template"] = template
     try:
-        spec = dataclasses.replace(PRESETS[args.preset], **overrides)
-        out, n_params = _write_model(args.out, spec, vocab_path=None, template_path=None)
+        known = {f.name for f in dataclasses.fields(preset)}
+        if unknown := sorted(set(overrides) - known):
+            raise ValueError(f"the {args.preset} preset has no {', '.join(unknown)}")
+        spec = dataclasses.replace(preset, **overrides)
+        if isinstance(spec, RerankerSpec):
+            out, n_params = _write_reranker(args.out, spec, vocab_path=None)
+        else:
+            out, n_params = _write_model(args.out, spec, vocab_path=None, template_path=None)
     except (ValueError, FileNotFoundError) as exc:
         print(f"modelgen: error: {exc}", file=sys.stderr)
         return 2

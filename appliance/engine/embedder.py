@@ -1,4 +1,4 @@
-"""Embeddings: one thread per model that serves them, on its own llama context (embeddings = true).
+"""Embeddings and reranking: one thread per model that serves them, on its own pooled llama context.
 
 The generation context never pools, so a model that serves embeddings gets a second context beside it
 (`EmbeddingContext`: pooled, one unified KV stream cleared after every decode). Its thread packs the
@@ -6,6 +6,10 @@ inputs of every waiting request into as few `llama_decode` calls as fit (`n_toke
 `n_seq` sequences each), reads each sequence's pooled vector and L2-normalizes it, as llama-server
 does for /v1/embeddings. Requests come in through a C `SimpleQueue` (never monkey-patched) and
 vectors go back through each job's libev async watcher, like the scheduler's `Generation`.
+
+A reranker (pooling `rank`: a cross-encoder with a classification head) runs on the same machinery:
+each input is a query-document pair laid out as llama-server lays it out (`rerank_inputs`), and its
+"vector" is the head's raw output, whose first value is the pair's relevance score (not normalized).
 """
 
 from __future__ import annotations
@@ -15,18 +19,27 @@ import logging
 from _queue import SimpleQueue  # the C queue: never monkey-patched, safe between a greenlet and a thread
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 import gevent
 import numpy as np
 from gevent.hub import Waiter
 
-from appliance.engine.errors import EngineCrashed, EngineError, InputTooLong, InvalidPrompt, UnknownModel
+from appliance.engine.errors import (
+    EngineCrashed,
+    EngineError,
+    InputTooLong,
+    InvalidPrompt,
+    LoadRefused,
+    UnknownModel,
+)
 from appliance.engine.events import EngineObserver, NullObserver
-from appliance.engine.llama import POOLING_TYPES, Batch, EmbeddingContext, LlamaModel
+from appliance.engine.llama import POOLING_TYPES, Batch, EmbeddingContext, LlamaModel, gguf_tensors_present
+from appliance.engine.prompt import content_tokens
 from appliance.osthreads import real_lock, start_thread
 
-__all__ = ["Embedder", "EmbeddingJob", "gguf_pooling", "MAX_SEQS", "l2_normalized"]
+__all__ = ["Embedder", "EmbeddingJob", "gguf_pooling", "MAX_SEQS", "l2_normalized", "classifier_head"]
 
 log = logging.getLogger("appliance.engine")
 
@@ -43,12 +56,21 @@ _STOP: Final = _Stop.STOP
 
 def gguf_pooling(model: LlamaModel) -> str:
     """The pooling the model's GGUF declares (`<arch>.pooling_type`) when it is one that gives a vector
-    per input (mean, cls, last), else mean (generative models declare none)."""
+    per input (mean, cls, last) or a reranker's score (rank), else mean (generative models declare none)."""
     arch = model.meta("general.architecture")
     raw = model.meta(f"{arch}.pooling_type") if arch else None
     names = {str(v): k for k, v in POOLING_TYPES.items()}
     name = names.get((raw or "").strip())
-    return name if name in ("mean", "cls", "last") else "mean"
+    return name if name in ("mean", "cls", "last", "rank") else "mean"
+
+
+def classifier_head(path: str | Path) -> frozenset[str]:
+    """Which parts of a classification head a GGUF file holds: "cls" (`cls.weight`, the dense layer
+    llama.cpp's rank pooling applies first) and "out" (`cls.output.weight`, the projection to the
+    scores); empty for a file without one. llama.cpp has no call that says which tensors a model
+    loaded, so the file's header is read with ggml's own GGUF reader (no tensor data)."""
+    found = gguf_tensors_present(path, ("cls.weight", "cls.output.weight"))
+    return frozenset(part for part, name in (("cls", "cls.weight"), ("out", "cls.output.weight")) if name in found)
 
 
 def l2_normalized(v: np.ndarray) -> np.ndarray:
@@ -125,6 +147,43 @@ class EmbeddingJob:
                 self._watcher = None
 
 
+class _RerankLayout:
+    """How llama-server's format_prompt_rerank lays out a query and a document for a model: by the GGUF's
+    rerank template (`tokenizer.chat_template.rerank`: `{query}` and `{document}` replaced, then tokenized
+    without BOS, special tokens read), else BOS, query, EOS, SEP, document, EOS, each special token where
+    the vocabulary says to add it (EOS falling back to SEP), the texts tokenized with no special tokens
+    added or read."""
+
+    def __init__(self, template: str | None, head: list[int], middle: list[int], tail: list[int]) -> None:
+        self.template = template
+        self.head, self.middle, self.tail = head, middle, tail
+
+    @classmethod
+    def of(cls, model: LlamaModel) -> _RerankLayout:
+        import llama_cpp.llama_cpp as C
+
+        raw = C.llama_model_chat_template(model.ptr, b"rerank")
+        if raw is not None:
+            return cls(raw.decode("utf-8", "replace"), [], [], [])
+        v = model.vocab
+        eos = C.llama_vocab_eos(v)
+        sep = C.llama_vocab_sep(v)
+        if eos == C.LLAMA_TOKEN_NULL:
+            eos = sep
+        add_eos = bool(C.llama_vocab_get_add_eos(v))
+        head = [C.llama_vocab_bos(v)] if C.llama_vocab_get_add_bos(v) else []
+        middle = ([eos] if add_eos else []) + ([sep] if C.llama_vocab_get_add_sep(v) else [])
+        return cls(None, head, middle, [eos] if add_eos else [])
+
+    def pair(self, model: LlamaModel, query: str, document: str) -> list[int]:
+        if self.template is not None:
+            text = self.template.replace("{query}", query).replace("{document}", document)
+            return content_tokens(model, text, add_special=False, parse_special=True)
+        q = content_tokens(model, query, add_special=False, parse_special=False)
+        d = content_tokens(model, document, add_special=False, parse_special=False)
+        return [*self.head, *q, *self.middle, *d, *self.tail]
+
+
 class Embedder:
     """A model's embedding context on a dedicated OS thread; `submit` is called from greenlets."""
 
@@ -148,13 +207,28 @@ class Embedder:
         self._refusal: EngineError | None = None
         self._exited = real_lock()
         self._exited.acquire()
+        self._max_seqs = MAX_SEQS
+        self._layout: _RerankLayout | None = None
+        if pooling == "rank":
+            head = classifier_head(model.path)
+            if not head:
+                raise LoadRefused("pooling rank needs a reranking model, with a classification head (cls.* tensors); "
+                                  "this file has none")
+            if "out" not in head:
+                # llama.cpp reads sequence s's scores at s * n_cls_out floats of the head's output, whose rows
+                # are n_embd wide without cls.output: right for the first sequence of a decode only.
+                self._max_seqs = 1
+            self._layout = _RerankLayout.of(model)
         # Created in the loading thread (a failure reaches the loader); from start() on only our thread uses it.
-        self._ctx = EmbeddingContext(model, n_tokens=n_tokens, n_seq=MAX_SEQS, pooling=pooling, n_threads=n_threads,
-                                     n_threads_batch=n_threads_batch, flash_attn=flash_attn)
+        # At most n_ctx_train tokens: a model with learned positions (BERT) has no row for a later one.
+        self._ctx = EmbeddingContext(model, n_tokens=min(n_tokens, model.n_ctx_train), n_seq=MAX_SEQS,
+                                     pooling=pooling, n_threads=n_threads, n_threads_batch=n_threads_batch,
+                                     flash_attn=flash_attn)
         self.pooling = pooling
         self.n_tokens = self._ctx.n_tokens
         """The most tokens one input may have (and one decode holds)."""
         self.dimensions = self._ctx.n_out
+        """The values per input: the vector's size, or a reranker's scores (one, mostly)."""
         self._batch = Batch(self.n_tokens)
         self._pending: deque[tuple[EmbeddingJob, int]] = deque()
         """Inputs taken from the inbox and not yet decoded (the thread's own), in arrival order."""
@@ -163,9 +237,21 @@ class Embedder:
         self._started = False
         self._stopped = False
 
+    @property
+    def reranks(self) -> bool:
+        """A reranker: each input a query-document pair, its output a relevance score."""
+        return self._layout is not None
+
     def start(self) -> None:
         self._started = True
         start_thread(self._thread_main)
+
+    def rerank_inputs(self, query: str, documents: Sequence[str]) -> list[list[int]]:
+        """Each document's query-document pair as llama-server's /v1/rerank builds it (format_prompt_rerank),
+        so a score here is llama-server's for the same model. Blocking: run it in the thread pool."""
+        if self._layout is None:
+            raise ValueError("not a reranker")
+        return [self._layout.pair(self.model, query, d) for d in documents]
 
     def submit(self, inputs: Sequence[Sequence[int]]) -> EmbeddingJob:
         """Queue token sequences for their vectors (greenlet). InvalidPrompt for an empty input or an id
@@ -266,7 +352,7 @@ class Embedder:
         batch, room = self._batch, self.n_tokens
         batch.clear()
         taken: list[tuple[EmbeddingJob, int]] = []
-        while pending and len(taken) < MAX_SEQS:
+        while pending and len(taken) < self._max_seqs:
             job, i = pending[0]
             if job.cancelled or job._error is not None:  # gone, or failed already: its other inputs are moot
                 pending.popleft()
@@ -296,7 +382,7 @@ class Embedder:
                     log.error("llama.cpp gave no pooled vector for model %s", self.name)
                     job._fail(EngineCrashed())
                     continue
-                job._put(i, l2_normalized(vector))
+                job._put(i, vector if self._layout is not None else l2_normalized(vector))
         finally:
             self._decoding = []
             self._ctx.clear()

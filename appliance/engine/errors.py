@@ -138,11 +138,16 @@ class InputTooLong(EngineError):
 
 
 class EmbeddingsDisabled(EngineError):
-    """Embeddings asked of a model that does not serve them (its `embeddings` setting is off)."""
+    """Embeddings asked of a model that does not serve them (its `embeddings` setting is off, or it is a
+    reranker, whose output is a score)."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"The model '{name}' does not serve embeddings: load it with embeddings = true "
-                         "(its configuration, or \"embeddings\": true in POST /load_model)")
+    def __init__(self, name: str, *, reranker: bool = False) -> None:
+        if reranker:
+            super().__init__(f"The model '{name}' is a reranker (pooling rank): it serves POST /v1/rerank, "
+                             "not embeddings")
+        else:
+            super().__init__(f"The model '{name}' does not serve embeddings: load it with embeddings = true "
+                             "(its configuration, or \"embeddings\": true in POST /load_model)")
         self.name = name
 
 
@@ -151,7 +156,8 @@ class NotReranker(EngineError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"The model '{name}' is not a reranker: /v1/rerank needs a reranking model (llama.cpp "
-                         "pooling type rank), which this server does not serve yet")
+                         "pooling type rank, with a classification head: its GGUF's pooling type, or "
+                         "pooling = \"rank\" in its settings)")
         self.name = name
 
 

@@ -10,7 +10,7 @@ from appliance.engine.errors import EngineError
 from appliance.engine.llama import SamplingParams
 
 __all__ = [
-    "GenerationRequest", "TokenLogprob", "Delta", "Usage", "Timings", "Done", "Failed", "Event", "DeltaSink",
+    "GenerationRequest", "TokenLogprob", "Delta", "Usage", "PredictionUsage", "Timings", "Done", "Failed", "Event", "DeltaSink",
     "EngineObserver", "NullObserver", "Finished",
 ]
 
@@ -30,6 +30,9 @@ class GenerationRequest:
     stream: bool = True
     """False: the consumer wants the whole answer, so its greenlet is woken once, at the end, rather
     than for every token (each wake-up costs both threads CPU that the decode would otherwise get)."""
+    prediction: tuple[int, ...] = ()
+    """Predicted Outputs: tokens the answer probably repeats, drafted and verified (engine/draft.py);
+    they never change what is generated, only how many steps it takes."""
     n: int = 1
     """Choices: n sequences admitted together (n slots, or none yet), the prompt decoded once and its KV
     copied to the others; choice i samples with seed + i. Each choice's events carry its index."""
@@ -57,6 +60,20 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    prediction: PredictionUsage | None = None
+    """Set when the request carried a prediction."""
+
+
+@dataclass(frozen=True)
+class PredictionUsage:
+    accepted: int
+    """Generated tokens that were the predicted token at their place (OpenAI's accepted_prediction_tokens)."""
+    rejected: int
+    """Predicted tokens that did not appear in the answer at their place (rejected_prediction_tokens)."""
+    drafted: int
+    """Predicted tokens decoded as drafts (llama-server's timings.draft_n)."""
+    draft_kept: int
+    """Of those, the ones verification kept (draft_n_accepted)."""
 
 
 @dataclass(frozen=True)

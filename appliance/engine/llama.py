@@ -197,6 +197,37 @@ def _ggml() -> ctypes.CDLL:
     return lib
 
 
+class _GgufInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+@functools.cache
+def _gguf() -> ctypes.CDLL:
+    """ggml's GGUF reader (libggml-base, which libllama loads): the parser llama.cpp itself uses."""
+    _ = C._lib
+    lib = ctypes.CDLL("libggml-base.so.0")
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_find_tensor.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.gguf_find_tensor.restype = ctypes.c_int64
+    lib.gguf_free.argtypes = [ctypes.c_void_p]
+    lib.gguf_free.restype = None
+    return lib
+
+
+def gguf_tensors_present(path: str | Path, names: Sequence[str]) -> frozenset[str]:
+    """Which of `names` are tensors of the GGUF file at `path` (its header only: no tensor data is
+    read); none when the file cannot be read as a GGUF."""
+    lib = _gguf()
+    ctx = lib.gguf_init_from_file(str(path).encode(), _GgufInitParams(True, None))
+    if not ctx:
+        return frozenset()
+    try:
+        return frozenset(n for n in names if lib.gguf_find_tensor(ctx, n.encode()) >= 0)
+    finally:
+        lib.gguf_free(ctx)
+
+
 _DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
 
 
@@ -413,6 +444,11 @@ _FLASH_ATTN = {
 }
 
 
+if TYPE_CHECKING:
+    SeqState = ctypes.Array[ctypes.c_uint8]
+    """A sequence's KV cells as llama_state_seq_get_data wrote them."""
+
+
 class LlamaContext:
     """One llama_context with `n_seq` sequences, each with its own KV stream of `n_ctx_seq` cells."""
 
@@ -467,6 +503,26 @@ class LlamaContext:
     def seq_cp(self, src: int, dst: int) -> None:
         """Copy sequence src's whole KV stream over dst's (a split cache copies the buffer at the next decode)."""
         C.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def seq_state(self, seq: int) -> SeqState | None:
+        """A copy of sequence `seq`'s KV cells (llama_state_seq_get_data), or None when llama.cpp
+        could not write it. Reads the buffers now: never call it while a seq_cp into `seq` waits for
+        the next decode (the copy would be missing)."""
+        size = int(C.llama_state_seq_get_size(self._ptr, seq))
+        if size <= 0:
+            return None
+        buf = (ctypes.c_uint8 * size)()
+        written = int(C.llama_state_seq_get_data(self._ptr, buf, size, seq))
+        return buf if written == size else None
+
+    def set_seq_state(self, seq: int, data: SeqState) -> bool:
+        """Replace sequence `seq`'s KV cells with a copy made by seq_state (any sequence's, this
+        context's model and cache types). False, with `seq` left empty, when it does not fit. The
+        buffers are written now: never call it while a seq_cp into `seq` waits for the next decode."""
+        if int(C.llama_state_seq_set_data(self._ptr, data, len(data), seq)) == 0:
+            self.seq_rm(seq, -1, -1)
+            return False
+        return True
 
     def logits(self, i: int) -> np.ndarray:
         ptr = C.llama_get_logits_ith(self._ptr, i)
@@ -585,14 +641,16 @@ class Batch:
         self.struct.n_tokens = i + 1
         return i
 
-    def add(self, tokens: Sequence[int], start_pos: int, seq: int, want_last_logits: bool) -> int:
-        """Append tokens of one sequence; returns the batch index of the last one."""
+    def add(self, tokens: Sequence[int], start_pos: int, seq: int, want_last_logits: bool, *,
+            all_logits: bool = False) -> int:
+        """Append tokens of one sequence; returns the batch index of the last one. Logits are computed
+        for the last token (want_last_logits), or for every one (all_logits: a draft to verify)."""
         k = len(tokens)
         a, b = self.n, self.n + k
         self.token[a:b] = tokens
         self.pos[a:b] = np.arange(start_pos, start_pos + k, dtype=np.int32)
         self.seq[a:b] = seq
-        self.logits[a:b] = 0
+        self.logits[a:b] = 1 if all_logits else 0
         if want_last_logits:
             self.logits[b - 1] = 1
         self.n = b

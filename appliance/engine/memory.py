@@ -96,19 +96,25 @@ def _own_cgroup(root: Path) -> Path | None:
 
 
 def check_fits(
-    name: str, estimate: KvEstimate, *, n_ctx_seq: int, n_seq: int, available: Callable[[], int | None] = available_bytes
+    name: str, estimate: KvEstimate, *, n_ctx_seq: int, n_seq: int, host_cache_bytes: int = 0,
+    available: Callable[[], int | None] = available_bytes,
 ) -> None:
-    """Raise LoadRefused (subject n_ctx) when the KV cache cannot fit in what is left."""
+    """Raise LoadRefused (subject n_ctx) when the KV cache, and `host_cache_bytes` more (the host memory
+    its cells may be copied out into, cache_ram_mib, and an embedding context's cache), cannot fit in
+    what is left."""
     free = available()
     if free is None:
         log.warning("model %s: free memory unknown here (no /proc/meminfo or cgroup); KV cache of up to %.2f GiB "
                     "not checked", name, estimate.bytes / GIB)
         return
-    if estimate.bytes + HEADROOM_BYTES <= free:
+    if estimate.bytes + host_cache_bytes + HEADROOM_BYTES <= free:
         return
+    cache = f" and up to {host_cache_bytes / GIB:.2f} GiB more (KV copied out to host memory, cache_ram_mib; " \
+        "an embedding context)" if host_cache_bytes else ""
     raise LoadRefused(
         f"n_ctx {n_ctx_seq} x parallel {n_seq} needs up to {estimate.bytes / GIB:.2f} GiB of KV cache "
-        f"({estimate.n_layer} layers, F16), and {free / GIB:.2f} GiB is free here (less "
-        f"{HEADROOM_BYTES >> 20} MiB kept for compute buffers): lower n_ctx or parallel",
+        f"({estimate.n_layer} layers, F16){cache}, and {free / GIB:.2f} GiB is free here (less "
+        f"{HEADROOM_BYTES >> 20} MiB kept for compute buffers): lower n_ctx or parallel"
+        + (", or cache_ram_mib" if host_cache_bytes else ""),
         subject="n_ctx",
     )

@@ -17,7 +17,7 @@ from typing import Any
 from appliance.digests import file_sha256
 from appliance.engine.chat import ChatTemplate, model_chat_template
 from appliance.engine.cpuprobe import BackendChoice
-from appliance.engine.embedder import Embedder, gguf_pooling
+from appliance.engine.embedder import Embedder, classifier_head, gguf_pooling
 from appliance.engine.errors import (
     Conflict,
     EmbeddingsDisabled,
@@ -71,7 +71,7 @@ class ModelRecord:
     chat_template: ChatTemplate | None = None  # None: chat requests get a 400 naming the setting
     error: str | None = None
     engine: ModelEngine | None = None
-    embedder: Embedder | None = None  # only where the model's settings ask for embeddings
+    embedder: Embedder | None = None  # only where the model's settings ask for embeddings, or it is a reranker
     mmap: bool = False  # the weights are mapped from the file on disk (vouched for), not read into memory
 
     def status(self) -> dict[str, Any]:
@@ -92,6 +92,7 @@ class ModelRecord:
             "error": self.error,
             "chat_template": self.chat_template.status() if self.chat_template else None,
             "mmap": self.mmap,
+            "kv_host_cache": e.host_cache_status() if e else None,
             "embeddings": {"pooling": self.embedder.pooling, "dimensions": self.embedder.dimensions,
                            "max_input_tokens": self.embedder.n_tokens} if self.embedder else None,
         }
@@ -186,7 +187,7 @@ class ModelRegistry:
         return off_loop(build_grammar, engine.model, gbnf=gbnf, schema=schema)
 
     def embedder(self, name: str) -> Embedder:
-        """The model's embedding engine; EmbeddingsDisabled where its settings do not ask for one."""
+        """The model's embedding engine (a reranker's too); EmbeddingsDisabled where it has none."""
         self.get(name)
         embedder = self._records[name].embedder
         if embedder is None:
@@ -198,6 +199,8 @@ class ModelRegistry:
         /v1/embeddings (BOS where the model adds one, special tokens parsed), off the event loop; token
         ids as they are, checked against the vocabulary."""
         embedder = self.embedder(name)
+        if embedder.reranks:  # its output is a score, not a vector
+            raise EmbeddingsDisabled(name, reranker=True)
         model = embedder.model
         texts = [i for i in inputs if isinstance(i, str)]
         if texts:
@@ -262,8 +265,12 @@ class ModelRegistry:
             engine.start()
             if embedder is not None:
                 embedder.start()
-                log.info("model %s serves embeddings (%s pooling, %d dimensions, at most %d tokens per input)",
-                         settings.name, embedder.pooling, embedder.dimensions, embedder.n_tokens)
+                if embedder.reranks:
+                    log.info("model %s serves reranking (at most %d tokens per query-document pair)",
+                             settings.name, embedder.n_tokens)
+                else:
+                    log.info("model %s serves embeddings (%s pooling, %d dimensions, at most %d tokens per input)",
+                             settings.name, embedder.pooling, embedder.dimensions, embedder.n_tokens)
             log.info("model %s ready in %.2fs (sha256 %s)", settings.name, rec.load_seconds, sha[:16])
             if template is not None:
                 log.info("model %s chat template: %s", settings.name, template.describe())
@@ -331,7 +338,7 @@ class ModelRegistry:
                 raise LoadRefused("this model file's sha256 is not allowed", forbidden=True)
             engine = self._engine_factory(settings, self._observer, source)
             embedder = None
-            if settings.embeddings:
+            if _embedding_pooling(settings, engine.model) is not None:
                 try:
                     embedder = self._embedder_factory(settings, engine.model, self._observer)
                 except BaseException:
@@ -388,7 +395,11 @@ def _build_engine(
     try:
         if settings.n_gpu_layers == 0:  # a KV cache on a GPU is the GPU's memory, not this host's
             estimate = kv_estimate(model.ptr, model.meta, n_ctx_seq=settings.n_ctx, n_seq=settings.parallel)
-            check_fits(settings.name, estimate, n_ctx_seq=settings.n_ctx, n_seq=settings.parallel)
+            extra = settings.cache_ram_mib << 20
+            if _embedding_pooling(settings, model) is not None:  # the embedding context's cache (one stream)
+                extra += kv_estimate(model.ptr, model.meta, n_ctx_seq=settings.n_batch, n_seq=1).bytes
+            check_fits(settings.name, estimate, n_ctx_seq=settings.n_ctx, n_seq=settings.parallel,
+                       host_cache_bytes=extra)
         threads = settings.n_threads or default_threads()
         return ModelEngine(
             settings.name,
@@ -400,6 +411,7 @@ def _build_engine(
             n_threads_batch=settings.n_threads_batch or threads,
             max_queue=settings.max_queue,
             flash_attn=settings.flash_attn,
+            cache_ram_bytes=settings.cache_ram_mib << 20,
             observer=observer,
         )
     except BaseException:
@@ -407,8 +419,22 @@ def _build_engine(
         raise
 
 
+def _embedding_pooling(settings: ModelSettings, model: LlamaModel) -> str | None:
+    """The pooling of the model's embedding context, None where it gets none. Its own pooling setting,
+    else the GGUF's, else mean; the context exists where the settings ask for embeddings, or where the
+    model is a reranker (pooling rank), which serves nothing else. A GGUF that declares rank without a
+    classification head to rank with is taken at mean (an explicit `pooling = "rank"` on such a file is
+    refused when the context is made)."""
+    pooling: str | None = settings.pooling
+    if pooling is None:
+        pooling = gguf_pooling(model)
+        if pooling == "rank" and not classifier_head(model.path):
+            pooling = "mean"
+    return pooling if settings.embeddings or pooling == "rank" else None
+
+
 def _build_embedder(settings: ModelSettings, model: LlamaModel, observer: EngineObserver | None) -> Embedder:
-    """The model's embedding context: its own pooling setting, else the GGUF's, else mean."""
+    """The model's embedding context (or its reranking one), pooled as `_embedding_pooling` says."""
     threads = settings.n_threads or default_threads()
     return Embedder(
         settings.name,
@@ -416,7 +442,7 @@ def _build_embedder(settings: ModelSettings, model: LlamaModel, observer: Engine
         n_tokens=settings.n_batch,
         n_threads=threads,
         n_threads_batch=settings.n_threads_batch or threads,
-        pooling=settings.pooling or gguf_pooling(model),
+        pooling=_embedding_pooling(settings, model) or "mean",
         # Without flash attention a vector does not depend on what it is batched with: llama.cpp's CPU
         # flash-attention kernel takes a tiled F16 path for large batches, which moved a short input's
         # vector by up to 1.5e-3 in cosine on Gemma 3 270M against the same input decoded alone.

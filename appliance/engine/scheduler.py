@@ -23,6 +23,7 @@ from typing import Final, cast
 
 import numpy as np
 
+from appliance.engine.draft import Prediction, StepCosts, draft_length, expected_tokens
 from appliance.engine.errors import (
     Busy,
     EngineCrashed,
@@ -43,10 +44,12 @@ from appliance.engine.events import (
     Finished,
     GenerationRequest,
     NullObserver,
+    PredictionUsage,
     Timings,
     TokenLogprob,
     Usage,
 )
+from appliance.engine.kvcache import HostCache
 from appliance.engine.llama import NO_TOKEN, Batch, LlamaContext, LlamaModel, SamplerChain, SamplingParams
 from appliance.engine.mailbox import Generation
 from appliance.engine.slots import (
@@ -96,6 +99,7 @@ class ModelEngine:
         n_threads_batch: int,
         max_queue: int,
         flash_attn: str = "auto",
+        cache_ram_bytes: int = 0,
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -134,6 +138,15 @@ class ModelEngine:
         self._active: list[ActiveSlot] = []
         """Slots serving a request, in slot order (the only ones a step has to look at)."""
         self._pairs = PairCost()
+        self._costs = StepCosts()
+        """Decode wall time by a step's token count: what a draft costs (Predicted Outputs)."""
+        self._predicting = 0
+        """Active slots whose request carries a prediction."""
+        self.host_cache = HostCache(cache_ram_bytes) if cache_ram_bytes > 0 else None
+        """Slots' KV copied out before their cells were dropped (kvcache.py); None when disabled."""
+        self._copying: set[int] = set()
+        """Sequences a seq_cp writes into at the next decode: their buffers are stale until then, so
+        neither copied out nor restored into."""
         self._queue: deque[tuple[Generation, float]] = deque()
         self._held: list[tuple[Generation, Event]] = []
         """Events not yet handed to their greenlets: they go just before the next decode (_hand_over)."""
@@ -154,6 +167,13 @@ class ModelEngine:
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    def host_cache_status(self) -> dict[str, int] | None:
+        c = self.host_cache
+        if c is None:
+            return None
+        return {"entries": len(c), "bytes": c.used, "budget_bytes": c.budget, "saved": c.saved,
+                "restored": c.restored, "evicted": c.evicted}
 
     def start(self) -> None:
         start_thread(self._thread_main)
@@ -205,6 +225,8 @@ class ModelEngine:
             for s in self._slots:
                 if s.sampler:
                     s.sampler.close()
+            if self.host_cache is not None:
+                self.host_cache.clear()
             self._ctx.close()
             self.model.close()
             self._exited.release()
@@ -324,6 +346,9 @@ class ModelEngine:
         s.leader = None
         s.followers = []
         s.batch_index = -1  # a choice released mid-step (a sibling failed) takes no more of the step
+        if s.prediction is not None:
+            s.prediction = None
+            self._predicting -= 1
         s.last_used = self._clock()
         with self._lock:
             self._busy -= 1
@@ -370,9 +395,25 @@ class ModelEngine:
             contiguous = min(free, key=lambda a: (runs(busy | {a.seq}), -worth[a.seq], a.last_used))
             reuse = min(free, key=lambda a: (-worth[a.seq], a.last_used))
             s = reuse if worth[reuse.seq] >= worth[contiguous.seq] + MIN_REUSE else contiguous
+            # Cells kept in host memory beat every slot by a clear margin: copy them into the
+            # contiguous slot (whose own cells are copied out first, if worth keeping).
+            if self.host_cache is not None and len(self.host_cache) and contiguous.seq not in self._copying:
+                entry, n = self.host_cache.best(prompt)
+                n = worth_taking(n, len(entry.tokens), len(prompt)) if entry is not None else 0
+                if entry is not None and n >= worth[s.seq] + MIN_REUSE:
+                    s = contiguous
+                    self._save(s)
+                    if self._ctx.set_seq_state(s.seq, entry.state):
+                        s.kv, shared[s.seq] = entry.tokens.tolist(), n
+                    else:  # (the slot is left empty)
+                        log.warning("model %s: KV kept in host memory could not be restored", self.name)
+                        s.kv, shared[s.seq] = [], 0
+                    self.host_cache.take(entry)
             # Whatever the slot, what it shares is reused (a BOS token is a prompt token less to decode).
             keep = min(shared[s.seq], len(prompt) - 1)  # at least one token must be decoded for logits
             if keep < len(s.kv):
+                if len(s.kv) - keep >= MIN_REUSE:  # another conversation's cells: keep them in host memory
+                    self._save(s)
                 if not self._ctx.seq_rm(s.seq, keep, -1):
                     self._ctx.seq_rm(s.seq, -1, -1)
                     keep = 0
@@ -384,6 +425,7 @@ class ModelEngine:
                 taken = busy | {g.seq for g in group}
                 rest = [a for a in free if a not in group]
                 group.append(min(rest, key=lambda a: (runs(taken | {a.seq}), a.last_used)))
+                self._save(group[-1])  # its cells are replaced by a copy of the prompt's
             try:
                 samplers = [
                     SamplerChain(self.model, req.sampling if i == 0 else _choice_sampling(req, i))
@@ -411,8 +453,21 @@ class ModelEngine:
                 slot.last_token = -1
                 slot.text, slot.emitted, slot.held_logprobs = "", 0, []
                 slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                slot.prediction = Prediction(req.prediction) if req.prediction and i == 0 else None
+                slot.draft = []
+                if slot.prediction is not None:
+                    self._predicting += 1
                 slot.t_queued, slot.t_admitted, slot.t_first = t_queued, now, 0.0
             self._active.sort(key=lambda a: a.seq)
+
+    def _save(self, s: Slot) -> None:
+        """Copy slot `s`'s cells into the host cache before they are dropped, when worth keeping."""
+        cache = self.host_cache
+        if cache is None or len(s.kv) < MIN_REUSE or s.seq in self._copying or cache.holds(s.kv):
+            return
+        state = self._ctx.seq_state(s.seq)
+        if state is not None:
+            cache.put(s.kv, state)
 
     def _compact(self) -> None:
         """Make the busy slots' sequence ids consecutive again (a request finished between others).
@@ -431,7 +486,9 @@ class ModelEngine:
         movers = [a for a in self._active if a.seq not in window]
         for mover, hole in zip(movers, holes):
             free = self._slots[hole]
+            self._save(free)
             self._ctx.seq_cp(mover.seq, hole)
+            self._copying.add(hole)
             mover.seq, free.seq = hole, mover.seq
             self._slots[mover.seq], self._slots[free.seq] = mover, free
             free.kv = list(mover.kv)
@@ -453,6 +510,8 @@ class ModelEngine:
                 s.n_batch_tokens = 1
                 in_batch.append(s)
             hinted = hinted or bool(s.req.n_threads)
+        if self._predicting:
+            self._add_drafts(in_batch, prefilling)
         if prefilling:
             budget = batch.capacity - batch.n
             prefilling.sort(key=lambda s: s.t_admitted)
@@ -479,6 +538,7 @@ class ModelEngine:
         passes = [in_batch]
         if (
             not prefilling
+            and batch.n == 2
             and len(in_batch) == 2
             and in_batch[0].req.logprobs is None
             and in_batch[1].req.logprobs is None
@@ -486,7 +546,6 @@ class ModelEngine:
         ):
             passes = [in_batch[:1], in_batch[1:]]
         sampled: list[int] = []
-        timed = not prefilling and len(in_batch) <= 2  # the steps _PairCost learns from
         for group in passes:
             if len(passes) > 1:
                 batch.clear()
@@ -494,7 +553,7 @@ class ModelEngine:
                 s.batch_index = batch.add_one(s.last_token, len(s.kv), s.seq)
             if self._held:
                 self._hand_over()
-            t0 = self._clock() if timed else 0.0
+            t0 = self._clock()
             rc = self._ctx.decode(batch)
             if rc != 0:
                 log.error("llama_decode returned %d for model %s", rc, self.name)
@@ -502,11 +561,17 @@ class ModelEngine:
                 for s in in_batch:
                     self._ctx.seq_rm(s.seq, -1, -1)
                     s.kv.clear()
+                    s.draft = []
                     if s.gen is not None:  # (not a choice whose sibling's failure already ended it)
                         self._fail(s, err, self._held)
                 return
-            if timed:
-                self._pairs.observe(batch.n, self._clock() - t0)
+            if self._copying:  # (that decode applied them)
+                self._copying.clear()
+            if not prefilling:  # (a step with a prompt chunk is split by llama.cpp into unequal parts)
+                took = self._clock() - t0
+                self._costs.observe(batch.n, took)
+                if batch.n <= 2:
+                    self._pairs.observe(batch.n, took)
             for s in group:
                 sampled.append(s.sampler.sample(self._ctx, s.batch_index) if s.batch_index >= 0 else -1)
 
@@ -530,11 +595,60 @@ class ModelEngine:
             s.n_generated += 1
             self._unreported_generated += 1
             gen, idx = s.gen, s.batch_index
+            if s.prediction is not None:
+                s.prediction.observe(token)
             self._on_token(s, token, out)  # may end the request, which reports the counts so far
+            if s.draft:
+                self._verify(s, token, gen, out)
             if followers:
                 self._fork(s.seq, s.kv, gen, idx, cast("list[ActiveSlot]", followers), now, out)
         if now - self._reported_at >= _REPORT_EVERY_S:
             self._report(now)
+
+    def _add_drafts(self, in_batch: list[ActiveSlot], prefilling: list[ActiveSlot]) -> None:
+        """Append predicted tokens after the generating sequences' own, where the costs measured so far
+        say they pay (engine/draft.py)."""
+        batch = self._batch
+        base_tokens = batch.n + min(sum(len(p.pending) for p in prefilling), batch.capacity - batch.n)
+        base_yield = float(batch.n)
+        for s in in_batch:
+            p = s.prediction
+            if p is None:
+                continue
+            # Every drafted token kept, and the one sampled after them, must fit the request's
+            # max_tokens, its context, and the batch.
+            room = min(s.req.max_tokens - s.n_generated - 1, s.limit - len(s.kv) - 2, batch.capacity - batch.n - 1)
+            k = draft_length(p, self._costs, base_tokens, base_yield, room)
+            if k:
+                s.draft = p.upcoming(k)
+                s.draft_index = batch.n
+                batch.add(s.draft, len(s.kv) + 1, s.seq, True, all_logits=True)
+                p.drafted += k
+                base_tokens += k
+                base_yield += expected_tokens(p.acceptance, k) - 1
+
+    def _verify(self, s: ActiveSlot, token: int, gen: Generation, out: list[tuple[Generation, Event]]) -> None:
+        """Slot `s` decoded drafted tokens after its own, and sampled `token` after its own: while the
+        sampled token is the one drafted at that place, the draft's KV there is the answer's, so keep it
+        and sample the next token from the logits after it, exactly as a step of its own would. The
+        first token that differs is emitted as sampled; the cells decoded after it are removed."""
+        draft, base, p = s.draft, s.draft_index, s.prediction
+        s.draft = []
+        kept = 0
+        while kept < len(draft) and s.gen is gen and token == draft[kept]:
+            s.kv.append(token)
+            s.batch_index = base + kept
+            kept += 1
+            if p is not None:
+                p.draft_kept += 1
+            token = s.sampler.sample(self._ctx, s.batch_index)
+            s.n_generated += 1
+            self._unreported_generated += 1
+            if p is not None:
+                p.observe(token)
+            self._on_token(s, token, out)
+        if kept < len(draft):
+            self._ctx.seq_rm(s.seq, len(s.kv), -1)
 
     def _fork(
         self, seq: int, kv: list[int], gen: Generation, idx: int, followers: list[ActiveSlot], now: float,
@@ -548,6 +662,7 @@ class ModelEngine:
             if f.gen is not gen:  # released meanwhile: its request failed
                 continue
             self._ctx.seq_cp(seq, f.seq)
+            self._copying.add(f.seq)
             f.kv = list(kv)
             f.leader = None
             f.batch_index = idx
@@ -609,7 +724,8 @@ class ModelEngine:
                 s.gen,
                 Done(
                     finish,
-                    Usage(len(req.prompt), s.n_generated, s.cached),
+                    Usage(len(req.prompt), s.n_generated, s.cached, None if s.prediction is None else PredictionUsage(
+                        s.prediction.matched, s.prediction.rejected(), s.prediction.drafted, s.prediction.draft_kept)),
                     Timings(
                         prompt_n=prompt_n,
                         prompt_ms=(t_first - s.t_admitted) * 1000,

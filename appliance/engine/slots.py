@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from appliance.engine.draft import Prediction
 from appliance.engine.events import GenerationRequest, TokenLogprob
 from appliance.engine.llama import SamplerChain
 from appliance.engine.mailbox import Generation
@@ -49,6 +50,12 @@ class Slot:
     """Set while this slot waits for another choice's slot to decode the shared prompt."""
     followers: list[Slot] = field(default_factory=list)
     """The slots waiting for this one's prompt (its KV is copied to them once it is decoded)."""
+    prediction: Prediction | None = None
+    """The request's predicted output, followed as the answer is generated (Predicted Outputs)."""
+    draft: list[int] = field(default_factory=list)
+    """Predicted tokens decoded in this step after the sequence's own token, to verify."""
+    draft_index: int = -1
+    """The batch index of the first drafted token (the rest follow it)."""
 
 
 if TYPE_CHECKING:

@@ -161,7 +161,7 @@ def create_app(
             cpus=default_threads(),
             stream_written=lambda writer: metrics.streams.labels(writer).inc(),
         ),
-        "tokens": Tokens(models),
+        "tokens": Tokens(models, settings.limits.default_max_tokens),
         "embeddings": Embeddings(models),
         "models": Models(state),
         "admin": Admin(state),

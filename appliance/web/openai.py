@@ -201,17 +201,21 @@ def error_event(err: ApiError) -> bytes:
 
 def usage(done: Done) -> Json:
     u = done.usage
-    return {
+    out: Json = {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     }
+    if u.prediction is not None:
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": u.prediction.accepted,
+                                            "rejected_prediction_tokens": u.prediction.rejected}
+    return out
 
 
 def timings(done: Done) -> Json:
     t = done.timings
-    return {
+    out: Json = {
         "prompt_n": t.prompt_n,
         "prompt_ms": round(t.prompt_ms, 3),
         "prompt_per_second": round(t.prompt_per_second, 3),
@@ -220,6 +224,9 @@ def timings(done: Done) -> Json:
         "predicted_per_second": round(t.predicted_per_second, 3),
         "queued_ms": round(t.queued_ms, 3),
     }
+    if (p := done.usage.prediction) is not None:
+        out["draft_n"], out["draft_n_accepted"] = p.drafted, p.draft_kept
+    return out
 
 
 def completion_logprobs(lps: list[TokenLogprob], start: int) -> Json:

@@ -9,7 +9,9 @@ tokens to fill in the middle (checked against the model).
 Tool calling comes as OpenAI's `tools` (functions only), `tool_choice` and `parallel_tool_calls`;
 each function's `parameters` schema is checked here as a `response_format` schema is (every keyword
 enforced, or refused by name), and `ChatRequest.tool_use()` says what the reply must be. A request
-that calls tools (tool_choice other than none) cannot also constrain the output another way.
+that calls tools (tool_choice other than none) cannot also constrain the output another way. The
+Responses API takes the same functions in its flat shape (`ResponseTool`, `ResponseRequest.tool_use()`),
+and its input items include function calls and their results.
 
 Structured output comes as OpenAI's `response_format` (text, json_object, json_schema) or
 llama-server's `grammar` (GBNF) and `json_schema`: at most one of them per request. Their contents
@@ -18,12 +20,22 @@ llama-server's `grammar` (GBNF) and `json_schema`: at most one of them per reque
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from appliance.engine.errors import InvalidGrammar
 from appliance.engine.grammar import JSON_OBJECT_GBNF, ToolSpec, check_schema
@@ -52,6 +64,10 @@ __all__ = [
     "MAX_EMBEDDING_INPUTS",
     "ResponseRequest",
     "InputMessage",
+    "InputItem",
+    "FunctionCallInput",
+    "FunctionCallOutputInput",
+    "ResponseTool",
     "ConversationCreateRequest",
     "ConversationUpdateRequest",
     "ConversationItemsRequest",
@@ -246,6 +262,19 @@ class TextPart(_Body):
     text: str
 
 
+MAX_PREDICTION_CHARS = 1 << 20
+
+
+class Prediction(_Body):
+    """Predicted Outputs: text the answer probably repeats (engine/draft.py)."""
+
+    type: Literal["content"]
+    content: Annotated[str, Field(max_length=MAX_PREDICTION_CHARS)] | Annotated[list[TextPart], Field(max_length=1024)]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
 MAX_TOOLS = 128
 """The most tools one chat request may offer (OpenAI's own limit)."""
 _FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
@@ -346,6 +375,7 @@ class ChatRequest(_Sampling):
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    prediction: Prediction | None = None
     # The second seed service's `device`: models are placed by their configuration, this is checked only.
     device: Literal["cpu", "cuda", "metal", "auto"] | None = None
 
@@ -366,6 +396,8 @@ class ChatRequest(_Sampling):
                 raise ValueError(f"{constrained.param}: not together with tools (unless tool_choice is none)")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
+        if self.prediction is not None and self.n > 1:
+            raise ValueError("prediction: not with n > 1 (only one choice can follow a prediction)")
         if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
             raise ValueError("max_completion_tokens: must be at least 1")
         if self.max_completion_tokens is not None and self.max_completion_tokens > MAX_TOKENS_CAP:
@@ -398,7 +430,7 @@ class LoadModelRequest(_Body):
     n_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     embeddings: bool | None = None
-    pooling: Literal["mean", "cls", "last"] | None = None
+    pooling: Literal["mean", "cls", "last", "rank"] | None = None
 
 
 class UnloadModelRequest(_Body):
@@ -439,6 +471,10 @@ class CompletionTokensRequest(_Body):
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     prompt: str | list[str] | list[int]
+    suffix: str | None = None
+    """Fill in the middle: the prompt is laid out as the completion's would be (its FIM tokens)."""
+    max_tokens: Annotated[int, Field(ge=-1, le=MAX_TOKENS_CAP)] | None = None
+    """Only with `suffix`: how much of the context the layout leaves for the answer."""
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionTokensRequest:
@@ -480,7 +516,8 @@ class EmbeddingRequest(_Body):
 
 
 class RerankRequest(_Body):
-    """llama-server's (Jina's, Cohere's) /v1/rerank body."""
+    """llama-server's (Jina's, Cohere's) /v1/rerank body: `top_n` the best documents answered (all,
+    unset; more than there are is all), `return_documents` each one's text beside its score."""
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     query: str
@@ -516,9 +553,9 @@ class OutputText(_Body):
 
 class InputMessage(_Body):
     """A message item: OpenAI's EasyInputMessage (content a string) or a message item with text
-    parts. Other item types (function calls and their outputs, item references, reasoning) and
-    other content (images, files, audio) are refused naming them. An `id` or `status` sent is ignored:
-    every stored item gets the server's own id."""
+    parts. Other item types (item references, reasoning, ...; function calls and their outputs are
+    items of their own, below) and other content (images, files, audio) are refused naming them. An
+    `id` or `status` sent is ignored: every stored item gets the server's own id."""
 
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
@@ -529,13 +566,74 @@ class InputMessage(_Body):
     def _message_items_only(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("type", "message") not in ("message", None):
             kind = str(data["type"])[:64]
-            raise ValueError(f"item type {kind!r} is not supported: only message items with text")
+            raise ValueError(f"item type {kind!r} is not supported: only message items with text, "
+                             "function_call and function_call_output")
         return data
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionCallInput(_Body):
+    """A function call the model made (OpenAI's `function_call` item), sent back as history. Its
+    `arguments` must be JSON (the model's calls always are); an `id` or `status` sent is ignored."""
+
+    type: Literal["function_call"]
+    call_id: Annotated[str, Field(min_length=1, max_length=256)]
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json(cls, value: str) -> str:
+        try:
+            json.loads(value)
+        except ValueError:
+            raise ValueError("not valid JSON (a function call's arguments are a JSON string)") from None
+        return value
+
+
+class FunctionCallOutputInput(_Body):
+    """A function's result (OpenAI's `function_call_output` item): text, or `input_text` parts (no
+    images or files). Its `call_id` must name a `function_call` before it, in the input or the history
+    (checked where the history is known: web/resources/responses.py)."""
+
+    type: Literal["function_call_output"]
+    call_id: Annotated[str, Field(min_length=1, max_length=256)]
+    # The list first: pydantic reports a union's errors in order, and the list's are the telling ones.
+    output: list[Annotated[InputText, Field(discriminator="type")]] | str
+
+
+def _item_kind(value: Any) -> str:
+    """Which input item a value is: a function call, its output, or else a message (whose own check
+    refuses any other type, naming it)."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in ("function_call", "function_call_output") else "message"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallInput, Tag("function_call")]
+    | Annotated[FunctionCallOutputInput, Tag("function_call_output")],
+    Discriminator(_item_kind),
+]
+"""One item of a response's `input` or of a conversation's `items`."""
+
+
+class ResponseTool(FunctionDefinition):
+    """A function tool in the Responses API's flat shape (`{"type": "function", "name", "description",
+    "parameters", "strict"}`), its parameters checked as the chat route checks them."""
+
+    type: Literal["function"]
+
+
+class ResponseNamedToolChoice(_Body):
+    """`tool_choice` forcing one function, in the Responses API's flat shape."""
+
+    type: Literal["function"]
+    name: Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class ConversationRef(_Body):
@@ -569,13 +667,18 @@ class ResponseStreamOptions(_Body):
     """Accepted; no obfuscation padding is ever added (the stream is signed, and TLS is the operator's)."""
 
 
+def _function_typed(value: Any) -> bool:
+    """Whether a tool (or a tool_choice object) is a function's: anything else, a built-in tool."""
+    return not isinstance(value, dict) or value.get("type") == "function"
+
+
 class ResponseRequest(_Body):
     """OpenAI's POST /v1/responses body, plus the chat route's llama.cpp sampling fields and original
     appliance fields. Known OpenAI fields this server cannot honour are refused naming them."""
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     # The list first: pydantic reports a union's errors in order, and the list's are the telling ones.
-    input: Annotated[list[InputMessage], Field(min_length=1)] | str | None = None
+    input: Annotated[list[InputItem], Field(min_length=1)] | str | None = None
     instructions: str | None = None
     previous_response_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     conversation: Annotated[str, Field(min_length=1, max_length=256)] | ConversationRef | None = None
@@ -600,17 +703,18 @@ class ResponseRequest(_Body):
     stop: str | list[str] | None = None
     n_threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     n_ctx: Annotated[int, Field(ge=1, le=1 << 20)] | None = None
-    # Accepted and without effect here: who the end user is, cache and tier hints, and a tool setting
-    # that means nothing without tools.
+    # Function tools (the chat route's machinery: web/resources/responses.py).
+    tools: Annotated[list[ResponseTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ResponseNamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Accepted and without effect here: who the end user is, cache and tier hints, and a limit on
+    # calls to built-in tools (OpenAI's max_tool_calls), of which this server has none.
     user: Annotated[str, Field(max_length=256)] | None = None
     safety_identifier: Annotated[str, Field(max_length=256)] | None = None
     prompt_cache_key: Annotated[str, Field(max_length=256)] | None = None
     service_tier: Literal["auto", "default"] | None = None
-    parallel_tool_calls: bool | None = None
     max_tool_calls: Annotated[int, Field(ge=1)] | None = None
     # Refused unless absent, null or empty: features this server does not have.
-    tool_choice: Literal["none", "auto"] | None = None
-    tools: Annotated[list[Any], Field(max_length=0)] | None = None
     include: Annotated[list[Any], Field(max_length=0)] | None = None
     reasoning: Any = None
     prompt: Any = None
@@ -624,11 +728,13 @@ class ResponseRequest(_Body):
         if not isinstance(data, dict):
             return data
         refused: dict[str, tuple[Callable[[Any], bool], str]] = {  # field: (what may be sent, why else not)
-            "tools": (lambda v: v is None or v == [] and isinstance(v, list), "tool calling is not supported"),
+            "tools": (lambda v: not isinstance(v, list) or all(_function_typed(t) for t in v),
+                      "only function tools are supported (no built-in tools: web_search, file_search, mcp, ...)"),
+            "tool_choice": (lambda v: not isinstance(v, dict) or _function_typed(v),
+                            "only none, auto, required or {\"type\": \"function\", \"name\": ...} "
+                            "(no built-in tools)"),
             "include": (lambda v: v is None or v == [] and isinstance(v, list),
                         "no additional output data can be included"),
-            "tool_choice": (lambda v: v is None or v in ("none", "auto") and isinstance(v, str),
-                            "tool calling is not supported; only none or auto (without tools)"),
             "reasoning": (lambda v: v is None, "reasoning options are not supported"),
             "prompt": (lambda v: v is None, "stored prompt templates are not supported"),
             "background": (lambda v: v is None or v is False, "background responses are not supported"),
@@ -647,7 +753,46 @@ class ResponseRequest(_Body):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         _check_logit_bias(self.logit_bias)
+        names = [t.name for t in self.tools or ()]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise ValueError(f"tools: function names must be unique; '{twice}' appears twice")
+        choice = self.tool_choice
+        if isinstance(choice, ResponseNamedToolChoice) and choice.name not in names:
+            raise ValueError(f"tool_choice: no function named '{choice.name[:64]}' in tools")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice: 'required' needs tools")
+        if self.tool_use() is not None and self.output_constraint() is not None:
+            raise ValueError("text: a format other than text is not supported together with tools "
+                             "(unless tool_choice is none)")
         return self
+
+    def tool_use(self) -> ToolUse | None:
+        """What the reply must be, when this request calls tools (tools given, tool_choice not none):
+        the chat route's `ToolUse`, the functions in chat's nested shape (for the prompt)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        offered: tuple[dict[str, Any], ...] = tuple(
+            {"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})} for t in self.tools
+        )
+        choice = self.tool_choice
+        if isinstance(choice, ResponseNamedToolChoice):  # OpenAI's forced function: exactly one call to it
+            named = tuple(t for t in offered if t["function"]["name"] == choice.name)
+            return ToolUse(named, "required", choice.name, False)
+        parallel = self.parallel_tool_calls is not False
+        return ToolUse(offered, "required" if choice == "required" else "auto", None, parallel)
+
+    def tools_shown(self) -> list[dict[str, Any]]:
+        """The tools as a response object shows them (OpenAI's flat shape). `strict` is true unless
+        the request said false: the parameters schema is enforced either way."""
+        return [{"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters,
+                 "strict": t.strict is not False} for t in self.tools or ()]
+
+    def tool_choice_shown(self) -> str | dict[str, str]:
+        choice = self.tool_choice
+        if isinstance(choice, ResponseNamedToolChoice):
+            return {"type": "function", "name": choice.name}
+        return choice or "auto"
 
     @property
     def conversation_id(self) -> str | None:
@@ -671,7 +816,7 @@ class ResponseRequest(_Body):
 
 
 class ConversationCreateRequest(_Body):
-    items: Annotated[list[InputMessage], Field(max_length=MAX_ITEMS_PER_REQUEST)] | None = None
+    items: Annotated[list[InputItem], Field(max_length=MAX_ITEMS_PER_REQUEST)] | None = None
     metadata: Metadata | None = None
 
 
@@ -680,7 +825,7 @@ class ConversationUpdateRequest(_Body):
 
 
 class ConversationItemsRequest(_Body):
-    items: Annotated[list[InputMessage], Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)]
+    items: Annotated[list[InputItem], Field(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)]
 
 
 def _legacy_chat(body: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import falcon.testing
+import numpy as np
 import pytest
 import yaml
 from jsonschema import Draft202012Validator
@@ -23,9 +24,10 @@ from referencing.jsonschema import DRAFT202012
 
 from appliance.settings import Settings
 from appliance.web.app import create_app
-from tests.conftest import FIXED_NOW, FakeEngine, FakeGeneration, FakeModel, FakeRegistry
+from tests.conftest import FIXED_NOW, FakeEmbeddingJob, FakeEngine, FakeGeneration, FakeModel, FakeRegistry
 
-__all__ = ["FakeEngine", "FakeGeneration", "FakeModel", "FakeRegistry"]  # the root conftest's, for this tier
+__all__ = ["FakeEngine", "FakeGeneration", "FakeModel", "FakeRegistry",  # the root conftest's, for this tier
+           "FakeReranker", "add_reranker"]
 from attestation import signing
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "spec" / "openapi.yaml"
@@ -301,6 +303,43 @@ class SpecClient:
         else:
             assert_valid(self.spec.validator(media["schema"]), result.text, f"{method} {path} {status} body")
         return checked
+
+
+# ---------------------------------------------------------------------------------------------
+# A reranker for the fake registry (the root conftest's fakes have embedding models only)
+
+
+class FakeReranker:
+    """The `Embedder` surface of a reranker (pooling rank): a pair is BOS, the query, EOS, the document;
+    its score, the document's length less the query's over 10 (so longer documents rank first), as
+    llama.cpp gives it: one value, not normalized. The real refusals for a pair past 32 tokens."""
+
+    pooling = "rank"
+    dimensions = 1
+    n_tokens = 32
+    reranks = True
+
+    def __init__(self, model: FakeModel) -> None:
+        self.model = model
+
+    def rerank_inputs(self, query: str, documents: list[str]) -> list[list[int]]:
+        q = self.model.tokenize(query, add_special=False)
+        return [[self.model.bos, *q, self.model.eos, *self.model.tokenize(d, add_special=False)] for d in documents]
+
+    def submit(self, inputs: list[list[int]]) -> FakeEmbeddingJob:
+        from appliance.engine.errors import InputTooLong
+
+        for i, tokens in enumerate(inputs):
+            if len(tokens) > self.n_tokens:
+                raise InputTooLong(index=i, length=len(tokens), limit=self.n_tokens)
+        return FakeEmbeddingJob([np.array([(len(t) - 2 * t.index(self.model.eos)) / 10], dtype=np.float32)
+                                 for t in inputs])
+
+
+def add_reranker(registry: FakeRegistry, name: str) -> None:
+    """A ready model in the fake registry that is a reranker."""
+    rec = registry.add(name)
+    rec.embedder = FakeReranker(rec.engine.model)  # type: ignore[assignment]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from appliance.web.schemas import (
     TokenizeRequest,
     UnloadModelRequest,
 )
+from tests.contract.conftest import add_reranker
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "spec" / "openapi.yaml"
 
@@ -631,21 +632,20 @@ def test_every_operation_has_a_validated_200(api, spec, registry, tmp_path):
         "/v1/chat/completions/input_tokens": CHAT,
         "/chat/completions/input_tokens": CHAT,
         "/v1/embeddings": {"model": "tiny", "input": ["hello", "world"]},
+        "/v1/rerank": {"model": "rr", "query": "q", "documents": ["a", "bbb", "cc"], "return_documents": True},
     }
     queries = {"/v1/attestation": "nonce=" + "ab" * 32}
     registry.add("tiny", embeddings=True)
+    add_reranker(registry, "rr")  # /status shows it too
     paths = {"/ui/{name}": "/ui/app.js"}
-    for path, method in sorted(spec.operations() - NO_200 - STATEFUL, key=lambda pm: pm[0] == "/unload_model"):
+    for path, method in sorted(spec.operations() - STATEFUL, key=lambda pm: pm[0] == "/unload_model"):
         kw = {"json": bodies[path]} if method == "POST" else {}
         if path in queries:
             kw["query_string"] = queries[path]
         r = api.request(method, paths.get(path, path), **kw)
         assert r.status == 200, f"{method} {path}: {r.status} {r.json}"
-    assert {(p, m) for m, p, s in api.seen if s == 200} == spec.operations() - NO_200 - STATEFUL
+    assert {(p, m) for m, p, s in api.seen if s == 200} == spec.operations() - STATEFUL
 
-
-NO_200 = {("/v1/rerank", "POST")}
-"""Operations without a success: /v1/rerank refuses every model (no reranker is served yet)."""
 
 STATEFUL = {(p, m) for p, m in load_spec_operations() if p.startswith(("/v1/responses", "/v1/conversations"))}
 """The Responses and Conversations APIs: each needs ids made by an earlier call, so their validated 200s
@@ -655,8 +655,49 @@ are in test_responses_contract.py (which checks it covers every one of them)."""
 def test_rerank_refuses_a_model_that_is_not_a_reranker(api, spec, registry):
     r = api.request("POST", "/v1/rerank", json={"model": "tiny", "query": "q", "documents": ["a", "b"]})
     assert r.status == 400 and r.json["error"]["code"] == "model_not_reranker" and r.json["error"]["param"] == "model"
+    registry.add("emb", embeddings=True)  # an embedding model is no reranker either
+    r = api.request("POST", "/v1/rerank", json={"model": "emb", "query": "q", "documents": ["a", "b"]})
+    assert r.status == 400 and r.json["error"]["code"] == "model_not_reranker" and r.json["error"]["param"] == "model"
     r = api.request("POST", "/v1/rerank", json={"model": "nope", "query": "q", "documents": ["a"]})
     assert r.status == 404
+
+
+def test_rerank_answers_best_first_in_llama_servers_shape(api, registry):
+    add_reranker(registry, "rr")
+    docs = ["a", "bbbb", "", "cc"]
+    r = api.post("/v1/rerank", {"model": "rr", "query": "qq", "documents": docs})
+    assert r.status == 200
+    assert list(r.json) == ["model", "object", "usage", "results"] and r.json["model"] == "rr"
+    assert r.json["object"] == "list"
+    assert [x["index"] for x in r.json["results"]] == [1, 3, 0, 2]  # the fake scores longer documents higher
+    assert r.json["results"][0] == {"index": 1, "relevance_score": pytest.approx(0.2)}
+    assert r.json["usage"] == {"prompt_tokens": 4 * 4 + 7, "total_tokens": 4 * 4 + 7}  # BOS, query, EOS each
+    r = api.post("/v1/rerank", {"model": "rr", "query": "qq", "documents": docs, "top_n": 2, "return_documents": True})
+    assert r.json["results"] == [{"index": 1, "relevance_score": pytest.approx(0.2), "document": {"text": "bbbb"}},
+                                 {"index": 3, "relevance_score": 0.0, "document": {"text": "cc"}}]
+    assert r.json["usage"]["prompt_tokens"] == 23  # every document is scored, whatever top_n keeps
+    r = api.post("/v1/rerank", {"model": "rr", "query": "qq", "documents": docs, "top_n": 99})
+    assert len(r.json["results"]) == 4
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"query": "q", "documents": []}, "documents", None),
+    ({"query": "q"}, "documents", None),
+    ({"documents": ["a"]}, "query", None),
+    ({"query": "q", "documents": ["a"], "top_n": 0}, "top_n", None),
+    ({"query": "q", "documents": ["a", 3]}, "documents", None),
+    ({"query": "q", "documents": ["a", "x" * 40]}, "documents", "context_length_exceeded"),
+    ({"query": "q" * 40, "documents": ["a"]}, "query", "context_length_exceeded"),
+    ({"query": "a\ud800b", "documents": ["a"]}, "query", None),
+])
+def test_rerank_refusals_name_the_field(api, registry, body, param, code):
+    add_reranker(registry, "rr")
+    r = api.post("/v1/rerank", {"model": "rr", **body})  # json.dumps writes a lone surrogate as an escape
+    assert r.status == 400, r.json
+    assert r.json["error"]["param"] == param, r.json
+    if code:
+        assert r.json["error"]["code"] == code
+    assert api.post("/v1/rerank", {"model": "rr", "query": "q", "documents": ["a"]}).status == 200
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,6 +775,9 @@ def test_choices_over_the_slots_and_a_suffix_without_fim_tokens_are_refused(api)
     r = api.post("/v1/chat/completions", {**CHAT, "n": 3, "stream": True})
     assert r.status == 400 and r.json["error"]["param"] == "n"
     r = api.post("/v1/completions", {**COMPLETION, "suffix": "tail"})
+    assert r.status == 400 and r.json["error"]["param"] == "suffix" and r.json["error"]["code"] == "fim_not_supported"
+    # counting the tokens of that body reads its suffix too (the prompt would be a FIM layout)
+    r = api.post("/v1/completions/input_tokens", {**COMPLETION, "suffix": "tail"})
     assert r.status == 400 and r.json["error"]["param"] == "suffix" and r.json["error"]["code"] == "fim_not_supported"
 
 

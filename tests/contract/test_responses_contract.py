@@ -18,8 +18,12 @@ from appliance.web.schemas import (
     ConversationCreateRequest,
     ConversationItemsRequest,
     ConversationUpdateRequest,
+    FunctionCallInput,
+    FunctionCallOutputInput,
     InputMessage,
+    ResponseNamedToolChoice,
     ResponseRequest,
+    ResponseTool,
 )
 from tests.conftest import FIXED_NOW
 
@@ -37,6 +41,8 @@ def _properties(spec, schema: dict) -> dict:
 @pytest.mark.parametrize(
     "name, model",
     [("ResponseRequest", ResponseRequest), ("InputMessage", InputMessage),
+     ("FunctionCallInput", FunctionCallInput), ("FunctionCallOutputInput", FunctionCallOutputInput),
+     ("ResponseTool", ResponseTool), ("ResponseNamedToolChoice", ResponseNamedToolChoice),
      ("ConversationCreateRequest", ConversationCreateRequest), ("ConversationUpdateRequest", ConversationUpdateRequest),
      ("ConversationItemsRequest", ConversationItemsRequest)],
 )
@@ -89,7 +95,9 @@ def test_every_operation_of_the_two_apis_has_a_validated_200(api, spec):
     r = api.post("/v1/responses", {**BODY, "conversation": cid})
     assert r.status == 200 and r.json["conversation"] == {"id": cid}
     rid = r.json["id"]
-    assert api.get(f"/v1/responses/{rid}").json == r.json
+    stored = api.get(f"/v1/responses/{rid}").json
+    chain = stored["x_appliance"].pop("chain")  # GET adds the turn's place in its chain (spec/signing.md §7)
+    assert stored == r.json and set(chain) == {"prev", "head"}
     assert api.get(f"/v1/responses/{rid}/input_items").status == 200
     assert api.request("DELETE", f"/v1/conversations/{cid}/items/{item}").json["id"] == cid
     assert api.request("DELETE", f"/v1/responses/{rid}").json == {"id": rid, "object": "response", "deleted": True}
@@ -129,7 +137,8 @@ def test_the_stream_sends_the_typed_events_in_order(api):
     assert text == "Hello, wörld!" == events[-4]["text"]
     final = events[-1]["response"]
     assert final["output"][0]["content"][0]["text"] == text and final["status"] == "completed"
-    assert api.get(f"/v1/responses/{final['id']}").json == final
+    stored = api.get(f"/v1/responses/{final['id']}").json
+    assert set(stored["x_appliance"].pop("chain")) == {"prev", "head"} and stored == final
 
 
 def test_a_length_finish_is_incomplete(api):
@@ -212,7 +221,16 @@ RESPONSE_CASES = [
                 {"role": "user", "content": [{"type": "input_text", "text": "z"}]}]}, True),
     ({"input": [{"role": "tool", "content": "x"}]}, False),
     ({"input": [{"role": "user"}]}, False),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, False),
+    # a function_call_output without its call is schema-valid and a 400 (tests/contract/test_responses_tools_contract.py)
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c", "output": "x"}]}, True),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", "id": "fc_1", "status": "completed"},
+                {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": "x"}]}]}, True),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, False),
+    ({"input": [{"type": "function_call", "call_id": "", "name": "f", "arguments": "{}"}]}, False),
+    ({"input": [{"type": "function_call_output", "call_id": "c"}]}, False),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_image", "image_url": "x"}]}]},
+     False),
     ({"input": [{"type": "item_reference", "id": "msg_x"}]}, False),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, False),
     ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, False),
@@ -253,8 +271,11 @@ RESPONSE_CASES = [
     ({"user": "u", "safety_identifier": "s", "prompt_cache_key": "k", "service_tier": "auto", "parallel_tool_calls": False,
       "max_tool_calls": 2}, True),
     ({"service_tier": "flex"}, False),
+    # (bodies with tools: tests/contract/test_responses_tools_contract.py, on a model with room for the instruction)
     ({"tools": []}, True),
-    ({"tools": [{"type": "function", "name": "f"}]}, False),
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": "none"}, True),
+    ({"tools": [{"type": "web_search"}]}, False),
+    ({"tool_choice": {"type": "function", "name": "f"}}, False),
     ({"tool_choice": "auto"}, True),
     ({"tool_choice": "required"}, False),
     ({"include": []}, True),
@@ -305,6 +326,9 @@ CONVERSATION_CASES = [
     ({"items": [{"role": "system", "content": "x"}]}, True),
     ({"items": [{"role": "user", "content": "x"}] * 21}, False),
     ({"items": [{"role": "user", "content": 5}]}, False),
+    ({"items": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c", "output": "ok"}]}, True),
+    ({"items": [{"type": "item_reference", "id": "msg_x"}]}, False),
     ({"metadata": {"a": "b"}}, True),
     ({"metadata": []}, False),
 ]

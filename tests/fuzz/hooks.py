@@ -107,7 +107,7 @@ def response_is_signed(ctx, response, case) -> None:
 
 SEMANTIC_PARAMS = frozenset(
     {"grammar", "json_schema", "response_format", "logit_bias", "tokens", "prompt", "n_ctx", "n", "suffix", "best_of",
-     "input", "dimensions", "text", "tools", "tool_choice"}
+     "input", "dimensions", "text", "tools", "tool_choice", "prediction"}
 )
 """Fields whose validity a JSON Schema cannot say: a grammar must parse as GBNF, a JSON schema must use the
 keywords the converter supports, token ids must be in the model's vocabulary, a prompt's tokens and a
@@ -115,7 +115,8 @@ request's n_ctx must fit the model's context, `n` its parallel slots, a `suffix`
 `best_of` must equal `n`, an embedding input's token ids must be in the vocabulary and `dimensions` at
 most the model's embedding size; a response's `text` format schema must use the converter's keywords, and
 its `input` must give something to respond to (a conversation may hold no items); a tool's `parameters`
-must use the converter's keywords, and a named `tool_choice` must be one of the `tools`. A schema-valid body may
+must use the converter's keywords, and a named `tool_choice` must be one of the `tools`; a `prediction` is
+for one choice (not with `n` > 1). A schema-valid body may
 still be refused there, with a 400 that names the field."""
 
 

@@ -6,6 +6,7 @@ still there) and a full restart (gone)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -100,8 +101,9 @@ def test_create_continue_retrieve_delete(alice):
     assert [i.content[0].text for i in page.data] == ["And then?"] and page.has_more
     assert len(list(alice.responses.input_items.list(second.id, limit=1).iter_pages())) == 3
 
-    again = alice.responses.retrieve(second.id)
-    assert again.model_dump() == second.model_dump()
+    again = alice.responses.retrieve(second.id).model_dump()
+    chain = again["x_appliance"].pop("chain")  # GET adds the turn's place in its chain (spec/signing.md §7)
+    assert again == second.model_dump() and set(chain) == {"prev", "head"}
     alice.responses.delete(second.id)
     with pytest.raises(openai.NotFoundError) as e:
         alice.responses.retrieve(second.id)
@@ -206,7 +208,7 @@ def test_bad_ids_are_404_and_bad_bodies_400(alice):
         with pytest.raises(openai.NotFoundError):
             call()
     for kwargs, param in (
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools"),  # function tools: tests/integration/test_responses_tools.py
         ({"reasoning": {"effort": "low"}}, "reasoning"),
         ({"previous_response_id": "resp_x", "conversation": "conv_x"}, "conversation"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input"),
@@ -270,6 +272,10 @@ def test_a_conversation_is_a_signed_hash_chain_the_client_verifies(rserver, alic
     c = signing.ConversationChain(first[0]["id"])
     for _, raw, (prev, head), data in (first, second):
         c.add(prev, head, raw, data)
+    # GET shows where each stored turn stands in its chain: the (prev, head) its answer signed
+    for obj, _, (prev, head), _ in (first, second, turns[2]):
+        got = alice.responses.retrieve(obj["id"]).model_extra["x_appliance"]["chain"]
+        assert (base64.b64decode(got["prev"]), base64.b64decode(got["head"])) == (prev, head)
 
 
 def _worker_pid(server) -> int:

@@ -3,6 +3,10 @@
 Texts are tokenized in the hub's thread pool; the model's embedder thread pools and normalizes the
 vectors, batching this request's inputs with those of any other request waiting. Only this greenlet
 waits meanwhile. A vector never reaches a log.
+
+A rerank runs the same way on a reranker's embedder: one input per document (the query and the
+document, laid out as llama-server lays them out), whose first output is the document's relevance
+score; the answer is llama-server's, best first.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import falcon
 import numpy as np
 
 from appliance.engine.embedder import l2_normalized
-from appliance.engine.errors import NotReranker
+from appliance.engine.errors import EmbeddingsDisabled, NotReranker
 from appliance.engine.registry import ModelRegistry
-from appliance.web.errors import BadRequest
+from appliance.osthreads import off_loop
+from appliance.web.errors import BadRequest, ContextLengthExceeded
 from appliance.web.schemas import EmbeddingRequest, RerankRequest, parse
 
 __all__ = ["Embeddings"]
@@ -45,9 +50,47 @@ class Embeddings:
     def on_post_rerank(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.prompt_param = "documents"
         body = parse(RerankRequest, req.context.json)
-        self.models.get(body.model)  # an unknown model is a 404 first
-        # Reranking needs a reranker (llama.cpp pooling rank, a classification head); none is served yet.
-        raise NotReranker(body.model)
+        try:
+            reranker = self.models.embedder(body.model)  # an unknown model is a 404 first
+        except EmbeddingsDisabled:
+            raise NotReranker(body.model) from None
+        if reranker.pooling != "rank":  # an embedding model: its output is a vector, not a score
+            raise NotReranker(body.model)
+        if not _utf8(body.query):
+            raise BadRequest("query: text must be valid Unicode: a lone surrogate (\\ud800-\\udfff) has no UTF-8 "
+                             "form", param="query")
+        pairs = off_loop(reranker.rerank_inputs, body.query, body.documents)
+        limit = reranker.n_tokens
+        for i, tokens in enumerate(pairs):
+            if len(tokens) > limit:
+                alone = len(off_loop(reranker.rerank_inputs, body.query, [""])[0])
+                if alone > limit:
+                    raise ContextLengthExceeded(
+                        f"query: the query alone makes {alone} tokens of a query-document pair; this model reranks "
+                        f"at most {limit} tokens per pair (its n_batch setting, within its trained context)", param="query")
+                raise ContextLengthExceeded(
+                    f"documents: document {i} with the query makes {len(tokens)} tokens; this model reranks at most "
+                    f"{limit} tokens per query-document pair (its n_batch setting, within its trained context)",
+                    param="documents")
+        scores = [float(out[0]) for out in reranker.submit(pairs).wait()]
+        best = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n]  # ties: in document order
+        results = [
+            {"index": i, "relevance_score": scores[i],
+             **({"document": {"text": body.documents[i]}} if body.return_documents else {})}
+            for i in best
+        ]
+        n = sum(len(t) for t in pairs)
+        resp.media = {"model": body.model, "object": "list", "usage": {"prompt_tokens": n, "total_tokens": n},
+                      "results": results}
+
+
+def _utf8(text: str) -> bool:
+    """Whether the text has a UTF-8 form (JSON can spell a lone surrogate, which Python keeps)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _shortened(v: np.ndarray, dimensions: int | None) -> np.ndarray:

@@ -126,7 +126,10 @@ class Inference:
         x = openai.Exchange("chat", "chatcmpl-" + uuid.uuid4().hex, int(self._wall_clock()), body.model,
                             top is not None, body.include_usage, n=body.n,
                             call_id=self._tool_call_id if use is not None else None)
-        self._run(req, resp, x, body, engine, prompt, body.token_limit, top, limit_param, grammar)
+        predicted: tuple[int, ...] = ()
+        if body.prediction is not None and (text := body.prediction.text()):
+            predicted = tuple(off_loop(engine.model.tokenize, text, add_special=False))
+        self._run(req, resp, x, body, engine, prompt, body.token_limit, top, limit_param, grammar, predicted)
 
     # -- the common path ---------------------------------------------------------------------
 
@@ -142,6 +145,7 @@ class Inference:
         logprobs: int | None,
         limit_param: str,
         grammar: Grammar | None = None,
+        prediction: tuple[int, ...] = (),
     ) -> None:
         """`grammar`: one the caller built (a chat that calls tools); else the body's constraint, if any."""
         cap = self.limits.max_prompt_tokens
@@ -181,6 +185,7 @@ class Inference:
                 n_threads=body.n_threads,
                 n_ctx=body.n_ctx,
                 stream=bool(body.stream),
+                prediction=prediction,
                 n=body.n,
             )
         )

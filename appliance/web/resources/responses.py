@@ -18,6 +18,16 @@ Stored (`store`, default true) is the response and its input once generation end
 short, a failure, or `store: false` stores nothing (a conversation still gets a finished exchange
 appended). /v1/chat/completions stays stateless: nothing here touches it.
 
+Function tools take the chat route's path (web/resources/inference.py): the same prompt (the tool
+instruction, engine/chat.py), the same grammar (engine/grammar.py `tool_calls_schema`) and the same
+reader of the reply (web/responses.py `tool_output`). The calls become `function_call` items of the
+output (each a new `call_id`); `function_call` and `function_call_output` items of the input and
+history are rendered as the chat route renders an assistant's tool calls and `tool` messages. A
+`function_call_output` the request sends must answer a `function_call` before it (in the history or
+its own input): else a 400 naming `input`, as OpenAI answers. Streamed, a text reply's text arrives as
+it is decoded; function calls arrive at the end, once the reply is complete (each call's item added,
+its arguments in one delta, done).
+
 Every response carries the running hash of its chain (spec/signing.md §6): `prev` (the head of the
 conversation, or of the previous response, before this turn; for a response that starts a chain, the
 genesis of its own id) and `head` = H(prev, this request's body, this response's bytes), in the signed
@@ -36,19 +46,22 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import falcon
 
 from appliance.conversations import ConversationStore, RecordNotFound, RecordTooLarge
+from appliance.engine.chat import ToolPrompt
 from appliance.engine.errors import InvalidGrammar
 from appliance.engine.events import Delta, Done, Failed, GenerationRequest
-from appliance.engine.llama import SamplingParams
+from appliance.engine.grammar import tool_calls_schema
+from appliance.engine.llama import Grammar, SamplingParams
 from appliance.engine.mailbox import Generation
-from appliance.engine.prompt import Message
+from appliance.engine.prompt import Message, chat_tokens
 from appliance.engine.registry import ModelRegistry
 from appliance.engine.scheduler import ModelEngine
+from appliance.osthreads import off_loop
 from appliance.settings import ConversationSettings, LimitsSettings
 from appliance.web import openai, websocket
 from appliance.web.errors import (
@@ -64,8 +77,28 @@ from appliance.web.errors import (
 )
 from appliance.web.middleware import request_info
 from appliance.web.resources.inference import sampling_params
-from appliance.web.responses import EventWriter, Json, PageError, ResponseDraft, chat_message, list_page, message_item
-from appliance.web.schemas import InputMessage, ResponseRequest, parse
+from appliance.web.responses import (
+    EventWriter,
+    Json,
+    PageError,
+    ResponseDraft,
+    chat_messages,
+    function_call_item,
+    function_call_output_item,
+    list_page,
+    message_item,
+    tool_output,
+    unanswered_output,
+)
+from appliance.web.schemas import (
+    FunctionCallInput,
+    FunctionCallOutputInput,
+    InputItem,
+    InputMessage,
+    ResponseRequest,
+    ToolUse,
+    parse,
+)
 from appliance.web.state import AppState
 from appliance.web.streams import GenerationStream, StreamOutcome, finish, watch_disconnect
 from attestation.signing import (
@@ -116,9 +149,18 @@ def page(items: list[Json], req: falcon.Request) -> Json:
         raise NotFound(e.message, param=e.param) from None
 
 
-def new_items(store: ConversationStore, messages: list[InputMessage]) -> list[Json]:
-    """Request messages as stored items, each with a fresh id."""
-    return [message_item(store.new_id("msg"), m.role, m.text()) for m in messages]
+def new_items(store: ConversationStore, given: list[InputItem]) -> list[Json]:
+    """Request items as stored items, each with a fresh id."""
+    out: list[Json] = []
+    for it in given:
+        if isinstance(it, FunctionCallInput):
+            out.append(function_call_item(store.new_id("fc"), it.call_id, it.name, it.arguments))
+        elif isinstance(it, FunctionCallOutputInput):
+            output = it.output if isinstance(it.output, str) else [p.model_dump() for p in it.output]
+            out.append(function_call_output_item(store.new_id("fco"), it.call_id, output))
+        else:
+            out.append(message_item(store.new_id("msg"), it.role, it.text()))
+    return out
 
 
 class StoredResponses:
@@ -132,7 +174,11 @@ class StoredResponses:
         if req.get_param_as_bool("stream"):
             raise BadRequest("stream: a stored response is retrieved whole, not replayed as a stream", param="stream")
         record: Json = self.store.get("response", response_id, owner_of(req))
-        resp.media = record["response"]
+        obj = record["response"]
+        if record.get("head") and record.get("prev"):  # its turn of the chain (spec/signing.md §7)
+            obj = {**obj, "x_appliance": {**obj.get("x_appliance", {}),
+                                          "chain": {"prev": record["prev"], "head": record["head"]}}}
+        resp.media = obj
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, response_id: str) -> None:
         self.store.delete("response", response_id, owner_of(req))
@@ -192,7 +238,8 @@ class Responses:
             text, done = self._collect(gen)
         finally:
             finish(gen, watcher)
-        _, data = self._finish(exchange, text, done, _json_bytes)
+        items, done = self._output(exchange, text, done)
+        _, data = self._finish(exchange, items, done, _json_bytes)
         resp.data = data
         resp.content_type = falcon.MEDIA_JSON
         if exchange.heads is not None:
@@ -236,19 +283,24 @@ class Responses:
         """Check a request and submit it: the parsed body, the exchange under way, its generation."""
         body = parse(ResponseRequest, json_body)
         history, conversation, prev_head = self._history(body, owner)
-        given: list[InputMessage] = (
+        given: list[InputItem] = (
             [InputMessage(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input or [])
         )
         fresh = new_items(self.store, given)
         if not fresh and not history:
             raise BadRequest("input: nothing to respond to (no input, and no history to continue)", param="input")
+        unanswered = unanswered_output(history, fresh)
+        if unanswered is not None:
+            raise BadRequest(f"input: no function_call with call_id '{unanswered[:80]}' comes before its "
+                             "function_call_output (in the input or the history it continues)", param="input")
         if conversation is not None and len(history) + len(fresh) + 1 > self.max_items:
             raise BadRequest(
                 f"conversation: it holds {len(history)} items; with this exchange it would exceed "
                 f"conversations.max_items_per_conversation = {self.max_items}", param="conversation",
             )
-        engine, prompt, kept, pruned = self._prompt(body, history, fresh)
-        gen, sampling = self._submit(body, engine, prompt)
+        use = body.tool_use()
+        engine, prompt, kept, pruned = self._prompt(body, history, fresh, use)
+        gen, sampling = self._submit(body, engine, prompt, use)
         draft = ResponseDraft(
             id=self.store.record_id("response"),
             created_at=int(self._wall_clock()),
@@ -263,12 +315,14 @@ class Responses:
             truncation=body.truncation or "auto",
             text_format=_text_format(body),
             metadata=dict(body.metadata or {}),
-            tool_choice=body.tool_choice or "auto",
+            tool_choice=body.tool_choice_shown(),
             parallel_tool_calls=body.parallel_tool_calls if body.parallel_tool_calls is not None else True,
+            tools=body.tools_shown(),
+            max_tool_calls=body.max_tool_calls,
             pruned_items=pruned,
         )
         exchange = _Exchange(owner, draft, kept + fresh, fresh, self.store.new_id("msg"), raw_body,
-                             prev_head or conversation_genesis(draft.id))
+                             prev_head or conversation_genesis(draft.id), calls_tools=use is not None)
         return body, exchange, gen
 
     def _history(self, body: ResponseRequest, owner: str) -> tuple[list[Json], str | None, bytes | None]:
@@ -291,19 +345,28 @@ class Responses:
         return [], None, None
 
     def _prompt(
-        self, body: ResponseRequest, history: list[Json], fresh: list[Json]
+        self, body: ResponseRequest, history: list[Json], fresh: list[Json], use: ToolUse | None
     ) -> tuple[ModelEngine, list[int], list[Json], int]:
-        """The prompt tokens, with the oldest history turns left out as the context policy requires
-        (module docstring): (engine, tokens, the history kept, how many items were left out)."""
+        """The prompt tokens (with the tool instruction where the request calls tools), with the oldest
+        history turns left out as the context policy requires (module docstring): (engine, tokens, the
+        history kept, how many items were left out)."""
         system: list[Message] = [{"role": "system", "content": body.instructions}] if body.instructions else []
         turns = _turns(history)
+        tools = None if use is None else ToolPrompt(use.tools, use.mode == "required", use.function, use.parallel)
 
         def messages(dropped: int) -> tuple[list[Json], list[Message]]:
             kept = [it for it, turn in zip(history, turns, strict=True) if turn is None or turn >= dropped]
-            return kept, [*system, *(_message(it) for it in (*kept, *fresh))]
+            return kept, [*system, *chat_messages([*kept, *fresh])]
+
+        def tokens(msgs: list[Message]) -> tuple[ModelEngine, list[int]]:
+            if tools is None:
+                return self.models.chat_prompt(body.model, msgs)
+            engine = self.models.get(body.model)  # as the chat route renders a request that calls tools
+            return engine, off_loop(chat_tokens, engine.model, self.models.record(body.model).chat_template,
+                                    msgs, model_name=body.model, tools=tools)
 
         kept, msgs = messages(0)
-        engine, prompt = self.models.chat_prompt(body.model, msgs)
+        engine, prompt = tokens(msgs)
         n_turns = max((t for t in turns if t is not None), default=-1) + 1
         if (body.truncation or "auto") == "disabled" or n_turns == 0:
             return engine, prompt, kept, 0
@@ -319,20 +382,23 @@ class Responses:
         while lo <= hi:
             mid = (lo + hi) // 2
             kept, msgs = messages(mid)
-            engine, prompt = self.models.chat_prompt(body.model, msgs)
+            engine, prompt = tokens(msgs)
             if len(prompt) <= budget:
                 best, hi = (mid, kept, prompt), mid - 1
             else:
                 lo = mid + 1
         if best is None:  # even the new input alone does not leave the answer its room: send that much
             kept, msgs = messages(n_turns)
-            engine, prompt = self.models.chat_prompt(body.model, msgs)
+            engine, prompt = tokens(msgs)
         else:
             _, kept, prompt = best
         return engine, prompt, kept, len(history) - len(kept)
 
-    def _submit(self, body: ResponseRequest, engine: ModelEngine, prompt: list[int]) -> tuple[Generation, SamplingParams]:
-        """The checks the chat route makes, then the generation (web/resources/inference.py `_run`)."""
+    def _submit(
+        self, body: ResponseRequest, engine: ModelEngine, prompt: list[int], use: ToolUse | None
+    ) -> tuple[Generation, SamplingParams]:
+        """The checks the chat route makes, then the generation (web/resources/inference.py `_run`);
+        a request that calls tools is held to the generic format's reply by its grammar."""
         cap = self.limits.max_prompt_tokens
         if cap and len(prompt) > cap:
             raise BadRequest(f"input: the prompt has {len(prompt)} tokens; at most {cap} are allowed", param="input",
@@ -349,9 +415,15 @@ class Responses:
             raise BadRequest(f"max_output_tokens: at most {self.limits.max_tokens}", param="max_output_tokens")
         if body.n_ctx is not None and body.n_ctx > engine.n_ctx:
             raise BadRequest(f"n_ctx: this model's context per request is at most {engine.n_ctx}", param="n_ctx")
-        grammar = None
+        grammar: Grammar | None = None
         constraint = body.output_constraint()
-        if constraint is not None:
+        if use is not None:  # checked and compiled off the event loop
+            schema = tool_calls_schema(use.specs, mode=use.mode, parallel=use.parallel)
+            try:
+                grammar = self.models.grammar(body.model, schema=schema)
+            except InvalidGrammar as e:
+                raise from_engine(e, grammar_param="tools") from None
+        elif constraint is not None:
             try:
                 grammar = self.models.grammar(body.model, gbnf=constraint.gbnf, schema=constraint.schema)
             except InvalidGrammar as e:
@@ -387,18 +459,30 @@ class Responses:
             raise ClientClosedRequest()
         raise InternalError()
 
-    def _finish(self, x: _Exchange, text: str, done: Done, render: Callable[[Json], bytes]) -> tuple[Json, bytes]:
-        """The finished response: its turn added to its chain (`render` gives the bytes the client will
-        receive: the JSON body, or the final event's data), stored (unless store is false), its exchange
-        appended to its conversation; returns the response object and its rendered bytes."""
+    def _output(self, x: _Exchange, text: str, done: Done) -> tuple[list[Json], Done]:
+        """The output items of a finished generation, and `done` with the finish reason they have: the
+        assistant's message, or (a request that calls tools) the calls it made, finish `tool_calls`."""
         status = "incomplete" if done.finish_reason == "length" else "completed"
-        item = message_item(x.output_id, "assistant", text, status=status)
-        x.draft.finish(item, done, int(self._wall_clock()))
+        if not x.calls_tools:
+            return [message_item(x.output_id, "assistant", text, status=status)], done
+        reply = tool_output(text, done.finish_reason, lambda: self.store.new_id("call"))
+        if reply.tool_calls is None:
+            return [message_item(x.output_id, "assistant", reply.content or "", status=status)], done
+        calls = [function_call_item(self.store.new_id("fc"), c["id"], c["function"]["name"], c["function"]["arguments"])
+                 for c in reply.tool_calls]
+        return calls, replace(done, finish_reason=reply.finish_reason)
+
+    def _finish(self, x: _Exchange, items: list[Json], done: Done, render: Callable[[Json], bytes]) -> tuple[Json, bytes]:
+        """The finished response, its output `items` built (`_output`): its turn added to its chain
+        (`render` gives the bytes the client will receive: the JSON body, or the final event's data),
+        stored (unless store is false), its exchange appended to its conversation; returns the response
+        object and its rendered bytes."""
+        x.draft.finish(items, done, int(self._wall_clock()))
         obj = x.draft.to_json()
         data = render(obj)
         x.heads = (x.prev_head, conversation_turn(x.prev_head, x.request_body, data))
         if x.draft.conversation_id is not None:
-            added = [*x.fresh, item]
+            added = [*x.fresh, *items]
             cid = x.draft.conversation_id
 
             def append(conv: Json) -> Json:
@@ -417,21 +501,22 @@ class Responses:
         if x.draft.store:
             try:
                 self.store.put("response", x.draft.id, x.owner,
-                               {"response": obj, "input_items": x.input_items, "head": b64(x.heads[1])})
+                               {"response": obj, "input_items": x.input_items, "prev": b64(x.heads[0]),
+                                "head": b64(x.heads[1])})
             except RecordTooLarge as e:
                 raise from_store(e, param="input") from None
         return obj, data
 
     def _sse(self, x: _Exchange, gen: Generation, outcome: StreamOutcome) -> Iterator[bytes]:
         event = EventWriter()
-        item_id = x.output_id
         started = x.draft.to_json()
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
-        yield event("response.output_item.added", output_index=0,
-                    item={**message_item(item_id, "assistant", "", status="in_progress"), "content": []})
-        empty = message_item(item_id, "assistant", "")["content"][0]
-        yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=empty)
+        if x.calls_tools:
+            yield from self._sse_tools(x, gen, outcome, event)
+            return
+        item_id = x.output_id
+        yield from _message_opening(event, item_id)
         text: list[str] = []
         try:
             for ev in gen.events():
@@ -445,23 +530,73 @@ class Responses:
                     yield openai.error_event(from_engine(ev.error, prompt_param="input"))
                     return
                 full = "".join(text)
-                last = event.sequence + 3  # the final event's number, after the three below
-
-                obj, data = self._finish(x, full, ev, functools.partial(_final_event, sequence=last))
-                outcome.finish_reason = ev.finish_reason
-                outcome.usage = obj["usage"]
-                outcome.conversation = x.heads
-                item = obj["output"][0]
-                yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=full,
-                            logprobs=[])
-                yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
-                            part=item["content"][0])
-                yield event("response.output_item.done", output_index=0, item=item)
-                event.sequence += 1
-                yield b"data: " + data + b"\n\n"
+                items, done = self._output(x, full, ev)
+                yield from self._sse_end(x, event, outcome, items, done, _message_closing(items[0]))
                 return
         except Exception as e:
             yield _stream_failed(e, outcome)
+
+    def _sse_tools(self, x: _Exchange, gen: Generation, outcome: StreamOutcome, event: EventWriter) -> Iterator[bytes]:
+        """The events of a stream that calls tools (after its opening): a text reply's text as it is
+        decoded (the reader of the chat route's streams); function calls, or a reply that did not
+        complete (its raw text), at the end."""
+        item_id = x.output_id
+        reader = openai.ResponseText()
+        opened = False
+        try:
+            for ev in gen.events():
+                if isinstance(ev, Delta):
+                    streamed = reader.feed(ev.text)
+                    if reader.streaming and not opened:
+                        opened = True
+                        yield from _message_opening(event, item_id)
+                    if streamed:
+                        yield event.delta(item_id, streamed)
+                    continue
+                if isinstance(ev, Failed):
+                    outcome.finish_reason = "error"
+                    yield openai.error_event(from_engine(ev.error, prompt_param="input"))
+                    return
+                items, done = self._output(x, reader.text, ev)
+                closing: list[tuple[str, dict[str, Any]]] = []
+                for index, item in enumerate(items):
+                    if item["type"] == "message":
+                        if not opened:  # a reply that never streamed: its text, in one delta
+                            yield from _message_opening(event, item_id)
+                            text = item["content"][0]["text"]
+                            if text:
+                                yield event.delta(item_id, text)
+                        closing += _message_closing(item)
+                        continue
+                    added = {**item, "status": "in_progress", "arguments": ""}
+                    closing += [
+                        ("response.output_item.added", {"output_index": index, "item": added}),
+                        ("response.function_call_arguments.delta",
+                         {"item_id": item["id"], "output_index": index, "delta": item["arguments"]}),
+                        ("response.function_call_arguments.done",
+                         {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}),
+                        ("response.output_item.done", {"output_index": index, "item": item}),
+                    ]
+                yield from self._sse_end(x, event, outcome, items, done, closing)
+                return
+        except Exception as e:
+            yield _stream_failed(e, outcome)
+
+    def _sse_end(
+        self, x: _Exchange, event: EventWriter, outcome: StreamOutcome, items: list[Json], done: Done,
+        closing: list[tuple[str, dict[str, Any]]],
+    ) -> Iterator[bytes]:
+        """The end of a stream: the `closing` events, then the final one, whose bytes the chain's turn
+        hashes (so its sequence number is known before the response is finished and stored)."""
+        last = event.sequence + len(closing)
+        obj, data = self._finish(x, items, done, functools.partial(_final_event, sequence=last))
+        outcome.finish_reason = done.finish_reason
+        outcome.usage = obj["usage"]
+        outcome.conversation = x.heads
+        for kind, fields in closing:
+            yield event(kind, **fields)
+        event.sequence += 1
+        yield b"data: " + data + b"\n\n"
 
 
 @dataclass
@@ -479,6 +614,8 @@ class _Exchange:
     """The request body as received: the chain's turn hashes it (spec/signing.md §6)."""
     prev_head: bytes
     """The chain's head before this turn (a conversation's is read again when the exchange is appended)."""
+    calls_tools: bool = False
+    """Whether the request calls tools: its reply is then the generic format's JSON (`_output`)."""
     heads: tuple[bytes, bytes] | None = None
     """(prev, head) once the turn is recorded."""
 
@@ -509,9 +646,21 @@ def _stream_failed(e: Exception, outcome: StreamOutcome) -> bytes:
     return openai.error_event(err)
 
 
-def _message(item: Json) -> Message:
-    m = chat_message(item)
-    return {"role": m["role"], "content": m["content"]}
+def _message_opening(event: EventWriter, item_id: str) -> Iterator[bytes]:
+    """The events that open the output message, before its text's deltas."""
+    yield event("response.output_item.added", output_index=0,
+                item={**message_item(item_id, "assistant", "", status="in_progress"), "content": []})
+    empty = message_item(item_id, "assistant", "")["content"][0]
+    yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0, part=empty)
+
+
+def _message_closing(item: Json) -> list[tuple[str, dict[str, Any]]]:
+    """The events that close the output message (the first output item), after its text's deltas."""
+    part = item["content"][0]
+    where = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+    return [("response.output_text.done", {**where, "text": part["text"], "logprobs": []}),
+            ("response.content_part.done", {**where, "part": part}),
+            ("response.output_item.done", {"output_index": 0, "item": item})]
 
 
 def _turns(history: list[Json]) -> list[int | None]:

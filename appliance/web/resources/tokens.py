@@ -19,7 +19,8 @@ __all__ = ["Tokens"]
 
 
 class Tokens:
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, models: ModelRegistry, default_max_tokens: int = 16) -> None:
+        self.default_max_tokens = default_max_tokens
         self.models = models
 
     def on_post_tokenize(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -42,7 +43,12 @@ class Tokens:
     def on_post_completion_input_tokens(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.prompt_param = "prompt"
         body = parse(CompletionTokensRequest, req.context.json)
-        _engine, prompt = self.models.text_prompt(body.model, prompt_source(body.prompt))
+        if body.suffix is not None:  # as the completion lays out a fill-in-the-middle prompt
+            limit = body.max_tokens if body.max_tokens is not None else self.default_max_tokens
+            _engine, prompt = self.models.infill_prompt(body.model, prompt_source(body.prompt), body.suffix,
+                                                        n_predict=limit)
+        else:
+            _engine, prompt = self.models.text_prompt(body.model, prompt_source(body.prompt))
         resp.media = {"object": "response.input_tokens", "input_tokens": len(prompt)}
 
     def on_post_chat_input_tokens(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -762,6 +762,9 @@ class _StubEngine:
     def stop(self, timeout=30.0):
         return True
 
+    def host_cache_status(self):
+        return None
+
 
 def test_sha256_allowlist(model_tree):
     m = model_tree / "models"

@@ -104,7 +104,9 @@ def test_another_key_gets_404_for_everything_the_first_key_stored(api):
     not_found(bob.delete(f"/v1/conversations/{cid}/items/{item}"))
     not_found(bob.delete(f"/v1/conversations/{cid}"))
     # Alice's records are untouched by Bob's tries
-    assert alice.get(f"/v1/responses/{rid}").json == resp
+    stored = alice.get(f"/v1/responses/{rid}").json
+    chain = stored["x_appliance"].pop("chain")  # GET adds the turn's place in its chain (spec/signing.md §7)
+    assert stored == resp and set(chain) == {"prev", "head"}
     assert alice.get(f"/v1/conversations/{cid}").json == conv
     assert [i["id"] for i in alice.get(f"/v1/conversations/{cid}/items").json["data"]] == [item]
     assert api.as_(None).get(f"/v1/responses/{rid}").status_code == 401
@@ -145,7 +147,8 @@ def test_a_finished_stream_is_stored_and_one_cut_short_is_not(api, registry):
     r = alice.post("/v1/responses", {"model": "tiny", "input": "Hi", "stream": True})
     final = [json.loads(line[6:]) for line in r.text.split("\n") if line.startswith("data: {")][-1]
     assert final["type"] == "response.completed"
-    assert alice.get(f"/v1/responses/{final['response']['id']}").json == final["response"]
+    stored = alice.get(f"/v1/responses/{final['response']['id']}").json
+    assert set(stored["x_appliance"].pop("chain")) == {"prev", "head"} and stored == final["response"]
 
     # cut short: the client reads the first events, then goes away (the server closes the body)
     raw = json.dumps({"model": "tiny", "input": "Hi", "stream": True}).encode()
