@@ -463,10 +463,20 @@ class _SchemaChecker:
 
 
 class _Converter(llama_grammar.SchemaConverter):
-    """llama-cpp-python's port of llama.cpp's converter, with three fixes its upstream has since made
+    """llama-cpp-python's port of llama.cpp's converter, with four fixes its upstream has since made
     or that JSON needs: literals escape backslashes (a quote or backslash inside an enum value or a
     property name broke the grammar), a string character excludes control characters (raw newlines
-    are not JSON), and `.` in a pattern stays inside a JSON string (no raw quote or backslash)."""
+    are not JSON), `.` in a pattern stays inside a JSON string (no raw quote or backslash), and the
+    whitespace between tokens is llama.cpp's own (common/json-schema-to-grammar.cpp `SPACE_RULE`:
+    nothing, a space, or one or two newlines and an indent), not the port's older single optional
+    space, so a model may lay its JSON out as it would under llama-server, and greedy answers are
+    llama-server's (tests/integration/test_structured_output.py)."""
+
+    _SPACE_RULE: Final = '| " " | "\\n"{1,2} [ \\t]{0,20}'
+
+    def __init__(self, **kw: Any) -> None:
+        cast(Any, super()).__init__(**kw)  # (the converter is untyped upstream)
+        self._rules["space"] = self._SPACE_RULE
 
     _LITERAL_ESCAPES: Final = {"\r": "\\r", "\n": "\\n", '"': '\\"', "\\": "\\\\"}
     _JSON_CHAR: Final = llama_grammar.BuiltinRule(

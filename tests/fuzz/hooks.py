@@ -107,7 +107,7 @@ def response_is_signed(ctx, response, case) -> None:
 
 SEMANTIC_PARAMS = frozenset(
     {"grammar", "json_schema", "response_format", "logit_bias", "tokens", "prompt", "n_ctx", "n", "suffix", "best_of",
-     "input", "dimensions", "text", "tools", "tool_choice", "prediction"}
+     "input", "dimensions", "text", "tools", "tool_choice", "prediction", "items"}
 )
 """Fields whose validity a JSON Schema cannot say: a grammar must parse as GBNF, a JSON schema must use the
 keywords the converter supports, token ids must be in the model's vocabulary, a prompt's tokens and a
@@ -116,7 +116,8 @@ request's n_ctx must fit the model's context, `n` its parallel slots, a `suffix`
 most the model's embedding size; a response's `text` format schema must use the converter's keywords, and
 its `input` must give something to respond to (a conversation may hold no items); a tool's `parameters`
 must use the converter's keywords, and a named `tool_choice` must be one of the `tools`; a `prediction` is
-for one choice (not with `n` > 1). A schema-valid body may
+for one choice (not with `n` > 1); a function call item's `arguments` (in `input` or a conversation's
+`items`) must be JSON text. A schema-valid body may
 still be refused there, with a 400 that names the field."""
 
 
@@ -127,8 +128,8 @@ def positive_data_accepted(ctx, response, case) -> None:
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive or response.status_code != 400:
         return
-    if not re.fullmatch(r"(/v1)?/(chat/)?completions(/input_tokens)?|/tokenize|/detokenize|/v1/embeddings|/v1/responses",
-                        case.operation.path):
+    if not re.fullmatch(r"(/v1)?/(chat/)?completions(/input_tokens)?|/tokenize|/detokenize|/v1/embeddings|/v1/responses"
+                        r"|/v1/conversations(/\{conversation_id\}/items)?", case.operation.path):
         return
     try:
         error = json.loads(response.content)["error"]
