@@ -441,6 +441,66 @@ def write_model(
     return _write_model(path, spec, vocab_path=vocab_path, template_path=template_path)[0]
 
 
+def _common_header(writer: Any, spec: Any) -> None:
+    """The shape key-values every generated model has, in the order the writers always added them."""
+    writer.add_name(spec.name)
+    writer.add_context_length(spec.n_ctx_train)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+
+
+def _tokenizer_header(writer: Any, n_vocab: int, file_type: Any, tok_kv: Any) -> None:
+    """The vocabulary size, file type and the tokenizer's key-values copied from the vocab GGUF."""
+    import gguf
+
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, vtype, value, sub in tok_kv:
+        sub_type = None if sub is None else gguf.GGUFValueType(sub)
+        writer.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type)
+
+
+def _write_gguf(
+    out: Path, arch: str, plan: list[tuple[str, tuple[int, ...], float]], header: Callable[[Any], None], *,
+    seed: int, dtype_of: Callable[[str], str], mask_of: Callable[[str], Any],
+) -> None:
+    """Write a generated model to `out` atomically (a temporary file, then a rename): `header(writer)`
+    adds the key-values; every tensor of `plan` is declared first, then generated from `seed` and
+    written one at a time (the bench preset's f32 intermediates would not fit comfortably in memory
+    all at once), each in `dtype_of(name)`, with `mask_of(name)` rows held down."""
+    import gguf
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    writer: gguf.GGUFWriter | None = None
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        header(writer)
+        for name, shape, _ in plan:
+            _, qtype, nbytes = _encoder(dtype_of(name), len(shape))
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        rng = np.random.Generator(np.random.PCG64(seed))
+        for name, shape, std in plan:
+            encode, _, _ = _encoder(dtype_of(name), len(shape))
+            writer.write_tensor_data(_generate(rng, shape, std, encode, mask_of(name)))
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_model(
     path: str | os.PathLike[str],
     spec: ModelSpec,
@@ -472,53 +532,18 @@ def _write_model(
     file_type = {"f32": ftypes.ALL_F32, "f16": ftypes.MOSTLY_F16, "q8_0": ftypes.MOSTLY_Q8_0}[spec.dtype]
     plan = _tensor_plan(spec, n_vocab)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    writer: gguf.GGUFWriter | None = None
-    try:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_name(spec.name)
-        writer.add_context_length(spec.n_ctx_train)
-        writer.add_embedding_length(spec.n_embd)
-        writer.add_block_count(spec.n_layer)
-        writer.add_feed_forward_length(spec.n_ff)
-        writer.add_head_count(spec.n_head)
+    def header(writer: gguf.GGUFWriter) -> None:
+        _common_header(writer, spec)
         writer.add_head_count_kv(spec.n_head_kv)
         writer.add_layer_norm_rms_eps(_RMS_EPS)
         writer.add_rope_dimension_count(spec.head_dim)
         writer.add_rope_freq_base(float(spec.rope_freq_base))
-        writer.add_vocab_size(n_vocab)
-        writer.add_file_type(int(file_type))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for key, vtype, value, sub in tok_kv:
-            sub_type = None if sub is None else gguf.GGUFValueType(sub)
-            writer.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type)
+        _tokenizer_header(writer, n_vocab, file_type, tok_kv)
         if template is not None:
             writer.add_chat_template(template)
 
-        # Declare every tensor first, then generate + write one at a time (the bench preset's f32
-        # intermediates would not fit comfortably in memory all at once).
-        for name, shape, _ in plan:
-            _, qtype, nbytes = _encoder(spec.dtype, len(shape))
-            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape), raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        rng = np.random.Generator(np.random.PCG64(spec.seed))
-        for name, shape, std in plan:
-            encode, _, _ = _encoder(spec.dtype, len(shape))
-            mask = suppress if name == "output.weight" else None
-            writer.write_tensor_data(_generate(rng, shape, std, encode, mask))
-        writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_gguf(out, "llama", plan, header, seed=spec.seed, dtype_of=lambda name: spec.dtype,
+                mask_of=lambda name: suppress if name == "output.weight" else None)
     return out, sum(int(np.prod(shape)) for _, shape, _ in plan)
 
 
@@ -537,51 +562,19 @@ def _write_reranker(
     file_type = {"f32": ftypes.ALL_F32, "f16": ftypes.MOSTLY_F16, "q8_0": ftypes.MOSTLY_Q8_0}[spec.dtype]
     plan = _bert_tensor_plan(spec, n_vocab, n_token_types or 2)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    writer: gguf.GGUFWriter | None = None
-    try:
-        writer = gguf.GGUFWriter(tmp, "bert")
-        writer.add_name(spec.name)
-        writer.add_context_length(spec.n_ctx_train)
-        writer.add_embedding_length(spec.n_embd)
-        writer.add_block_count(spec.n_layer)
-        writer.add_feed_forward_length(spec.n_ff)
-        writer.add_head_count(spec.n_head)
+    def header(writer: gguf.GGUFWriter) -> None:
+        _common_header(writer, spec)
         writer.add_layer_norm_eps(_LAYER_NORM_EPS)
         writer.add_causal_attention(False)
         writer.add_pooling_type(gguf.PoolingType.RANK)
-        writer.add_vocab_size(n_vocab)
-        writer.add_file_type(int(file_type))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for key, vtype, value, sub in tok_kv:
-            sub_type = None if sub is None else gguf.GGUFValueType(sub)
-            writer.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type)
+        _tokenizer_header(writer, n_vocab, file_type, tok_kv)
         if n_token_types is None:  # llama.cpp's bert loader needs it
             writer.add_token_type_count(2)
         if spec.rerank_template is not None:
             writer.add_key_value("tokenizer.chat_template.rerank", spec.rerank_template, gguf.GGUFValueType.STRING)
 
-        for name, shape, _ in plan:
-            _, qtype, nbytes = _encoder("f32" if name in _KEEP_F32 else spec.dtype, len(shape))
-            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape), raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        rng = np.random.Generator(np.random.PCG64(spec.seed))
-        for name, shape, std in plan:
-            encode, _, _ = _encoder("f32" if name in _KEEP_F32 else spec.dtype, len(shape))
-            writer.write_tensor_data(_generate(rng, shape, std, encode, None))
-        writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_gguf(out, "bert", plan, header, seed=spec.seed,
+                dtype_of=lambda name: "f32" if name in _KEEP_F32 else spec.dtype, mask_of=lambda name: None)
     return out, sum(int(np.prod(shape)) for _, shape, _ in plan)
 
 

@@ -39,7 +39,7 @@ from appliance.engine.llama import POOLING_TYPES, Batch, EmbeddingContext, Llama
 from appliance.engine.prompt import content_tokens
 from appliance.osthreads import real_lock, start_thread
 
-__all__ = ["Embedder", "EmbeddingJob", "gguf_pooling", "MAX_SEQS", "l2_normalized", "classifier_head"]
+__all__ = ["ClientGone", "Embedder", "EmbeddingJob", "gguf_pooling", "MAX_SEQS", "l2_normalized", "classifier_head"]
 
 log = logging.getLogger("appliance.engine")
 
@@ -81,6 +81,10 @@ def l2_normalized(v: np.ndarray) -> np.ndarray:
     return out
 
 
+class ClientGone(Exception):
+    """An embedding job's client closed its connection before the vectors were there."""
+
+
 class EmbeddingJob:
     """The greenlet's side of one request's inputs: `wait()` for their vectors (L2-normalized, in order)."""
 
@@ -100,11 +104,23 @@ class EmbeddingJob:
     def n_tokens(self) -> int:
         return sum(len(i) for i in self.inputs)
 
+    def cancel(self) -> None:
+        """Abandon the job (client gone): the embedder skips its inputs not yet decoded, and `wait()`
+        returns at once, raising ClientGone. Any greenlet or thread."""
+        self.cancelled = True
+        with self._watcher_lock:
+            if self._watcher is not None:
+                self._watcher.send()
+
     def wait(self) -> list[np.ndarray]:
         """Block this greenlet (never the event loop) until every vector is there; the engine's error if
-        it failed."""
+        it failed; ClientGone once cancelled."""
         try:
-            while not self._done:
+            while True:
+                if self.cancelled:  # (even where the vectors are there: nobody is left to read them)
+                    raise ClientGone()
+                if self._done:
+                    break
                 self._waiter = Waiter()
                 self._waiter.get()
         finally:

@@ -110,8 +110,13 @@ class GenerationStream:
             self._on_close()
 
 
-def watch_disconnect(sock: socket.socket | None, gen: Generation) -> gevent.Greenlet | None:
-    """Cancel the generation when the client closes its connection (EOF or error on the socket)."""
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+def watch_disconnect(sock: socket.socket | None, gen: Cancellable) -> gevent.Greenlet | None:
+    """Cancel the generation (or embedding job) when the client closes its connection (EOF or error on
+    the socket)."""
     if sock is None:
         return None
 

@@ -340,6 +340,25 @@ def pytest_runtest_makereport(item, call):
 # Helpers shared by the tests
 
 
+# The two functions the tool-calling tests offer the real model (chat and Responses API shapes both use
+# these parameter schemas); their strings are bounded so a reply completes well within the token limit.
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 30},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+CLOCK = {
+    "type": "object",
+    "properties": {"timezone": {"type": "string", "maxLength": 30}, "seconds": {"type": "boolean"}},
+    "required": ["timezone", "seconds"],
+    "additionalProperties": False,
+}
+
+
 def assert_error(resp: requests.Response, status: int, type_: str, code=..., param=...) -> dict:
     """The OpenAI error shape: {"error": {"message", "type", "param", "code"}} with a JSON content type."""
     assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {resp.text[:500]}"

@@ -19,27 +19,12 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-from appliance_it import Server
+from appliance_it import CLOCK, WEATHER, Server
 from openai.types.responses import Response
 
 pytestmark = pytest.mark.integration
 
 GEMMA = "gemma3-270m"
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 30},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-CLOCK = {
-    "type": "object",
-    "properties": {"timezone": {"type": "string", "maxLength": 30}, "seconds": {"type": "boolean"}},
-    "required": ["timezone", "seconds"],
-    "additionalProperties": False,
-}
 SCHEMAS = {"get_weather": WEATHER, "get_time": CLOCK}
 TOOLS = [
     {"type": "function", "name": "get_weather", "description": "The current weather in a city.", "parameters": WEATHER,

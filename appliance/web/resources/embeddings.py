@@ -16,12 +16,13 @@ import base64
 import falcon
 import numpy as np
 
-from appliance.engine.embedder import l2_normalized
+from appliance.engine.embedder import ClientGone, EmbeddingJob, l2_normalized
 from appliance.engine.errors import EmbeddingsDisabled, NotReranker
 from appliance.engine.registry import ModelRegistry
 from appliance.osthreads import off_loop
-from appliance.web.errors import BadRequest, ContextLengthExceeded
+from appliance.web.errors import BadRequest, ClientClosedRequest, ContextLengthExceeded
 from appliance.web.schemas import EmbeddingRequest, RerankRequest, parse
+from appliance.web.streams import watch_disconnect
 
 __all__ = ["Embeddings"]
 
@@ -38,7 +39,7 @@ class Embeddings:
         if body.dimensions is not None and body.dimensions > size:
             raise BadRequest(f"dimensions: this model's embeddings have {size} dimensions; at most that many can be "
                              "asked for", param="dimensions")
-        vectors = embedder.submit(inputs).wait()
+        vectors = _wait(embedder.submit(inputs), req)
         data = [
             {"object": "embedding", "index": i, "embedding": _encoded(_shortened(v, body.dimensions), body.encoding_format)}
             for i, v in enumerate(vectors)
@@ -72,7 +73,7 @@ class Embeddings:
                     f"documents: document {i} with the query makes {len(tokens)} tokens; this model reranks at most "
                     f"{limit} tokens per query-document pair (its n_batch setting, within its trained context)",
                     param="documents")
-        scores = [float(out[0]) for out in reranker.submit(pairs).wait()]
+        scores = [float(out[0]) for out in _wait(reranker.submit(pairs), req)]
         best = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n]  # ties: in document order
         results = [
             {"index": i, "relevance_score": scores[i],
@@ -91,6 +92,19 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _wait(job: EmbeddingJob, req: falcon.Request) -> list[np.ndarray]:
+    """The job's vectors; when the client closes its connection first, the job is cancelled (its inputs
+    not yet decoded are skipped) and the answer is a 499 nobody reads."""
+    watcher = watch_disconnect(req.env.get("gunicorn.socket"), job)
+    try:
+        return job.wait()
+    except ClientGone:
+        raise ClientClosedRequest() from None
+    finally:
+        if watcher is not None:
+            watcher.kill(block=False)
 
 
 def _shortened(v: np.ndarray, dimensions: int | None) -> np.ndarray:

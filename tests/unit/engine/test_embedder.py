@@ -4,7 +4,7 @@ import gevent
 import numpy as np
 import pytest
 
-from appliance.engine.embedder import MAX_SEQS, gguf_pooling, l2_normalized
+from appliance.engine.embedder import MAX_SEQS, ClientGone, gguf_pooling, l2_normalized
 from appliance.engine.errors import EmbeddingsDisabled, InputTooLong, InvalidPrompt, UnknownModel
 from appliance.engine.registry import ModelRegistry
 from appliance.settings import Settings
@@ -184,3 +184,12 @@ def test_abort_all_refuses_and_ends_the_embedder(model_path):
     with pytest.raises(ShuttingDown):
         embedder.submit([[1, 2]])
     reg.stop_all(timeout=10)
+
+
+def test_a_cancelled_job_returns_at_once_and_the_embedder_serves_on(registry):
+    embedder, tokens = registry.embedding_inputs("emb", [f"a long wait {i}" for i in range(MAX_SEQS * 4)])
+    job = embedder.submit(tokens)
+    job.cancel()  # as the disconnect watcher does when the client goes
+    with pytest.raises(ClientGone):
+        job.wait()
+    assert embed(registry, ["still serving"])[0].shape == (64,)
