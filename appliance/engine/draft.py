@@ -57,6 +57,10 @@ class Prediction:
             return []
         return [int(t) for t in self.tokens[self.pos : self.pos + k]]
 
+    def left(self) -> int:
+        """Predicted tokens after the current place (0 while the answer is off the prediction)."""
+        return 0 if self.pos is None else max(0, len(self.tokens) - self.pos)
+
     def observe(self, token: int) -> bool:
         """Account one generated token; True when it was the predicted one."""
         self._recent.append(token)
@@ -142,7 +146,7 @@ def draft_length(prediction: Prediction, costs: StepCosts, base_tokens: int, bas
     tokens expected to yield `base_yield` generated tokens: the k (0 included) with the most tokens per
     second of step, by the costs measured so far. A length whose cost was never measured is tried when
     the acceptance makes it look worth it (once measured, its real cost decides)."""
-    room = min(room, len(prediction.upcoming(DRAFT_CHOICES[-1])))
+    room = min(room, prediction.left())
     base = costs.estimate(base_tokens)
     if room < DRAFT_CHOICES[0] or base is None:
         return 0

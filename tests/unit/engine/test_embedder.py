@@ -6,6 +6,7 @@ import pytest
 
 from appliance.engine.embedder import MAX_SEQS, ClientGone, gguf_pooling, l2_normalized
 from appliance.engine.errors import EmbeddingsDisabled, InputTooLong, InvalidPrompt, UnknownModel
+from appliance.engine.events import NullObserver
 from appliance.engine.registry import ModelRegistry
 from appliance.settings import Settings
 from tools.modelgen import ModelSpec, write_model
@@ -13,24 +14,14 @@ from tools.modelgen import ModelSpec, write_model
 N_BATCH = 64
 
 
-class Counting:
+class Counting(NullObserver):
+    """Counts the embedding tokens reported; ignores the rest."""
+
     def __init__(self) -> None:
         self.embedded = 0
 
-    def first_token(self, model, seconds) -> None:
-        pass
-
-    def tokens_generated(self, model, n) -> None:
-        pass
-
-    def prompt_tokens(self, model, n) -> None:
-        pass
-
     def embedding_tokens(self, model, n) -> None:
         self.embedded += n
-
-    def request_finished(self, model, finished) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 
 from appliance.engine.embedder import MAX_SEQS, classifier_head, gguf_pooling
 from appliance.engine.errors import EmbeddingsDisabled, LoadRefused
+from appliance.engine.events import NullObserver
 from appliance.engine.llama import Batch, EmbeddingContext
 from appliance.engine.registry import ModelRegistry
 from appliance.settings import Settings
@@ -20,24 +21,14 @@ DOCS = ["Paris is the capital of France.", "Bananas are yellow.", "Berlin is in 
 TEMPLATE = "[CLS]{query}[SEP][SEP]{document}[SEP]"
 
 
-class Counting:
+class Counting(NullObserver):
+    """Counts the embedding tokens reported; ignores the rest."""
+
     def __init__(self) -> None:
         self.embedded = 0
 
-    def first_token(self, model, seconds) -> None:
-        pass
-
-    def tokens_generated(self, model, n) -> None:
-        pass
-
-    def prompt_tokens(self, model, n) -> None:
-        pass
-
     def embedding_tokens(self, model, n) -> None:
         self.embedded += n
-
-    def request_finished(self, model, finished) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
