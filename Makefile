@@ -55,8 +55,9 @@ check: setup
 	$(BIN)/mypy appliance
 	$(BIN)/mypy attestation
 
+# --durations: the slowest tests, printed at the end (CI's time budget is watched from them).
 test: setup system-deps
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25
 
 # Debian's prometheus, haproxy, umoci, skopeo and chromium, which tests drive for real (installed when root).
 system-deps:
@@ -108,7 +109,7 @@ dist/appliance: $(BINARY_INPUTS) | $(DEMO_MODEL)
 # The integration suite, unchanged, against the binary (without its embedded model, so the suite sees
 # only the models it starts), then the binary's own tests (embedded model, extraction, manifest).
 test-binary: setup system-deps dist/appliance
-	APPLIANCE_BIN="$(CURDIR)/dist/appliance --no-default-model" $(BIN)/python -m pytest -ra tests/integration tests/binary
+	APPLIANCE_BIN="$(CURDIR)/dist/appliance --no-default-model" $(BIN)/python -m pytest -ra --durations=25 tests/integration tests/binary
 
 # Two fresh copies of this commit, each with its own empty cache and venvs, built one after the other
 # (libllama compiled twice, ~14 min on 2 cores); prints both digests and fails if they differ.

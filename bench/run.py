@@ -526,9 +526,12 @@ class EngineCeiling:
     theirs, ceiling, ours, ...), so all three see the same host; it idles while the servers run.
     """
 
-    def __init__(self, args) -> None:
-        cmd = [sys.executable, __file__, "--engine-ceiling", "--threads", str(args.threads), "--slots", str(args.slots),
-               "--n-ctx", str(args.n_ctx)]
+    def __init__(self, args, model: Path | None = None, slots: int | None = None) -> None:
+        """`model`, `slots`: other than the synthetic bench model and --slots (the real-model section)."""
+        cmd = [sys.executable, __file__, "--engine-ceiling", "--threads", str(args.threads),
+               "--slots", str(slots or args.slots), "--n-ctx", str(args.n_ctx)]
+        if model is not None:
+            cmd += ["--ceiling-model", str(model)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, bufsize=1)
         if self._read() != "ready":
@@ -681,19 +684,34 @@ def measure(
     return rows, ceilings
 
 
-def measure_real(pair: list[Server], args, rng: random.Random) -> tuple[list[Row], dict]:
+def measure_real(
+    pair: list[Server], args, rng: random.Random, ceiling: EngineCeiling | None = None
+) -> tuple[list[Row], dict, dict[str, float]]:
     """The real model: fixed-length generation (ignore_eos), natural chat that ends at EOS, and many
-    multi-turn conversations over few slots."""
+    multi-turn conversations over few slots; given the engine ceiling, its median for the generation
+    workloads."""
     o, t = pair[0].name, pair[1].name
     rows: list[Row] = []
     label = "real model: "
     ended: dict[str, Any] = {}
+    ceilings: dict[str, float] = {}
+
+    def gen(metric: str, fn, streams: int, tokens: int) -> dict[str, list]:
+        ceil: list[float] = []
+        after = (lambda: ceil.append(ceiling.run(streams, tokens))) if ceiling else None
+        v = alternate(pair, args.real_reps, fn, after_pair=after)
+        if ceil:
+            ceilings[metric] = statistics.median(ceil)
+        return v
+
     if not args.conversations_only:
-        v = alternate(pair, args.real_reps, lambda url: single_stream(url, args.single_tokens, rng))
-        rows.append(Row.of_runs(f"{label}single-stream generation", v[o], v[t], unit="tok/s"))
+        metric = f"{label}single-stream generation"
+        v = gen(metric, lambda url: single_stream(url, args.single_tokens, rng), 0, args.single_tokens)
+        rows.append(Row.of_runs(metric, v[o], v[t], unit="tok/s"))
         for c in (4,):
-            v = alternate(pair, args.real_reps, lambda url, c=c: concurrent(url, c, args.tokens // 2, rng))
-            rows.append(Row.of_runs(f"{label}aggregate, {c} streams", [x["tokens_per_s"] for x in v[o]],
+            metric = f"{label}aggregate, {c} streams"
+            v = gen(metric, lambda url, c=c: concurrent(url, c, args.tokens // 2, rng), c, args.tokens // 2)
+            rows.append(Row.of_runs(metric, [x["tokens_per_s"] for x in v[o]],
                                     [x["tokens_per_s"] for x in v[t]], unit="tok/s"))
         for c in (1, 4):
             v = alternate(pair, args.real_reps, lambda url, c=c: natural_chat(url, c))
@@ -703,7 +721,7 @@ def measure_real(pair: list[Server], args, rng: random.Random) -> tuple[list[Row
             ended[f"{c} client(s) tokens"] = {n: statistics.median(x["tokens"] for x in v[n]) for n in (o, t)}
     chats = "16 chats x 6 turns on 4 slots"
     ended["conversations"] = {}
-    for think, what in ((None, "back to back"), ((5.0, 15.0), "5-15 s pauses")):
+    for think, what in () if args.skip_conversations else ((None, "back to back"), ((5.0, 15.0), "5-15 s pauses")):
         v = alternate(pair, args.conv_reps, lambda url, think=think: conversations(url, think_s=think))
         rows.append(Row.of_runs(f"{label}{chats}, {what}: median TTFT, turns 2-6",
                                 [x["ttft_later_ms"] for x in v[o]], [x["ttft_later_ms"] for x in v[t]],
@@ -719,7 +737,7 @@ def measure_real(pair: list[Server], args, rng: random.Random) -> tuple[list[Row
         rows.append(Row.of_runs(f"{label}prompt processing", [x["prompt_tokens_per_s"] for x in v[o]],
                                 [x["prompt_tokens_per_s"] for x in v[t]], unit="tok/s"))
     rows.append(Row(f"{label}peak RSS", pair[0].peak_rss_mb(), pair[1].peak_rss_mb(), False, "MiB"))
-    return rows, ended
+    return rows, ended, ceilings
 
 
 def real_model_section(llama_server: str, args, rng: random.Random) -> tuple[str, dict]:
@@ -751,7 +769,12 @@ def real_model_section(llama_server: str, args, rng: random.Random) -> tuple[str
                              f"(exit {code}: {e}); both pinned to the next build")
                 continue
             backends = {s.name: s.cpu_backend() for s in pair}
-            rows, ended = measure_real(pair, args, rng)
+            engine = None if args.conversations_only else EngineCeiling(args, model=model, slots=4)
+            try:
+                rows, ended, ceilings = measure_real(pair, args, rng, engine)
+            finally:
+                if engine is not None:
+                    engine.close()
             break
         finally:
             for s in pair:
@@ -772,7 +795,8 @@ def real_model_section(llama_server: str, args, rng: random.Random) -> tuple[str
                + "; completion tokens per run: " + ", ".join(
                    f"{k.removesuffix(' tokens')} {v['appliance']:.0f} / {v['llama-server']:.0f}" for k, v in ended.items()
                    if "client" in k and "tokens" in k))
-            + ". Conversations: 16 chats at once, 6 turns each, each turn sent when that chat's answer is in, "
+            + (". (Conversations skipped.)" if args.skip_conversations else
+               ". Conversations: 16 chats at once, 6 turns each, each turn sent when that chat's answer is in, "
             "4 slots; a system prompt of its own per chat (~200 tokens), ~40-token user turns, 48-token answers "
             "(greedy, ignore_eos); each server with its default prompt cache (ours: `cache_ram_mib` 512, KV "
             "copied out of a slot before another chat takes it; llama-server: `--cache-ram` 8192, idle slots "
@@ -783,8 +807,14 @@ def real_model_section(llama_server: str, args, rng: random.Random) -> tuple[str
                        + ", ".join(f"{k} {v['cached_share_turns_2_6']:.0%}" for k, v in runs.items())
                        + "; median TTFT by turn (ms), last run: "
                        + ", ".join(f"{k} {v['ttft_by_turn_ms']}" for k, v in runs.items()) + "."
-                       for what, runs in ended["conversations"].items()))
-    return head + "\n\n" + table(rows), {"cpu_backends": backends, "rows": [r.__dict__ for r in rows], "notes": notes, "chat": ended}
+                       for what, runs in ended["conversations"].items())))
+    md = head + "\n\n" + table(rows)
+    if ceilings:
+        md += ("\n\nEngine-only ceiling on the real model (the generation workloads in-process straight on "
+               "llama.cpp, its own CPU build choice, same threads and slots, run after each pair; see below):\n\n"
+               + ceiling_table(rows, ceilings))
+    return md, {"cpu_backends": backends, "rows": [r.__dict__ for r in rows], "notes": notes, "chat": ended,
+                "engine_ceiling": ceilings}
 
 
 def table(rows: list[Row]) -> str:
@@ -873,9 +903,12 @@ def main() -> None:
     ap.add_argument("--conv-reps", type=int, default=3, help="alternating runs of the conversation workload")
     ap.add_argument("--predicted-reps", type=int, default=3, help="runs of each Predicted Outputs case")
     ap.add_argument("--predicted-only", action="store_true", help="only the Predicted Outputs section")
+    ap.add_argument("--skip-conversations", action="store_true",
+                    help="the real-model section without its conversation workload (~10 minutes less)")
     ap.add_argument("--conversations-only", action="store_true",
                     help="only the real model's conversation workload (implies --real-only)")
     ap.add_argument("--engine-ceiling", action="store_true", help=argparse.SUPPRESS)  # EngineCeiling's child
+    ap.add_argument("--ceiling-model", type=Path, default=None, help=argparse.SUPPRESS)  # its model, if not the bench's
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -884,7 +917,7 @@ def main() -> None:
         model.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "tools.modelgen", str(model), "--preset", "bench"], check=True, cwd=ROOT)
     if args.engine_ceiling:
-        _engine_ceiling_child(model, args)
+        _engine_ceiling_child(args.ceiling_model or model, args)
         return
     if args.cpu_dispatch:
         cpu_dispatch(model, args, random.Random(1234))

@@ -12,6 +12,8 @@ those layers, so they fit in less than the estimate says; the bound errs on the 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import llama_cpp as C
 
 from appliance.engine.errors import LoadRefused
 
-__all__ = ["KvEstimate", "available_bytes", "check_fits", "kv_estimate"]
+__all__ = ["KvEstimate", "available_bytes", "check_fits", "kv_estimate", "trim_heap"]
 
 log = logging.getLogger("appliance.server")
 
@@ -118,3 +120,22 @@ def check_fits(
         + (", or cache_ram_mib" if host_cache_bytes else ""),
         subject="n_ctx",
     )
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        # This process's own symbols (dlopen(NULL)): find_library would run ldconfig in a subprocess.
+        fn: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return fn
+
+
+def trim_heap() -> None:
+    """Give the free pages inside glibc's heaps back to the kernel (malloc_trim): after an unload, the
+    model's and its contexts' smaller blocks leave holes that malloc keeps otherwise. Blocking (a walk
+    of every arena): call it off the event loop."""
+    fn = _malloc_trim()
+    if fn is not None:
+        fn(0)

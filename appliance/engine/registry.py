@@ -37,7 +37,7 @@ from appliance.engine.llama import (
     backend_ready,
     cpu_backend_choice,
 )
-from appliance.engine.memory import check_fits, kv_estimate
+from appliance.engine.memory import check_fits, kv_estimate, trim_heap
 from appliance.engine.modelfile import SealedModel, check_gguf, read_sealed, shmem_huge_pages
 from appliance.engine.prompt import (
     Message,
@@ -366,6 +366,7 @@ class ModelRegistry:
         if rec.engine is not None:  # a "ready" record always has its engine
             off_loop(rec.engine.stop, timeout=timeout)
         self._records.pop(name, None)
+        off_loop(trim_heap)
         return rec
 
     def abort_all(self, error: EngineError) -> None:

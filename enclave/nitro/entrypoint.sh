@@ -8,6 +8,11 @@ VSOCK_PORT=${VSOCK_PORT:-5000}
 
 ip link set dev lo up
 
+# Huge pages for the sealed model copies (enclave/README.md, cvm/appliance-tmpfiles.conf); the enclave
+# kernel may have no THP, and the appliance then warns at its first model load.
+echo within_size > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null \
+  || echo "entrypoint: could not set shmem_enabled = within_size" >&2
+
 # One socat child per connection (fork); the appliance sees every client as 127.0.0.1, so the config
 # must require API keys (enclave/nitro/config.toml) - loopback alone proves nothing behind a bridge.
 socat -d "VSOCK-LISTEN:${VSOCK_PORT},fork,reuseaddr" "TCP4:127.0.0.1:${PORT},nodelay" &

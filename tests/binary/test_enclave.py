@@ -87,6 +87,20 @@ def test_systemd_unit_verifies():
     assert problems == []
 
 
+
+def test_cvm_tmpfiles_gives_the_sealed_copies_huge_pages(tmp_path):
+    """systemd-tmpfiles, as at boot, sets the shmem THP mode the appliance checks (modelfile) to within_size."""
+    if shutil.which("systemd-tmpfiles") is None:
+        pytest.skip("no systemd-tmpfiles here")
+    from appliance.engine.modelfile import _SHMEM_THP
+
+    knob = tmp_path / _SHMEM_THP.relative_to("/")
+    knob.parent.mkdir(parents=True)
+    knob.write_text("never")  # a plain file: tmpfiles overwrites it in place, as sysfs takes a write
+    subprocess.run(["systemd-tmpfiles", "--create", f"--root={tmp_path}", str(ENCLAVE / "cvm" / "appliance-tmpfiles.conf")],
+                   check=True, capture_output=True)
+    assert knob.read_text().strip() == "within_size"
+
 def test_expected_values_from_a_manifest(tmp_path):
     manifest = {
         "build": {"variant": "cpu"},

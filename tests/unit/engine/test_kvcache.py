@@ -1,6 +1,9 @@
 """KV kept in host memory across a slot's reassignment (issue 19): the cache's bookkeeping, the exactness
 of a copy out and back in real llama.cpp, and the scheduler restoring a conversation's cells."""
 
+import mmap
+import weakref
+
 import gevent
 import numpy as np
 import pytest
@@ -106,6 +109,31 @@ def test_cells_copied_out_and_into_another_sequence_give_the_same_logits(model_p
         ctx.close()
         model.close()
 
+
+
+
+
+def test_a_copy_has_pages_of_its_own_and_gives_them_back(model_path):
+    """Copies are megabytes of ever-different sizes; from malloc's heap the holes they left stayed in
+    the worker's RSS (issue 21's soak). Each copy is an anonymous mapping of its own, unmapped as soon
+    as the copy is dropped."""
+    model = LlamaModel(model_path)
+    ctx = LlamaContext(model, n_ctx_seq=128, n_seq=1, n_batch=64, n_threads=1, n_threads_batch=1)
+    try:
+        batch = Batch(64)
+        batch.add(model.tokenize("The river runs past the stone garden."), 0, 0, True)
+        assert ctx.decode(batch) == 0
+        copy = ctx.seq_state(0)
+        assert copy is not None
+        (view,) = copy._objects.values()  # what ctypes' from_buffer keeps alive: a view of the mapping
+        pages = view.obj
+        assert isinstance(pages, mmap.mmap) and len(pages) == len(copy)
+        gone = weakref.ref(pages)
+        del view, pages, copy
+        assert gone() is None  # unmapped now, not at some later collection
+    finally:
+        ctx.close()
+        model.close()
 
 @pytest.fixture
 def make_engine(model_path):
