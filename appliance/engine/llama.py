@@ -754,8 +754,8 @@ class SamplerChain:
                         and p.repeat_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)
         """Plain greedy: the chain is llama.cpp's greedy sampler alone, which keeps no state and picks
         the first highest logit, as numpy's argmax does; read straight from the logits, without
-        llama_sampler_sample's copy of the whole vocabulary into candidates (262k for Gemma: ~0.5 ms a
-        token, a few percent of a decode step at 4 streams)."""
+        llama_sampler_sample's copy of the whole vocabulary into candidates (262k for Gemma: 0.28 ms a
+        token against 0.02 ms, measured on this 2-vCPU machine)."""
 
         def add(s: Any) -> None:
             C.llama_sampler_chain_add(self._ptr, s)

@@ -40,6 +40,12 @@ CASES = [
     ({"tools": [{"type": "function", "function": {"name": "a", "parameters": []}}]}, False),
     ({"tools": [{"type": "code_interpreter"}]}, False),
     ({"tools": TOOLS, "parallel_tool_calls": 1}, False),
+    # make fuzz (2026-12-07): a stream that calls tools takes no logprobs, which the schema did not say
+    ({"tools": TOOLS, "stream": True, "logprobs": True}, False),
+    ({"tools": TOOLS, "tool_choice": "required", "stream": True, "logprobs": True}, False),
+    ({"tools": TOOLS, "tool_choice": "none", "stream": True, "logprobs": True}, True),
+    ({"tools": TOOLS, "stream": True, "logprobs": False}, True),
+    ({"tools": TOOLS, "logprobs": True}, True),
     ({"messages": [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": None, "tool_calls": [

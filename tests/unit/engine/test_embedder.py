@@ -9,7 +9,6 @@ from appliance.engine.errors import EmbeddingsDisabled, InputTooLong, InvalidPro
 from appliance.engine.events import NullObserver
 from appliance.engine.registry import ModelRegistry
 from appliance.settings import Settings
-from tools.modelgen import ModelSpec, write_model
 
 N_BATCH = 64
 
@@ -23,13 +22,6 @@ class Counting(NullObserver):
     def embedding_tokens(self, model, n) -> None:
         self.embedded += n
 
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    try:
-        return write_model(tmp_path_factory.mktemp("m") / "tiny-embed.gguf", ModelSpec(dtype="q8_0"))
-    except FileNotFoundError as e:  # no sdist vocab: this machine cannot build test models
-        pytest.fail(f"cannot build the test model: {e}")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from appliance.engine.kvcache import HostCache
 from appliance.engine.llama import Batch, LlamaContext, LlamaModel, SamplingParams
 from appliance.engine.registry import ModelRegistry
 from appliance.settings import Settings
-from tools.modelgen import ModelSpec, write_model
 
 
 def state(n: int) -> bytearray:
@@ -74,13 +73,6 @@ def test_take_removes_and_counts():
 
 # -- real llama.cpp ----------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    try:
-        return write_model(tmp_path_factory.mktemp("kv") / "tiny.gguf", ModelSpec(dtype="q8_0"))
-    except FileNotFoundError as e:  # no sdist vocab: this machine cannot build test models
-        pytest.fail(f"cannot build the test model: {e}")
 
 
 def test_cells_copied_out_and_into_another_sequence_give_the_same_logits(model_path):

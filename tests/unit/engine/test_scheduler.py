@@ -11,15 +11,6 @@ from appliance.engine.llama import SamplingParams
 from appliance.engine.registry import ModelRegistry
 from appliance.engine.slots import PairCost
 from appliance.settings import Settings
-from tools.modelgen import ModelSpec, write_model
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    try:
-        return write_model(tmp_path_factory.mktemp("m") / "tiny.gguf", ModelSpec(dtype="q8_0"))
-    except FileNotFoundError as e:  # no sdist vocab: this machine cannot build test models
-        pytest.fail(f"cannot build the test model: {e}")
 
 
 @pytest.fixture(scope="module")
