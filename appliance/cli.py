@@ -94,10 +94,11 @@ def _cap_malloc_arenas(arenas: int = 2) -> None:
     if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # This process's own symbols (dlopen(NULL)), as engine/memory.py's malloc_trim: find_library would
+        # run ldconfig in a subprocess at every start.
+        libc = ctypes.CDLL(None)
         libc.mallopt(-8, arenas)  # M_ARENA_MAX (malloc.h)
     except (OSError, AttributeError):  # not glibc (musl has no arenas to cap)
         pass

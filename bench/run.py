@@ -638,6 +638,20 @@ def alternate(pair: list[Server], reps: int, fn, *a, after_pair=None) -> dict[st
     return vals
 
 
+def alternate_with_ceiling(
+    pair: list[Server], reps: int, fn, ceiling: EngineCeiling | None, workload: tuple[str, int, int] | None,
+    ceilings: dict[str, float],
+) -> dict[str, list]:
+    """alternate(); given the engine ceiling and a generation workload (metric, streams, tokens), the
+    ceiling runs it after each pair, and its median goes into `ceilings` under the metric."""
+    ceil: list[float] = []
+    after = (lambda: ceil.append(ceiling.run(*workload[1:]))) if ceiling and workload else None
+    vals = alternate(pair, reps, fn, after_pair=after)
+    if ceil and workload:
+        ceilings[workload[0]] = statistics.median(ceil)
+    return vals
+
+
 def measure(
     pair: list[Server], args, rng: random.Random, label: str, ceiling: EngineCeiling | None = None
 ) -> tuple[list[Row], dict[str, float]]:
@@ -645,12 +659,7 @@ def measure(
     ceilings: dict[str, float] = {}
 
     def both(fn, *a, workload: tuple[str, int, int] | None = None):
-        ceil: list[float] = []
-        after = (lambda: ceil.append(ceiling.run(*workload[1:]))) if ceiling and workload else None
-        vals = alternate(pair, args.reps, fn, *a, after_pair=after)
-        if ceil:
-            ceilings[workload[0]] = statistics.median(ceil)
-        return vals
+        return alternate_with_ceiling(pair, args.reps, lambda url: fn(url, *a), ceiling, workload, ceilings)
 
     rows: list[Row] = []
     o, t = pair[0].name, pair[1].name
@@ -695,22 +704,15 @@ def measure_real(
     label = "real model: "
     ended: dict[str, Any] = {}
     ceilings: dict[str, float] = {}
-
-    def gen(metric: str, fn, streams: int, tokens: int) -> dict[str, list]:
-        ceil: list[float] = []
-        after = (lambda: ceil.append(ceiling.run(streams, tokens))) if ceiling else None
-        v = alternate(pair, args.real_reps, fn, after_pair=after)
-        if ceil:
-            ceilings[metric] = statistics.median(ceil)
-        return v
-
     if not args.conversations_only:
         metric = f"{label}single-stream generation"
-        v = gen(metric, lambda url: single_stream(url, args.single_tokens, rng), 0, args.single_tokens)
+        v = alternate_with_ceiling(pair, args.real_reps, lambda url: single_stream(url, args.single_tokens, rng),
+                                   ceiling, (metric, 0, args.single_tokens), ceilings)
         rows.append(Row.of_runs(metric, v[o], v[t], unit="tok/s"))
         for c in (4,):
             metric = f"{label}aggregate, {c} streams"
-            v = gen(metric, lambda url, c=c: concurrent(url, c, args.tokens // 2, rng), c, args.tokens // 2)
+            v = alternate_with_ceiling(pair, args.real_reps, lambda url, c=c: concurrent(url, c, args.tokens // 2, rng),
+                                       ceiling, (metric, c, args.tokens // 2), ceilings)
             rows.append(Row.of_runs(metric, [x["tokens_per_s"] for x in v[o]],
                                     [x["tokens_per_s"] for x in v[t]], unit="tok/s"))
         for c in (1, 4):

@@ -108,9 +108,7 @@ class EmbeddingJob:
         """Abandon the job (client gone): the embedder skips its inputs not yet decoded, and `wait()`
         returns at once, raising ClientGone. Any greenlet or thread."""
         self.cancelled = True
-        with self._watcher_lock:
-            if self._watcher is not None:
-                self._watcher.send()
+        self._wake()
 
     def wait(self) -> list[np.ndarray]:
         """Block this greenlet (never the event loop) until every vector is there; the engine's error if
@@ -152,6 +150,10 @@ class EmbeddingJob:
 
     def _finish(self) -> None:
         self._done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """Have the hub run _on_wake (from any thread), unless wait() has already closed the watcher."""
         with self._watcher_lock:
             if self._watcher is not None:
                 self._watcher.send()
